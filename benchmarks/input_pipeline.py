@@ -1,0 +1,156 @@
+"""Input pipeline throughput: two-view augmentation with/without masks, FH precompute.
+
+  python benchmarks/input_pipeline.py [--records=DIR] [--image_size=64] [--batch_size=64]
+
+Prints
+  * examples/s and CPU ms/example of the training iterator (two views, DetCon
+    A.1 BYOL table) with masks (decode one FH map, crop/flip it with the views,
+    sample 16 ids) and without, and their ratio (the cost of carrying masks);
+  * FH precompute images/s/core for each backend (skimage, opencv) at the demo
+    size with demo scales and at 224 px with the paper's scales, and with all
+    cores (a process pool, as the build uses);
+  * how closely OpenCV's graph segmentation matches scikit-image's (adjusted
+    Rand index, average best overlap, segment counts): the OpenCV backend is
+    only a drop-in replacement if these say the segmentations are the same.
+On a shared machine absolute numbers move with the load; compare the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_pipelines import build, demo  # noqa: E402
+from data_pipelines.masks import fh  # noqa: E402
+
+
+def input_rates(records, batch_size, image_size, steps, rounds=2):
+  """(wall ex/s, CPU ms/example) with and without masks, measured in alternation.
+
+  One iterator lives at a time (a live one refills its buffers in the
+  background). CPU time of this process is far less sensitive to other users
+  of a shared machine than wall time, so the ratio is taken from it.
+  """
+  import gc
+  from data_pipelines import input as input_lib
+  wall, cpu = {True: [], False: []}, {True: [], False: []}
+  for _ in range(rounds):
+    for m in (True, False):
+      it = input_lib.train_iterator(records, batch_size=batch_size, image_size=image_size,
+                                    host_index=0, host_count=1, with_masks=m)
+      for _ in range(3):                                # warm up: tracing, buffers
+        next(it)
+      t, c = time.perf_counter(), time.process_time()
+      for _ in range(steps):
+        next(it)
+      n = steps * batch_size
+      wall[m].append(n / (time.perf_counter() - t))
+      cpu[m].append(1e3 * (time.process_time() - c) / n)
+      del it
+      gc.collect()
+  return ({m: float(np.median(v)) for m, v in wall.items()},
+          {m: float(np.median(v)) for m, v in cpu.items()})
+
+
+def _images(n, size):
+  return [demo.example("train", i, size=size)["image"] for i in range(n)]
+
+
+def fh_rate(images, scales, backend):
+  t = time.perf_counter()
+  for img in images:
+    for s in scales:
+      fh.compute(img, s, backend=backend)
+  return len(images) / (time.perf_counter() - t)
+
+
+def _fh_chunk(images):
+  for img in images:
+    for s in fh.scales_for(96):
+      fh.compute(img, s)
+  return len(images)
+
+
+def abo(a, b):
+  """Average over segments of a of the best IoU with any segment of b."""
+  na, nb = a.max() + 1, b.max() + 1
+  inter = np.bincount(a.ravel() * nb + b.ravel(), minlength=na * nb).reshape(na, nb)
+  union = np.bincount(a.ravel(), minlength=na)[:, None] + np.bincount(b.ravel(), minlength=nb)
+  return float((inter / (union - inter)).max(1).mean())
+
+
+def agreement(images, scales):
+  from sklearn.metrics import adjusted_rand_score
+  rows = []
+  for s in scales:
+    ari, ab, ns, no, same = [], [], [], [], 0
+    for img in images:
+      a, b = fh.compute(img, s), fh.compute(img, s, backend="opencv")
+      ari.append(adjusted_rand_score(a.ravel(), b.ravel()))
+      ab.append(abo(a, b))
+      ns.append(a.max() + 1)
+      no.append(b.max() + 1)
+      same += int(np.array_equal(a, b))
+    rows.append((s, np.mean(ari), np.mean(ab), np.mean(ns), np.mean(no), same / len(images)))
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--records", default=None, help="demo records dir (built if missing)")
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--fh_images", type=int, default=40)
+  a = p.parse_args(argv)
+  records = a.records or os.path.join(tempfile.gettempdir(), "detcon_demo_records")
+  build.ensure_demo_records(records)
+  cores = os.cpu_count() or 1
+  print(f"# input pipeline benchmark ({cores} cores, load {os.getloadavg()[0]:.1f})")
+
+  wall, cpu = input_rates(records, a.batch_size, a.image_size, a.steps)
+  print(f"two-view augmentation @{a.image_size}px, batch {a.batch_size} (median of 2 rounds):\n"
+        f"  with masks    {wall[True]:.0f} ex/s wall, {cpu[True]:.2f} CPU ms/example\n"
+        f"  without masks {wall[False]:.0f} ex/s wall, {cpu[False]:.2f} CPU ms/example\n"
+        f"  cost of carrying masks: CPU ratio with/without {cpu[True] / cpu[False]:.2f}, "
+        f"wall ratio {wall[False] / wall[True]:.2f}")
+
+  try:
+    import cv2  # noqa: F401
+    backends = list(fh.BACKENDS)
+  except ImportError:
+    backends = ["skimage"]
+  for size, scales, label in ((96, fh.scales_for(96), "demo 96px, scales"),
+                              (224, fh.PAPER_SCALES, "224px, paper scales")):
+    imgs = _images(a.fh_images, size)
+    rates = {b: fh_rate(imgs, scales, b) for b in backends}
+    txt = ", ".join(f"{b} {r:.1f}" for b, r in rates.items())
+    ratio = (f"; opencv/skimage {rates['opencv'] / rates['skimage']:.1f}x"
+             if "opencv" in rates else "")
+    print(f"FH precompute, {label} {scales} (3 maps/image), 1 core: {txt} images/s{ratio}")
+    if "opencv" in backends:
+      for s, ari, ab, ns, no, same in agreement(imgs[:20], scales):
+        print(f"  opencv vs skimage, scale {s}: ARI {ari:.3f}, ABO {ab:.3f}, segments "
+              f"{ns:.1f} vs {no:.1f}, identical maps {same:.0%}")
+
+  imgs = _images(a.fh_images * cores, 96)
+  chunks = [imgs[i::cores * 4] for i in range(cores * 4)]
+  ctx = multiprocessing.get_context("spawn")
+  with cf.ProcessPoolExecutor(cores, mp_context=ctx) as pool:
+    list(pool.map(_fh_chunk, [chunks[0][:1]] * cores))          # start workers, import skimage
+    t = time.perf_counter()
+    list(pool.map(_fh_chunk, chunks))
+    all_cores = len(imgs) / (time.perf_counter() - t)
+  print(f"FH precompute, demo 96px, skimage, all {cores} cores (process pool): "
+        f"{all_cores:.1f} images/s = {all_cores / cores:.1f} images/s/core")
+
+if __name__ == "__main__":
+  main()

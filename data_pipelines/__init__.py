@@ -1,0 +1,1 @@
+"""Everything tf.data and TFRecord: demo data, masks, records, build, input."""

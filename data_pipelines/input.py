@@ -1,0 +1,299 @@
+"""Per-host tf.data pipelines: two augmented views with masks, and a plain eval reader.
+
+Train stream, for host h of n (defaults: jax.process_index()/process_count()):
+  shards[h::n] -> per epoch e: shard order permuted by (seed, e), records
+  interleaved, then shuffled within windows of `shuffle_window` records by
+  (seed, e, window) -> epochs concatenated -> skip to start_step -> decode, pick
+  a mask map, two views (augment.py) -> batch -> batched colour ops -> numpy.
+Every random number is a stateless function of (seed, epoch, example index), and
+the order a function of (seed, epoch), so batch s is the same whether the run
+started at step 0 or resumed at start_step=s; resuming skips at most one
+epoch of raw records (no decoding). Records that fail to parse or decode are
+skipped and counted (`iterator.stats`); with such records the stream stays
+deterministic, but a resumed run is shifted by the number dropped before the
+resume point, since skipping counts records, not valid examples.
+
+Mask ids: per view, NUM_MASKS ids are drawn uniformly with replacement among
+the ids present in BOTH views when there are any, and the same draw is used for
+both views (mask_ids1[k] == mask_ids2[k], so every sampled pair is a positive,
+as in the DetCon reference which samples mask indices once per image). When
+the crops share no region, each view draws among its own ids independently.
+Binary masks and their downsampling to the feature grid happen in the model
+step (detcon_jax.models.heads); here id maps stay at full view resolution.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import augment as aug
+from data_pipelines import batch as B
+from data_pipelines import records as R
+
+_EPOCH, _POS = "_epoch", "_pos"
+
+
+def resolve_mask_names(manifest: dict, mask_source: str, records_dir: str = "") -> list[str]:
+  """Stored mask names for a source: an exact name, or every name 'prefix_*' / 'prefix'."""
+  names = sorted(manifest["masks"])
+  if mask_source in names:
+    return [mask_source]
+  found = [n for n in names if n.startswith(mask_source + "_")]
+  if not found:
+    kinds = sorted({n.split("_")[0] for n in names})
+    raise ValueError(
+        f"Mask source {mask_source!r} is not in the records at {records_dir!r}; they hold "
+        f"{names}. Set config.data.mask_source to one of {kinds + names}, or rebuild the "
+        f"records with it, e.g. `python -m data_pipelines.build ... --masks=fh,grid,gt`.")
+  return found
+
+
+def _host(host_index, host_count):
+  if host_index is None or host_count is None:
+    import jax
+    host_index = jax.process_index() if host_index is None else host_index
+    host_count = jax.process_count() if host_count is None else host_count
+  if not 0 <= host_index < host_count:
+    raise ValueError(f"host_index={host_index} must lie in [0, host_count={host_count}).")
+  return host_index, host_count
+
+
+def host_shards(records_dir, manifest, split, host_index, host_count):
+  """(paths, example count) of this host's shards: shards[host_index::host_count]."""
+  paths = R.shard_paths(records_dir, manifest, split)
+  counts = [s["count"] for s in manifest["splits"][split]["shards"]]
+  if len(paths) < host_count:
+    raise ValueError(f"Split {split!r} has {len(paths)} shards for {host_count} hosts; "
+                     "rebuild with a smaller --shard_size so every host gets a shard.")
+  return paths[host_index::host_count], sum(counts[host_index::host_count])
+
+
+class Batches:
+  """An iterator of numpy batch dicts that counts records dropped as corrupt.
+
+  Elements carry their (epoch, position-in-epoch); gaps in that sequence are
+  records that failed to parse or decode. `stats['corrupt_skipped']` holds the
+  count so far (the tail of an epoch is counted once the next epoch starts,
+  or at the end of a finite pass).
+  """
+
+  def __init__(self, ds, per_epoch: int, start_pos: int = 0, start_epoch: int = 0,
+               finite: bool = False):
+    self._it = iter(ds.as_numpy_iterator())
+    self._per_epoch, self._finite = per_epoch, finite
+    self._next = (start_epoch, start_pos)
+    self.stats = {"corrupt_skipped": 0, "batches": 0}
+
+  def __iter__(self):
+    return self
+
+  def _account(self, epochs, poss):
+    for e, p in zip(epochs.tolist(), poss.tolist()):
+      ne, npos = self._next
+      if e > ne:      # tail of earlier epochs missing, then the start of this one
+        self.stats["corrupt_skipped"] += (self._per_epoch - npos) + (e - ne - 1) * self._per_epoch
+        npos = 0
+      self.stats["corrupt_skipped"] += p - npos
+      self._next = (e, p + 1)
+
+  def __next__(self):
+    before = self.stats["corrupt_skipped"]
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      if self._finite:
+        self.stats["corrupt_skipped"] += max(0, self._per_epoch - self._next[1])
+        self._next = (self._next[0], self._per_epoch)
+        self._warn(before)
+      raise
+    self._account(batch.pop(_EPOCH), batch.pop(_POS))
+    self.stats["batches"] += 1
+    self._warn(before)
+    return batch
+
+  def _warn(self, before):
+    if self.stats["corrupt_skipped"] > before:
+      logging.warning("Skipped %d unreadable records (%d so far); rebuild the records if "
+                      "this grows.", self.stats["corrupt_skipped"] - before,
+                      self.stats["corrupt_skipped"])
+
+
+def _epoch_records(paths, seed, epoch, window):
+  """One epoch of this host's raw records in a (seed, epoch)-determined order."""
+  base = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), epoch)
+  order = tf.argsort(tf.random.stateless_uniform([len(paths)], base))
+  files = tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(paths), order))
+  ds = files.interleave(lambda f: tf.data.TFRecordDataset(f).ignore_errors(),
+                        cycle_length=min(8, len(paths)), block_length=1,
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def shuffle_window(w, recs):
+    key = tf.random.experimental.stateless_fold_in(base, w + 1)
+    return tf.data.Dataset.from_tensor_slices(
+        tf.gather(recs, tf.argsort(tf.random.stateless_uniform(tf.shape(recs), key))))
+
+  ds = ds.batch(window).enumerate().flat_map(shuffle_window)
+  return ds.enumerate().map(lambda p, r: {_EPOCH: epoch, _POS: p, "record": r})
+
+
+def _decode_image(data):
+  img = tf.io.decode_image(data, channels=3, expand_animations=False)
+  return tf.image.convert_image_dtype(img, tf.float32)
+
+
+def _decode_ids(data):
+  return tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16)[..., 0], tf.int32)
+
+
+def sample_mask_ids(ids1, ids2, seed, num_masks):
+  """NUM_MASKS ids per view (see module docstring for the rule)."""
+  u1 = tf.unique(tf.reshape(ids1, [-1])).y
+  u2 = tf.unique(tf.reshape(ids2, [-1])).y
+  common = tf.boolean_mask(u1, tf.reduce_any(tf.equal(u1[:, None], u2[None, :]), axis=1))
+  s = tf.random.experimental.stateless_split(seed, 3)
+
+  def pick(cands, key):
+    i = tf.random.stateless_uniform([num_masks], key, 0, tf.size(cands), dtype=tf.int32)
+    return tf.gather(cands, i)
+
+  has_common = tf.size(common) > 0
+  m1 = tf.cond(has_common, lambda: pick(common, s[0]), lambda: pick(u1, s[1]))
+  m2 = tf.cond(has_common, lambda: m1, lambda: pick(u2, s[2]))
+  return m1, m2
+
+
+def train_iterator(records_dir, *, batch_size, image_size, augment="byol", mask_source="fh",
+                   num_masks=B.NUM_MASKS, seed=0, start_step=0, host_index=None,
+                   host_count=None, split="train", shuffle_window=10_000,
+                   num_parallel_calls=tf.data.AUTOTUNE, prefetch=2, with_masks=True) -> Batches:
+  """Infinite iterator of this host's training batches (data_pipelines/batch.py keys).
+
+  batch_size is per host. mask_source: 'fh' (one stored fh_* map picked at
+  random per example, the same for both views), 'grid', 'gt', or an exact name
+  like 'fh_s1000'. Batch s is a function of (seed, s, host) only.
+  with_masks=False leaves out masks1/2 and mask_ids1/2 (image-level baselines,
+  and the benchmark's no-mask reference); the views are identical either way.
+  """
+  for key, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 8),
+                          ("num_masks", num_masks, 1), ("start_step", start_step, 0)):
+    if int(value) < low:
+      raise ValueError(f"train_iterator: {key}={value} must be >= {low}.")
+  manifest = R.read_manifest(records_dir)
+  names = resolve_mask_names(manifest, mask_source, records_dir) if with_masks else []
+  t1, t2 = aug.tables(augment)
+  host_index, host_count = _host(host_index, host_count)
+  paths, per_epoch = host_shards(records_dir, manifest, split, host_index, host_count)
+  if per_epoch == 0:
+    raise ValueError(f"Host {host_index} has no {split!r} examples in {records_dir!r}.")
+  start = int(start_step) * int(batch_size)
+  start_epoch, offset = divmod(start, per_epoch)
+  spec = R.feature_spec(names)
+  base = tf.constant([seed, 1], tf.int64)
+
+  def views(el):
+    ex = tf.io.parse_single_example(el["record"], spec)
+    image = _decode_image(ex[R.IMAGE])
+    index = ex[R.INDEX]
+    key = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(base, el[_EPOCH]), index)
+    k = tf.random.experimental.stateless_split(key, 4)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    if with_masks:
+      choice = tf.random.stateless_uniform([], k[0], 0, len(names), dtype=tf.int32)
+      pngs = tf.stack([ex[R.MASK_PREFIX + n] for n in names])
+      ids = _decode_ids(tf.gather(pngs, choice))
+      tf.debugging.assert_equal(tf.shape(ids), tf.shape(image)[:2],
+                                message="mask and image sizes differ (corrupt record)")
+    else:
+      ids = tf.zeros([h, w], tf.int32)
+    out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
+           B.INDEX: tf.cast(index, tf.int32)}
+    maps = []
+    for v, (table, kk) in enumerate(((t1, k[1]), (t2, k[2])), start=1):
+      p = aug.sample_view_params(kk, h, w, table, image_size)
+      box, flip = p.pop("box"), p.pop("flip")
+      if with_masks:
+        img, m = aug.crop_flip(image, ids, box, flip, image_size)
+        out[f"masks{v}"] = m
+        maps.append(m)
+      else:
+        img = aug.crop_flip_image(image, box, flip, image_size)
+      out[f"view{v}"] = aug.color_jitter(img, p)
+      out.update({f"_p{v}/{n}": p[n] for n in aug.PHOTOMETRIC_KEYS})
+    if with_masks:
+      out[B.MASK_IDS1], out[B.MASK_IDS2] = sample_mask_ids(maps[0], maps[1], k[3], num_masks)
+    return out
+
+  def colour(batch):
+    for v in (1, 2):
+      p = {n: batch.pop(f"_p{v}/{n}") for n in aug.PHOTOMETRIC_KEYS}
+      batch[f"view{v}"] = aug.photometric(batch[f"view{v}"], p, image_size)
+    return batch
+
+  epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+  ds = epochs.flat_map(lambda e: _epoch_records(paths, seed, e, shuffle_window))
+  ds = ds.skip(offset)
+  ds = ds.map(views, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors()
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(colour, num_parallel_calls=num_parallel_calls, deterministic=True)
+  ds = ds.prefetch(prefetch)
+  return Batches(ds, per_epoch, start_pos=offset, start_epoch=start_epoch)
+
+
+def _resize_centre(x, size, method):
+  """Resize the shorter side to `size`, then centre-crop size x size."""
+  h, w = tf.shape(x)[0], tf.shape(x)[1]
+  scale = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+  nh = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+  nw = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+  x = tf.image.resize(x, [nh, nw], method=method, antialias=(method != "nearest"))
+  y0, x0 = (nh - size) // 2, (nw - size) // 2
+  return x[y0:y0 + size, x0:x0 + size]
+
+
+def eval_iterator(records_dir, split, *, batch_size, image_size, mask_sources=(),
+                  host_index=0, host_count=1, num_parallel_calls=tf.data.AUTOTUNE) -> Batches:
+  """One ordered pass over a split: image, label, index, GT maps, requested mask maps.
+
+  image float32 [B,S,S,3] in [0,1] (shorter side resized to S, centre crop);
+  semantic/instances int32 [B,S,S] when the records hold GT (semantic: 0
+  background, class c -> c+1); 'mask/<name>' for each name or prefix in
+  mask_sources. Maps are resized nearest-neighbour. The last batch may be
+  smaller. By default one host reads everything; pass host_index/host_count
+  to split the pass over hosts by shard.
+  """
+  manifest = R.read_manifest(records_dir)
+  names = [n for src in mask_sources for n in resolve_mask_names(manifest, src, records_dir)]
+  gt = bool(manifest.get("has_gt"))
+  paths, total = host_shards(records_dir, manifest, split, host_index, host_count)
+  spec = R.feature_spec(names, gt=gt)
+
+  def decode(pos, record):
+    ex = tf.io.parse_single_example(record, spec)
+    image = _decode_image(ex[R.IMAGE])
+    out = {_EPOCH: tf.constant(0, tf.int64), _POS: pos,
+           B.IMAGE: tf.clip_by_value(_resize_centre(image, image_size, "bicubic"), 0., 1.),
+           B.LABEL: tf.cast(ex[R.LABEL], tf.int32), B.INDEX: tf.cast(ex[R.INDEX], tf.int32)}
+
+    def id_map(data):
+      ids = _decode_ids(data)
+      tf.debugging.assert_equal(tf.shape(ids), tf.shape(image)[:2],
+                                message="map and image sizes differ (corrupt record)")
+      m = _resize_centre(tf.cast(ids[..., None], tf.float32), image_size, "nearest")
+      return tf.cast(m[..., 0], tf.int32)
+
+    if gt:
+      inst = id_map(ex[R.GT_INSTANCES])
+      classes = tf.sparse.to_dense(ex[R.GT_CLASSES])
+      lut = tf.concat([[0], tf.cast(classes, tf.int32) + 1], 0)
+      out[B.INSTANCES], out[B.SEMANTIC] = inst, tf.gather(lut, inst)
+    for n in names:
+      out[B.MASK_PREFIX + n] = id_map(ex[R.MASK_PREFIX + n])
+    return out
+
+  ds = tf.data.TFRecordDataset(paths).ignore_errors().enumerate()
+  ds = ds.map(decode, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors()
+  ds = ds.batch(batch_size).prefetch(2)
+  return Batches(ds, total, finite=True)

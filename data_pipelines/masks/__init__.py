@@ -1,0 +1,49 @@
+"""Mask sources: one module each, and the registry the build uses.
+
+A source kind ('fh', 'grid', 'gt') expands into one or more named settings
+(e.g. fh -> fh_s500, fh_s1000, fh_s1500); each name becomes one stored id map.
+Add a source: a module with `compute(image_uint8, **settings) -> id map`, an
+entry in REGISTRY, and a branch in `expand` giving its named settings.
+"""
+from __future__ import annotations
+
+from data_pipelines.masks import fh, grid, gt
+
+REGISTRY = {"fh": fh.compute, "grid": grid.compute, "gt": gt.compute}
+
+
+def expand(kinds, *, image_size: int | None = None, fh_scales=None, fh_sigma=fh.PAPER_SIGMA,
+           fh_backend="skimage", grid_sizes=(grid.DEFAULT_N,)) -> dict[str, dict]:
+  """{stored name: {'kind': kind, **settings}} for the requested kinds, in order.
+
+  fh_scales=None means the paper's scales; pass fh.scales_for(size) for small
+  images (the demo does). image_size is recorded for reference only.
+  """
+  if isinstance(kinds, str):
+    kinds = [k for k in kinds.split(",") if k]
+  out = {}
+  for kind in kinds:
+    if kind == "fh":
+      for s in (fh_scales or fh.PAPER_SCALES):
+        out[fh.name(s)] = dict(kind="fh", scale=int(s), min_size=int(s), sigma=fh_sigma,
+                               backend=fh_backend)
+    elif kind == "grid":
+      for n in grid_sizes:
+        out[grid.name(n)] = dict(kind="grid", n=int(n))
+    elif kind == "gt":
+      out[gt.NAME] = dict(kind="gt")
+    else:
+      raise ValueError(f"Unknown mask source {kind!r}; choose from {sorted(REGISTRY)} "
+                       "(--masks=fh,grid,gt).")
+  return out
+
+
+def compute_all(image, specs: dict[str, dict], instances=None) -> dict:
+  """Id maps for every named spec of `expand` on one uint8 RGB image."""
+  out = {}
+  for nm, spec in specs.items():
+    settings = {k: v for k, v in spec.items() if k != "kind"}
+    if spec["kind"] == "gt":
+      settings["instances"] = instances
+    out[nm] = REGISTRY[spec["kind"]](image, **settings)
+  return out

@@ -1,0 +1,162 @@
+"""Input pipeline: masks follow crops/flips, id sampling, determinism, hosts, corrupt records."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+from data_pipelines import augment, batch, build, demo, records
+from data_pipelines import input as input_lib
+
+S = 48
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("demo"))
+  build.build("demo", out, masks="fh,grid,gt", workers=1, num_train=12, num_test=4,
+              shard_size=4, image_size=S, progress=False)
+  return out
+
+
+def _train(path, **kw):
+  kw = dict(dict(batch_size=4, image_size=32, host_index=0, host_count=1), **kw)
+  return input_lib.train_iterator(path, **kw)
+
+
+def test_crop_flip_known_answer():
+  ids = np.arange(S * S, dtype=np.int32).reshape(S, S)     # every pixel its own id (>255)
+  image = tf.cast(tf.stack([ids % S, ids // S, ids * 0], -1), tf.float32) / S
+  box = tf.constant([3, 5, 16, 16])
+  view, m = augment.crop_flip(image, ids, box, tf.constant(True), 16)
+  want = ids[3:19, 5:21][:, ::-1]
+  np.testing.assert_array_equal(m.numpy(), want)
+  np.testing.assert_allclose(view.numpy()[..., 0] * S, want % S, atol=1e-3)
+  _, m2 = augment.crop_flip(image, ids, box, tf.constant(False), 32)   # 2x nearest
+  np.testing.assert_array_equal(m2.numpy(), np.repeat(np.repeat(ids[3:19, 5:21], 2, 0), 2, 1))
+
+
+def test_crop_box_fits_and_covers_area_range():
+  boxes = np.stack([augment.crop_box(tf.constant([i, 7]), 60, 90).numpy() for i in range(200)])
+  y, x, h, w = boxes.T
+  assert (y >= 0).all() and (x >= 0).all() and (y + h <= 60).all() and (x + w <= 90).all()
+  frac = h * w / (60 * 90)
+  assert frac.min() < 0.2 and frac.max() > 0.8
+
+
+def test_mask_follows_coloured_region_through_augmentation(tmp_path):
+  """A white box on black with mask 1 on the box: after crops, flips and colour ops the
+  mask still marks exactly the brighter pixels (SimCLR table: no solarize)."""
+  rng = np.random.default_rng(0)
+  exs = []
+  for _ in range(8):
+    img, m = np.zeros((S, 64, 3), np.uint8), np.zeros((S, 64), np.int32)
+    y, x = rng.integers(0, 20), rng.integers(0, 30)
+    img[y:y + 24, x:x + 20], m[y:y + 24, x:x + 20] = 255, 1
+    exs.append(dict(image=img, masks={"box": m}))
+  build.write_records(str(tmp_path), {"train": exs})
+  it = _train(str(tmp_path), batch_size=8, augment="simclr", mask_source="box")
+  checked = 0
+  for _ in range(3):
+    b = next(it)
+    for v in (1, 2):
+      for img, m in zip(b[f"view{v}"].mean(-1), b[f"masks{v}"]):
+        if m.min() == m.max():
+          continue
+        inside, outside = img[m == 1].mean(), img[m == 0].mean()
+        assert inside > outside
+        agree = (img > (inside + outside) / 2) == (m == 1)
+        # Away from the box edge (resampling and blur soften it) every pixel agrees.
+        interior = ndimage.minimum_filter(m, 7) == ndimage.maximum_filter(m, 7)
+        assert agree[interior].all() and agree.mean() > 0.9
+        checked += 1
+  assert checked > 20
+
+
+def test_batch_contract_and_sampled_ids(tiny):
+  b = next(_train(tiny, mask_source="fh"))
+  shapes = batch.train_batch_shapes(4, 32)
+  assert set(b) == set(shapes)
+  for k, (shape, dtype) in shapes.items():
+    assert b[k].shape == shape and b[k].dtype == dtype, k
+  for i in range(4):
+    u1, u2 = set(np.unique(b["masks1"][i])), set(np.unique(b["masks2"][i]))
+    assert set(b["mask_ids1"][i]) <= u1 and set(b["mask_ids2"][i]) <= u2
+    if u1 & u2:      # positives exist: one draw among shared ids, used by both views
+      np.testing.assert_array_equal(b["mask_ids1"][i], b["mask_ids2"][i])
+      assert set(b["mask_ids1"][i]) <= u1 & u2
+
+
+def test_deterministic_and_resumes_exactly(tiny):
+  it = _train(tiny, seed=3)
+  run = [next(it) for _ in range(6)]          # 3 steps per epoch: crosses two epochs
+  resumed = _train(tiny, seed=3, start_step=4)       # epoch 1, one step in
+  for s in (4, 5):
+    got = next(resumed)
+    for k in run[s]:
+      np.testing.assert_array_equal(got[k], run[s][k], err_msg=f"step {s} {k}")
+  epoch0 = np.concatenate([r["index"] for r in run[:3]])
+  epoch1 = np.concatenate([r["index"] for r in run[3:]])
+  assert sorted(epoch0) == sorted(epoch1) == list(range(12))
+  other = next(_train(tiny, seed=4))
+  assert not np.array_equal(other["view1"], run[0]["view1"])
+
+
+def test_host_shards_disjoint_and_covering(tiny):
+  seen = [next(_train(tiny, host_index=h, host_count=3))["index"] for h in range(3)]
+  flat = np.concatenate(seen)
+  assert sorted(flat) == list(range(12)) and len(set(flat)) == 12
+  with pytest.raises(ValueError, match="shard_size"):
+    _train(tiny, host_index=0, host_count=4)
+
+
+def test_missing_mask_source_names_what_exists(tiny):
+  with pytest.raises(ValueError, match=r"config\.data\.mask_source.*") as e:
+    _train(tiny, mask_source="mcg")
+  assert "fh_s60" in str(e.value) and "grid_4" in str(e.value)
+  assert input_lib.resolve_mask_names(records.read_manifest(tiny), "fh_s120") == ["fh_s120"]
+  assert input_lib.resolve_mask_names(records.read_manifest(tiny), "fh") == [
+      "fh_s120", "fh_s170", "fh_s60"]
+
+
+def test_eval_iterator_known_answer(tiny):
+  it = input_lib.eval_iterator(tiny, "test", batch_size=3, image_size=S, mask_sources=("grid",))
+  bs = list(it)
+  assert [len(b["label"]) for b in bs] == [3, 1] and it.stats["corrupt_skipped"] == 0
+  b = bs[0]
+  assert set(b) == {"image", "label", "index", "semantic", "instances", "mask/grid_4"}
+  for i, idx in enumerate(b["index"]):
+    ref = demo.example("test", int(idx), size=S)
+    np.testing.assert_array_equal(b["instances"][i], ref["instances"])
+    np.testing.assert_array_equal(b["semantic"][i],
+                                  np.concatenate([[0], ref["classes"] + 1])[ref["instances"]])
+    np.testing.assert_allclose(b["image"][i], ref["image"] / 255.0, atol=2e-3)
+    assert b["label"][i] == ref["label"]
+
+
+def test_corrupt_records_are_skipped_and_counted(tmp_path):
+  rng = np.random.default_rng(1)
+  exs = [dict(image=rng.integers(0, 256, (S, S, 3), dtype=np.uint8),
+              masks={"grid_2": np.zeros((S, S), np.int32)}, label=i) for i in range(6)]
+  m = build.write_records(str(tmp_path), {"train": exs}, shard_size=3)
+  good = records.example_bytes(image=b"not a png", fmt="png", height=S, width=S, index=6,
+                               example_id="bad", masks={"grid_2": b"nor this"})
+  with tf.io.TFRecordWriter(str(tmp_path / "train-extra.tfrecord")) as w:
+    w.write(good)                       # parses, fails to decode
+    w.write(b"\x00garbage that is not a tf.train.Example")
+  m["splits"]["train"]["shards"].append(dict(file="train-extra.tfrecord", count=2))
+  m["splits"]["train"]["count"] += 2
+  records.write_manifest(str(tmp_path), m)
+  ev = input_lib.eval_iterator(str(tmp_path), "train", batch_size=4, image_size=32)
+  assert sum(len(b["label"]) for b in ev) == 6 and ev.stats["corrupt_skipped"] == 2
+  it = _train(str(tmp_path), batch_size=3, mask_source="grid")
+  idx = np.concatenate([next(it)["index"] for _ in range(3)])
+  assert set(idx[:6]) == set(range(6)) and it.stats["corrupt_skipped"] >= 2
+
+
+def test_without_masks_gives_the_same_views(tiny):
+  a = next(_train(tiny, seed=1))
+  b = next(_train(tiny, seed=1, with_masks=False))
+  assert set(b) == {"view1", "view2", "label", "index"}
+  for k in b:
+    np.testing.assert_array_equal(a[k], b[k])
