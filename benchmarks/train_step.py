@@ -1,0 +1,166 @@
+"""Train-step cost of DetCon over its base: SimCLR vs DetCon-S, BYOL vs DetCon-B.
+
+Each pair runs the trainer's own jit step (loss, grads, LARS, EMA) on the same
+model, batch and parameters, side by side in one process: compile and warm-up
+excluded, the pairs' timed blocks interleaved over several repeats, median
+reported. Prints measured time overheads and XLA's FLOP counts for the step
+next to the paper's FLOP overheads (DetCon A.2: +5.3% DetCon-S, +11.6%
+DetCon-B over the ResNet-50 backbone at 224 px, forward).
+
+  python benchmarks/train_step.py                      # CPU-sized: RN18 x0.5, 64 px, batch 16
+  python benchmarks/train_step.py --preset rn50        # RN50, 224 px, paper heads, bf16
+  python benchmarks/train_step.py --batch_size 256 --repeats 10
+  python benchmarks/train_step.py --preset rn50 --batch_size 4096 --flops_only  # count only
+
+At the CPU size the backbone is tiny, so head and loss costs weigh far more
+than at RN50/224; only the rn50 preset is comparable with the paper.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_pipelines import batch as B  # noqa: E402
+from detcon_jax.objectives import registry  # noqa: E402
+from detcon_jax.train import loop, sharding  # noqa: E402
+from detcon_jax.train import optimizer as opt_lib  # noqa: E402
+
+PAIRS = (("simclr", "detcon_s", 5.3), ("byol", "detcon_b", 11.6))
+PRESETS = {
+    "cpu": dict(depth=18, width=0.5, image_size=64, batch_size=16, dtype="float32",
+                paper_heads=False),
+    "rn50": dict(depth=50, width=1.0, image_size=224, batch_size=64, dtype="bfloat16",
+                 paper_heads=True),
+}
+
+
+def make_config(method: str, args):
+  config = importlib.import_module(f"configs.{method}").get_config("demo")
+  if args.paper_heads:   # DetCon A.2: 2048/128 (SimCLR family), 4096/256 (BYOL family)
+    config.head.update(importlib.import_module(f"configs.{method}").get_config("imagenet").head)
+  config.model.update(depth=args.depth, width=args.width, dtype=args.dtype)
+  config.update(batch_size=args.batch_size, image_size=args.image_size)
+  config.loss.num_masks = args.num_masks
+  config.loss.local_negatives = args.local_negatives
+  return config
+
+
+def _flops(cost) -> float:
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def compile_pair(pair, args, mesh, rng):
+  """Both methods' compiled steps and train states, from the same initial params.
+
+  With args.flops_only everything stays abstract (shapes only): the step is
+  lowered, not compiled or run, and XLA's FLOP count comes from the HLO. That
+  makes RN50 at 224 px and batch 4096 countable on a laptop.
+  """
+  host = B.synthetic_train_batch(args.batch_size, args.image_size, args.num_masks, grid=4)
+  if args.flops_only:
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharded(mesh))
+             for k, v in host.items()}
+  else:
+    batch = sharding.host_batch_to_global(host, mesh)
+  replicated = sharding.replicated(mesh)
+  out = {}
+  shared = None
+  for method in reversed(pair):                       # init the DetCon variant once, share it
+    config = make_config(method, args)
+    objective = registry.get_objective(method)
+    tx, schedule = opt_lib.make_optimizer(config)
+    if shared is None:
+      init = jax.jit(lambda r, b: loop.init_train_state(objective, tx, config, r, b),
+                     out_shardings=replicated)
+      shared = jax.eval_shape(init, rng, batch) if args.flops_only else init(rng, batch)
+    ts = shared if args.flops_only else jax.tree.map(jnp.copy, shared)  # steps donate state
+    step = jax.jit(loop.make_train_step(objective, tx, schedule, config, rng),
+                   in_shardings=(replicated, sharding.batch_sharded(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+    t = time.perf_counter()
+    lowered = step.lower(ts, batch)
+    if args.flops_only:
+      out[method] = dict(flops=_flops(lowered.cost_analysis()), compile_s=0.0, times=[])
+      continue
+    compiled = lowered.compile()
+    out[method] = dict(step=compiled, ts=ts, flops=_flops(compiled.cost_analysis()),
+                       compile_s=time.perf_counter() - t, batch=batch, times=[])
+  return out
+
+
+def run_steps(entry, n: int) -> float:
+  t = time.perf_counter()
+  for _ in range(n):
+    entry["ts"], metrics = entry["step"](entry["ts"], entry["batch"])
+  jax.block_until_ready(metrics["loss"])
+  return (time.perf_counter() - t) / n
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  for key, kind in (("depth", int), ("width", float), ("image_size", int), ("batch_size", int),
+                    ("dtype", str)):
+    parser.add_argument(f"--{key}", type=kind)
+  parser.add_argument("--paper_heads", action=argparse.BooleanOptionalAction, default=None)
+  parser.add_argument("--num_masks", type=int, default=16)
+  parser.add_argument("--local_negatives", action="store_true")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+  parser.add_argument("--repeats", type=int, default=5, help="timed blocks per method")
+  parser.add_argument("--flops_only", action="store_true",
+                      help="count XLA FLOPs of the lowered steps; compile and run nothing")
+  args = parser.parse_args(argv)
+  for key, value in PRESETS[args.preset].items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+
+  mesh = sharding.make_mesh()
+  devices = jax.device_count()
+  print(f"ResNet-{args.depth} x{args.width} {args.dtype}, {args.image_size} px, global batch "
+        f"{args.batch_size}, {args.num_masks} masks, heads "
+        f"{'paper' if args.paper_heads else 'demo'}, {devices} x {jax.devices()[0].device_kind}; "
+        f"median of {args.repeats} blocks x {args.steps} steps after {args.warmup} warm-up")
+  rng = jax.random.PRNGKey(0)
+  entries = {}
+  for pair, _ in ((p[:2], p[2]) for p in PAIRS):
+    entries.update(compile_pair(pair, args, mesh, rng))
+  if args.flops_only:
+    for method, e in entries.items():
+      print(f"{method:<10}{e['flops'] / 1e9:>12.1f} GFLOP/step")
+    for base, detcon, paper in PAIRS:
+      fb, fd = entries[base]["flops"], entries[detcon]["flops"]
+      print(f"{detcon} / {base}: XLA flops {100 * (fd / fb - 1):+.1f}%  (paper {paper:+.1f}%)")
+    return
+  for entry in entries.values():
+    if args.warmup:
+      run_steps(entry, args.warmup)
+  for _ in range(args.repeats):                       # interleaved: drift hits all alike
+    for entry in entries.values():
+      entry["times"].append(run_steps(entry, args.steps))
+
+  print(f"{'method':<10}{'ms/step':>10}{'min':>9}{'img/s/dev':>11}{'GFLOP/step':>12}"
+        f"{'compile s':>11}")
+  for method, e in entries.items():
+    med = statistics.median(e["times"])
+    print(f"{method:<10}{1e3 * med:>10.1f}{1e3 * min(e['times']):>9.1f}"
+          f"{args.batch_size / med / devices:>11.1f}{e['flops'] / 1e9:>12.2f}{e['compile_s']:>11.1f}")
+  print(f"{'overhead':<20}{'time':>8}{'XLA flops':>11}{'paper (flops)':>15}")
+  for base, detcon, paper in PAIRS:
+    tb, td = (statistics.median(entries[m]["times"]) for m in (base, detcon))
+    fb, fd = entries[base]["flops"], entries[detcon]["flops"]
+    flops = f"{100 * (fd / fb - 1):+.1f}%" if fb else "n/a"
+    print(f"{detcon + ' / ' + base:<20}{100 * (td / tb - 1):>+7.1f}%{flops:>11}{paper:>+14.1f}%")
+
+
+if __name__ == "__main__":
+  main()

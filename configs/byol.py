@@ -1,0 +1,6 @@
+"""BYOL. Presets: demo (CPU minutes), imagenet[-EPOCHS], coco[-EPOCHS]; see common.py."""
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  return common.get_preset("byol", "byol", arg)

@@ -1,0 +1,226 @@
+"""Shared config defaults, paper dataset sizes, and validation.
+
+Every method config starts from `base_config()` and overrides what differs;
+`validate(config)` checks it at the boundary and raises ConfigError naming the
+key and the fix. The trainer calls validate again with the device and host
+counts it sees.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Dataset sizes used to turn epochs into steps (documented in the presets).
+IMAGENET_TRAIN_IMAGES = 1_281_167   # ILSVRC-2012 train
+COCO_TRAIN_IMAGES = 118_287         # COCO train2017
+NETWORK_STRIDE = 32                 # ResNet output stride: image_size must divide by it
+DTYPES = ("float32", "bfloat16")
+AUGMENTS = ("byol", "simclr")
+SCHEDULES = ("cosine", "piecewise")  # detcon_jax.train.optimizer.LR_SCHEDULES
+
+
+class ConfigError(ValueError):
+  """An impossible or inconsistent config; the message names the key and the fix."""
+
+
+def steps_for_epochs(epochs: float, num_images: int, batch_size: int) -> int:
+  """Training length in steps for `epochs` passes over `num_images`."""
+  return max(1, int(epochs * num_images // batch_size))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every method (overridden per method and preset)."""
+  c = ml_collections.ConfigDict()
+  c.method = ""
+  c.seed = 0
+  c.steps = 300
+  c.batch_size = 32            # global, over all hosts and devices
+  c.image_size = 64            # crop size of the training views
+
+  c.model = ml_collections.ConfigDict(dict(depth=18, width=1.0, dtype="float32"))
+  c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, output_dim=128))
+  c.loss = ml_collections.ConfigDict(dict(temperature=0.1, local_negatives=False,
+                                          num_masks=16))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      base_lr=0.3, weight_decay=1e-6, momentum=0.9, eta=1e-3, warmup_steps=10,
+      schedule="cosine"))
+  c.ema = ml_collections.ConfigDict(dict(tau0=0.99))  # used by methods with a target net
+  c.data = ml_collections.ConfigDict(dict(
+      records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
+      build_demo=False))  # build_demo: build the embedded demo records if missing
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
+  c.log_every_steps = 10
+  # evals: names in detcon_jax.evaluate.run.EVALUATIONS; every_steps 0 = only at the end.
+  c.eval = ml_collections.ConfigDict(dict(at_end=False, every_steps=0,
+                                          evals=("knn", "linear", "retrieval", "masks")))
+  return c
+
+
+def _fail(key: str, value, fix: str):
+  raise ConfigError(f"config.{key}={value!r}: {fix}")
+
+
+def known_methods() -> list[str]:
+  from detcon_jax.objectives import registry  # lazy: configs load without jax
+  return sorted(registry.OBJECTIVES)
+
+
+def validate(config, *, device_count: int | None = None, process_count: int | None = None,
+             methods=None) -> ml_collections.ConfigDict:
+  """Raise ConfigError for impossible settings; return config unchanged.
+
+  device_count / process_count: the run's jax.device_count() and
+  jax.process_count(), given by the trainer (skipped when None). methods: the
+  known method names (default: the objective registry).
+  """
+  c = config
+  methods = known_methods() if methods is None else list(methods)
+  if c.method not in methods:
+    _fail("method", c.method, f"unknown method; choose one of {methods} "
+          "(--config=configs/<method>.py:<preset>).")
+  if c.steps <= 0:
+    _fail("steps", c.steps, "must be > 0 (e.g. --config.steps=300).")
+  if not 0 <= c.optimizer.warmup_steps < c.steps:
+    _fail("optimizer.warmup_steps", c.optimizer.warmup_steps,
+          f"must be in [0, steps={c.steps}); lower it or raise --config.steps.")
+  if c.optimizer.schedule not in SCHEDULES:
+    _fail("optimizer.schedule", c.optimizer.schedule, f"choose one of {list(SCHEDULES)}.")
+  if c.optimizer.schedule == "piecewise" and c.optimizer.warmup_steps > 0.96 * c.steps:
+    _fail("optimizer.warmup_steps", c.optimizer.warmup_steps,
+          "the piecewise schedule drops the rate at 96% of steps; warmup must end before.")
+  if c.batch_size <= 0:
+    _fail("batch_size", c.batch_size, "must be > 0 (global batch over all devices).")
+  if c.image_size <= 0 or c.image_size % NETWORK_STRIDE:
+    _fail("image_size", c.image_size,
+          f"must be a positive multiple of the network stride {NETWORK_STRIDE} "
+          f"(e.g. {max(NETWORK_STRIDE, round(c.image_size / NETWORK_STRIDE) * NETWORK_STRIDE)}).")
+  if c.model.dtype not in DTYPES:
+    _fail("model.dtype", c.model.dtype, f"choose one of {list(DTYPES)}.")
+  if c.model.width <= 0:
+    _fail("model.width", c.model.width, "must be > 0 (1.0 = standard ResNet).")
+  if c.loss.num_masks <= 0:
+    _fail("loss.num_masks", c.loss.num_masks, "must be > 0 (the paper samples 16).")
+  if c.loss.temperature <= 0:
+    _fail("loss.temperature", c.loss.temperature, "must be > 0 (the paper uses 0.1).")
+  if not 0.0 <= c.ema.tau0 <= 1.0:
+    _fail("ema.tau0", c.ema.tau0, "must be in [0, 1] (paper: 0.99 or 0.996).")
+  if c.data.augment not in AUGMENTS:
+    _fail("data.augment", c.data.augment, f"choose one of {list(AUGMENTS)}.")
+  if c.checkpoint.every_steps < 0:
+    _fail("checkpoint.every_steps", c.checkpoint.every_steps, "must be >= 0 (0: only at the end).")
+  if c.checkpoint.keep < 1:
+    _fail("checkpoint.keep", c.checkpoint.keep, "must be >= 1.")
+  if c.log_every_steps <= 0:
+    _fail("log_every_steps", c.log_every_steps, "must be > 0.")
+  if process_count is not None and c.batch_size % process_count:
+    _fail("batch_size", c.batch_size,
+          f"must be divisible by the host count {process_count}; use a multiple of it.")
+  if device_count is not None and c.batch_size % device_count:
+    up = -(-c.batch_size // device_count) * device_count
+    _fail("batch_size", c.batch_size,
+          f"must be divisible by the device count {device_count}; "
+          f"use e.g. --config.batch_size={up}.")
+  return config
+
+
+# --- Presets ---------------------------------------------------------------
+# Two families share their paper settings (DetCon A.2, A.3):
+#   'simclr': SimCLR and DetCon-S. Projector 2048/128, SimCLR augmentations,
+#             LARS lr 0.3 x batch/256, wd 1e-6, no target network.
+#   'byol':   BYOL and DetCon-B. Projector and predictor 4096/256, BYOL
+#             augmentations, EMA target. 300 ImageNet epochs: lr 0.3, wd 1e-6,
+#             tau0 0.99; 1000 epochs: lr 0.2, wd 1.5e-6, tau0 0.996.
+# Both: LARS (eta 1e-3, momentum 0.9), batch 4096, 224 px, ResNet-50, 10 warmup
+# epochs (as SimCLR and BYOL), temperature 0.1 for the contrastive losses.
+PAPER_BATCH = 4096
+WARMUP_EPOCHS = 10
+FAMILY = {
+    "simclr": dict(head=dict(hidden_dim=2048, output_dim=128), augment="simclr"),
+    "byol": dict(head=dict(hidden_dim=4096, output_dim=256), augment="byol"),
+}
+# BYOL-family optimisation by length, in ImageNet epochs of images seen:
+# the 1000-epoch values for runs at least that long, else the 300-epoch values
+# (the paper gives these two points; COCO runs are placed by images seen too).
+BYOL_LONG = dict(min_imagenet_epochs=1000, base_lr=0.2, weight_decay=1.5e-6, tau0=0.996)
+BYOL_SHORT = dict(base_lr=0.3, weight_decay=1e-6, tau0=0.99)
+SIMCLR_OPT = dict(base_lr=0.3, weight_decay=1e-6)
+# Default lengths. ImageNet: 1000 epochs = 312,784 steps at batch 4096 (warmup
+# 3,127). COCO: the paper sweeps 324-5184 epochs; default 1296 = 37,426 steps
+# (warmup 288), which is ~120 ImageNet epochs of images, so the BYOL family
+# gets the short (300-epoch) values there.
+DATASETS = {
+    "imagenet": dict(images=IMAGENET_TRAIN_IMAGES, epochs=1000, schedule="cosine",
+                     records_dir="data/imagenet"),
+    "coco": dict(images=COCO_TRAIN_IMAGES, epochs=1296, schedule="piecewise",
+                 records_dir="data/coco"),
+}
+
+
+def _family_config(method: str, family: str) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.method = method
+  c.head.update(FAMILY[family]["head"])
+  c.data.augment = FAMILY[family]["augment"]
+  return c
+
+
+def paper_config(method: str, family: str, dataset: str, epochs: int | None = None):
+  """RN50 / 224 px / batch 4096 settings of the paper for `dataset`."""
+  d = DATASETS[dataset]
+  epochs = d["epochs"] if epochs is None else epochs
+  c = _family_config(method, family)
+  c.batch_size = PAPER_BATCH
+  c.image_size = 224
+  c.steps = steps_for_epochs(epochs, d["images"], PAPER_BATCH)
+  c.model.update(depth=50, width=1.0, dtype="bfloat16")
+  c.optimizer.update(schedule=d["schedule"],
+                     warmup_steps=steps_for_epochs(WARMUP_EPOCHS, d["images"], PAPER_BATCH))
+  if family == "byol":
+    imagenet_epochs = epochs * d["images"] / IMAGENET_TRAIN_IMAGES
+    long_run = imagenet_epochs >= BYOL_LONG["min_imagenet_epochs"]
+    opt = BYOL_LONG if long_run else BYOL_SHORT
+    c.optimizer.update(base_lr=opt["base_lr"], weight_decay=opt["weight_decay"])
+    c.ema.tau0 = opt["tau0"]
+  else:
+    c.optimizer.update(**SIMCLR_OPT)
+  c.data.update(records_dir=d["records_dir"], shuffle_buffer=10_000)
+  c.checkpoint.update(every_steps=5000, keep=3)
+  c.log_every_steps = 100
+  c.eval.at_end = False
+  return c
+
+
+# The demo keeps the paper's peak learning rate (0.3 x 4096/256 = 4.8) instead
+# of scaling it down linearly to its small batch: LARS's trust ratio bounds each
+# layer's step relative to its weights, and at lr 0.0375 (linear scaling to
+# batch 32) the demo barely learns in a few hundred steps. Measured on the demo
+# (DetCon-B, 120 steps): loss 13.26 -> 11.85 at lr 0.3, 12.83 -> 11.22 at 4.8.
+DEMO_PEAK_LR = SIMCLR_OPT["base_lr"] * PAPER_BATCH / 256
+
+
+def demo_config(method: str, family: str) -> ml_collections.ConfigDict:
+  """Minutes on a 2-core CPU: narrow ResNet-18, 64 px crops of 96 px demo images."""
+  c = _family_config(method, family)
+  c.steps = 400
+  c.batch_size = 32
+  c.image_size = 64
+  c.model.update(depth=18, width=0.25, dtype="float32")
+  c.head.update(hidden_dim=256, output_dim=64)
+  c.optimizer.update(warmup_steps=40, schedule="cosine", weight_decay=1e-6,
+                     base_lr=DEMO_PEAK_LR * 256 / c.batch_size)
+  c.ema.tau0 = 0.99
+  c.data.update(records_dir="data/demo", shuffle_buffer=1024, build_demo=True)
+  c.checkpoint.update(every_steps=100, keep=2)
+  c.log_every_steps = 10
+  c.eval.at_end = True
+  return c
+
+
+def get_preset(method: str, family: str, arg: str | None) -> ml_collections.ConfigDict:
+  """'demo' | 'imagenet' | 'coco', optionally '-EPOCHS' (e.g. 'imagenet-300')."""
+  name, _, epochs = (arg or "demo").partition("-")
+  if name == "demo" and not epochs:
+    return demo_config(method, family)
+  if name in DATASETS:
+    return paper_config(method, family, name, int(epochs) if epochs else None)
+  raise ConfigError(f"Unknown preset {arg!r} for {method}; use demo, imagenet, coco, "
+                    "or imagenet-EPOCHS / coco-EPOCHS (e.g. configs/detcon_b.py:imagenet-300).")

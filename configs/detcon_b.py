@@ -1,0 +1,6 @@
+"""DetCon-B. Presets: demo (CPU minutes), imagenet[-EPOCHS], coco[-EPOCHS]; see common.py."""
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  return common.get_preset("detcon_b", "byol", arg)

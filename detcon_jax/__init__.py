@@ -1,0 +1,1 @@
+"""detcon-jax: object-aware self-supervised pretraining in JAX/Flax."""

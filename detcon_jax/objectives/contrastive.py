@@ -1,0 +1,127 @@
+"""Contrastive math shared by the objectives: pure functions of latents.
+
+Scale convention (as the SimCLR, BYOL and DetCon reference code): a symmetric
+loss is the *sum* of its two directions (view 1 -> view 2 and back), each
+averaged over its anchors. So NT-Xent here is twice the mean over the 2N
+anchors; the factor only rescales gradients.
+
+Negatives span the whole batch passed in. `num_shards > 1` restricts them to
+contiguous blocks of `B / num_shards` images (the per-device slices of a
+global batch sharded on the data axis: DetCon Table 5, "local negatives").
+It is computed block-diagonally (reshape to [shards, B/shards, ...] and vmap),
+so local negatives also cost less, and anchors are still averaged over the
+global batch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+LARGE_NEGATIVE = -1e9  # logit of an excluded pair (finite: keeps gradients NaN-free)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+
+
+def _over_shards(rows_fn, num_shards: int, *arrays):
+  """Sums of `rows_fn`'s outputs over independent blocks of the batch axis."""
+  b = arrays[0].shape[0]
+  if num_shards < 1 or b % num_shards:
+    raise ValueError(f"Local negatives need the batch ({b}) to split into {num_shards} equal "
+                     "shards; make the global batch a multiple of the device count.")
+  split = lambda a: a.reshape((num_shards, b // num_shards) + a.shape[1:])
+  outs = jax.vmap(rows_fn)(*map(split, arrays))
+  return tuple(jnp.sum(o) for o in outs)
+
+
+def _nt_xent_rows(q, t_other, t_same, temperature):
+  """One direction of NT-Xent over [N, D] unit latents -> (sum of row losses, rows)."""
+  n = q.shape[0]
+  logits_other = q @ t_other.T / temperature                       # positive on the diagonal
+  logits_same = jnp.where(jnp.eye(n, dtype=bool), LARGE_NEGATIVE, q @ t_same.T / temperature)
+  lse = jnp.logaddexp(jax.nn.logsumexp(logits_other, axis=-1),
+                      jax.nn.logsumexp(logits_same, axis=-1))
+  return (jnp.sum(lse - jnp.diagonal(logits_other)), jnp.float32(n))
+
+
+def nt_xent(online1, online2, target1=None, target2=None, *, temperature: float,
+            num_shards: int = 1) -> jax.Array:
+  """SimCLR's NT-Xent: each anchor vs its other view among 2N-2 negatives.
+
+  online*/target* [N, D]; anchors are `online`, candidates are `target` of the
+  other view (the positive and N-1 negatives) and of the same view (N-1
+  negatives, self excluded). Without targets this is SimCLR; with a predictor
+  output as online and an EMA projection as target it is the DetCon-B loss of
+  one global mask.
+  """
+  if target1 is None:
+    target1, target2 = online1, online2
+  q1, q2, t1, t2 = (l2_normalize(x.astype(jnp.float32)) for x in (online1, online2, target1, target2))
+  loss = 0.0
+  for q, t_other, t_same in ((q1, t2, t1), (q2, t1, t2)):
+    total, rows = _over_shards(lambda *a: _nt_xent_rows(*a, temperature), num_shards,
+                               q, t_other, t_same)
+    loss += total / rows
+  return loss
+
+
+def _multiplicity(ids):
+  """How often each id occurs among its image's K sampled ids: [B, K] -> [B, K] float."""
+  return jnp.sum(ids[:, :, None] == ids[:, None, :], axis=-1).astype(jnp.float32)
+
+
+def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature):
+  """One direction of the DetCon loss over [B, K, D] unit latents.
+
+  Returns (sum of weighted row losses, sum of row weights, unique rows). The K
+  ids are sampled with replacement, so duplicates are folded out exactly: a
+  candidate whose id occurs c times in its image contributes exp(logit) / c
+  per copy (once in total), and an anchor row has weight 1 / c (each (image,
+  id) counts once). Duplicated masks thus never change the loss, and one
+  global mask gives NT-Xent exactly.
+  """
+  b = q.shape[0]
+  same_image = jnp.eye(b, dtype=bool)[:, None, :, None]                     # [B, 1, B, 1]
+  mult, mult_other = _multiplicity(ids), _multiplicity(ids_other)
+  logits_other = jnp.einsum("bkd,jld->bkjl", q, t_other) / temperature - jnp.log(mult_other)
+  self_match = same_image & (ids[:, :, None, None] == ids[None, None, :, :])
+  logits_same = jnp.where(self_match, LARGE_NEGATIVE,
+                          jnp.einsum("bkd,jld->bkjl", q, t_same) / temperature - jnp.log(mult))
+  lse = jnp.logaddexp(jax.nn.logsumexp(logits_other, axis=(2, 3)),
+                      jax.nn.logsumexp(logits_same, axis=(2, 3)))
+  # Positives: same image, same id, other view (copies of one latent).
+  positive = ids[:, :, None] == ids_other[:, None, :]                       # [B, K, K]
+  num_pos = jnp.sum(positive, axis=-1)
+  pos_logits = jnp.einsum("bkd,bld->bkl", q, t_other) / temperature
+  pos_logit = jnp.sum(jnp.where(positive, pos_logits, 0.0), axis=-1) / jnp.maximum(num_pos, 1)
+  weight = (num_pos > 0) / mult
+  return jnp.sum(weight * (lse - pos_logit)), jnp.sum(weight), jnp.sum(1.0 / mult)
+
+
+def detcon_nce(online1, online2, target1, target2, ids1, ids2, *, temperature: float,
+               num_shards: int = 1):
+  """DetCon's contrastive detection loss (paper eq. 3, batched as the reference).
+
+  online*/target* [B, K, D] mask latents of views 1 and 2, ids* [B, K] their
+  mask ids (ids are global to the source image). For the anchor (image b, id
+  m) in one view: the positive is id m of image b in the other view; the
+  negatives are every other (image, id) of the other view and every (image, id)
+  of the same view except (b, m) itself. Latents are l2-normalised and dotted
+  over `temperature` (norm 1/sqrt(tau) each). Anchors whose id is absent from
+  the other view contribute nothing; each direction is averaged over the
+  anchors that have a positive. DetCon-S: target = online; DetCon-B: online =
+  predictions, target = stop-gradient EMA projections.
+
+  Returns (loss, metrics) with metrics['positive_fraction'] = share of unique
+  anchors that have a positive.
+  """
+  latents = [l2_normalize(x.astype(jnp.float32)) for x in (online1, online2, target1, target2)]
+  q1, q2, t1, t2 = latents
+  loss, with_pos, unique = 0.0, 0.0, 0.0
+  for q, t_other, t_same, ids, ids_other in ((q1, t2, t1, ids1, ids2), (q2, t1, t2, ids2, ids1)):
+    total, weight, rows = _over_shards(lambda *a: _detcon_rows(*a, temperature), num_shards,
+                                       q, t_other, t_same, ids, ids_other)
+    loss += total / jnp.where(weight > 0, weight, 1.0)
+    with_pos, unique = with_pos + weight, unique + rows
+  return loss, {"positive_fraction": with_pos / unique}

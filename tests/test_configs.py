@@ -1,0 +1,83 @@
+"""Every preset loads and validates; impossible settings fail naming key and fix."""
+import importlib
+
+import pytest
+
+from configs import common
+
+METHODS = ("simclr", "byol", "detcon_s", "detcon_b")
+PRESETS = ("demo", "imagenet", "imagenet-300", "coco", "coco-324")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads_and_validates(method, preset):
+  config = importlib.import_module(f"configs.{method}").get_config(preset)
+  common.validate(config)
+  assert config.method == method
+  if preset != "demo":   # paper settings
+    common.validate(config, device_count=128, process_count=32)   # 128 TPU v3 workers
+    assert (config.batch_size, config.image_size, config.model.depth) == (4096, 224, 50)
+
+
+def test_paper_numbers():
+  b = importlib.import_module("configs.detcon_b")
+  long_run, short_run = b.get_config("imagenet"), b.get_config("imagenet-300")
+  assert long_run.steps == 1000 * 1_281_167 // 4096 == 312_784
+  assert long_run.optimizer.warmup_steps == 3127
+  assert (long_run.optimizer.base_lr, long_run.optimizer.weight_decay, long_run.ema.tau0) == (
+      0.2, 1.5e-6, 0.996)
+  assert short_run.steps == 93_835
+  assert (short_run.optimizer.base_lr, short_run.optimizer.weight_decay, short_run.ema.tau0) == (
+      0.3, 1e-6, 0.99)
+  assert (long_run.head.hidden_dim, long_run.head.output_dim) == (4096, 256)
+  s = importlib.import_module("configs.detcon_s").get_config("coco")
+  assert s.optimizer.schedule == "piecewise" and s.steps == 1296 * 118_287 // 4096 == 37_426
+  assert (s.optimizer.base_lr, s.optimizer.weight_decay) == (0.3, 1e-6)
+  assert (s.head.hidden_dim, s.head.output_dim, s.loss.temperature) == (2048, 128, 0.1)
+  assert s.data.augment == "simclr" and long_run.data.augment == "byol"
+
+
+def test_unknown_preset_lists_the_choices():
+  with pytest.raises(common.ConfigError, match="demo, imagenet, coco"):
+    importlib.import_module("configs.simclr").get_config("cifar")
+
+
+def _demo():
+  return importlib.import_module("configs.detcon_b").get_config("demo")
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("method", "moco", ["config.method", "detcon_b", "simclr"]),
+    ("steps", 0, ["config.steps", "> 0"]),
+    ("optimizer.warmup_steps", 400, ["config.optimizer.warmup_steps", "steps=400"]),
+    ("image_size", 65, ["config.image_size", "multiple", "32", "64"]),
+    ("optimizer.schedule", "step", ["config.optimizer.schedule", "cosine"]),
+    ("model.dtype", "float16", ["config.model.dtype", "bfloat16"]),
+    ("data.augment", "autoaug", ["config.data.augment", "byol"]),
+    ("ema.tau0", 1.5, ["config.ema.tau0"]),
+    ("loss.num_masks", 0, ["config.loss.num_masks"]),
+])
+def test_invalid_values_name_key_and_fix(key, value, words):
+  config = _demo()
+  config.steps = 400
+  *path, leaf = key.split(".")
+  node = config
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(common.ConfigError) as e:
+    common.validate(config)
+  for w in words:
+    assert w in str(e.value), (w, str(e.value))
+
+
+def test_batch_must_split_over_devices_and_hosts():
+  config = _demo()
+  config.batch_size = 36
+  with pytest.raises(common.ConfigError, match=r"device count 8.*batch_size=40"):
+    common.validate(config, device_count=8, process_count=1)
+  with pytest.raises(common.ConfigError, match="host count 8"):
+    common.validate(config, device_count=32, process_count=8)
+  config.batch_size = 32
+  common.validate(config, device_count=8, process_count=2)

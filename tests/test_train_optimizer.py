@@ -1,0 +1,106 @@
+"""Known answers for LARS, the learning-rate schedules and the EMA decay."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from detcon_jax.train import optimizer as opt_lib
+
+
+def _opt_config(schedule="cosine", base_lr=0.3, warmup=10):
+  return ml_collections.ConfigDict(dict(base_lr=base_lr, weight_decay=1e-6, momentum=0.9,
+                                        eta=1e-3, warmup_steps=warmup, schedule=schedule))
+
+
+def test_cosine_schedule_known_values():
+  # peak = 0.3 * 512 / 256 = 0.6; warmup 10 of 110 steps, cosine over 100.
+  f = opt_lib.learning_rate_schedule(_opt_config(), batch_size=512, steps=110)
+  np.testing.assert_allclose(f(0), 0.0)
+  np.testing.assert_allclose(f(5), 0.3, rtol=1e-6)
+  np.testing.assert_allclose(f(10), 0.6, rtol=1e-6)
+  np.testing.assert_allclose(f(60), 0.3, rtol=1e-5)                 # half way: cos = 0
+  np.testing.assert_allclose(f(35), 0.6 * (1 + math.cos(math.pi / 4)) / 2, rtol=1e-5)
+  np.testing.assert_allclose(f(110), 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "piecewise"])
+def test_no_warmup_starts_at_peak(schedule):
+  f = opt_lib.learning_rate_schedule(_opt_config(schedule, warmup=0), batch_size=256, steps=100)
+  np.testing.assert_allclose(f(0), 0.3, rtol=1e-6)
+
+
+def test_piecewise_schedule_drops_at_96_and_98_percent():
+  f = opt_lib.learning_rate_schedule(_opt_config("piecewise", base_lr=0.256), batch_size=1000,
+                                     steps=1000)
+  peak = 0.256 * 1000 / 256   # = 1.0
+  np.testing.assert_allclose(f(5), 0.5 * peak, rtol=1e-6)
+  for step, want in [(10, peak), (500, peak), (959, peak), (960, 0.1 * peak),
+                     (979, 0.1 * peak), (980, 0.01 * peak), (999, 0.01 * peak)]:
+    np.testing.assert_allclose(f(step), want, rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_ema_decay_known_values():
+  np.testing.assert_allclose(opt_lib.ema_decay(0, 0.99, 100), 0.99, rtol=1e-7)
+  np.testing.assert_allclose(opt_lib.ema_decay(50, 0.99, 100), 0.995, rtol=1e-7)
+  np.testing.assert_allclose(opt_lib.ema_decay(100, 0.996, 100), 1.0, rtol=1e-7)
+  np.testing.assert_allclose(opt_lib.ema_decay(25, 0.9, 100),
+                             1 - 0.1 * (math.cos(math.pi / 4) + 1) / 2, rtol=1e-6)
+
+
+def _params():
+  return {"conv": {"kernel": jnp.full((3, 3, 2, 4), 0.5)},
+          "bn": {"scale": jnp.full((4,), 2.0), "bias": jnp.full((4,), 1.0)},
+          "dense": {"kernel": jnp.full((4, 2), -1.0), "bias": jnp.zeros((2,))}}
+
+
+def test_masks_exclude_1d_params():
+  mask = opt_lib.exclude_1d(_params())
+  assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
+                  "dense": {"kernel": True, "bias": False}}
+
+
+def test_lars_single_step_known_answer():
+  """1-D leaves: plain SGD on the gradient; n-D: wd then trust ratio, then lr."""
+  params, lr, wd, eta = _params(), 0.5, 0.1, 1e-3
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.2), params)
+  tx = opt_lib.lars(lr, wd, momentum=0.9, eta=eta)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # 1-D: no weight decay, no trust ratio.
+  np.testing.assert_allclose(updates["bn"]["scale"], -lr * 0.2, rtol=1e-6)
+  np.testing.assert_allclose(updates["dense"]["bias"], -lr * 0.2, rtol=1e-6)
+  # n-D: u = g + wd p; u *= eta |p| / |u|; update = -lr u.
+  for path in [("conv", "kernel"), ("dense", "kernel")]:
+    p, g = params[path[0]][path[1]], grads[path[0]][path[1]]
+    u = g + wd * p
+    u = u * eta * jnp.linalg.norm(p) / jnp.linalg.norm(u)
+    np.testing.assert_allclose(updates[path[0]][path[1]], -lr * u, rtol=1e-5)
+
+
+def test_momentum_is_applied_before_learning_rate():
+  """With lr changing every step, the buffer is the momentum-sum of unscaled updates."""
+  lrs = [0.1, 1.0, 0.01, 3.0]
+  params = {"b": jnp.zeros((3,))}   # 1-D: the per-step update is the raw gradient
+  grads = [{"b": jnp.full((3,), float(i + 1))} for i in range(len(lrs))]
+  tx = opt_lib.lars(lambda count: jnp.asarray(lrs)[count], 0.0, momentum=0.9)
+  state = tx.init(params)
+  mu = np.zeros(3)
+  for i, g in enumerate(grads):
+    updates, state = tx.update(g, state, params)
+    mu = 0.9 * mu + np.asarray(g["b"])
+    np.testing.assert_allclose(opt_lib.momentum_buffer(state)["b"], mu, rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], -lrs[i] * mu, rtol=1e-6)
+  # optax.lars scales first, so its buffer would hold sum(0.9^k lr_k g_k) instead.
+  ref = optax.lars(lambda count: jnp.asarray(lrs)[count], momentum=0.9)
+  rstate = ref.init(params)
+  for g in grads:
+    _, rstate = ref.update(g, rstate, params)
+  assert not np.allclose(rstate[-1].trace["b"], mu)
+
+
+def test_unknown_schedule_is_a_key_error():
+  with pytest.raises(KeyError):
+    opt_lib.learning_rate_schedule(_opt_config("linear"), 256, 100)
