@@ -1,0 +1,380 @@
+"""Evaluate a checkpoint beside its random-init baseline: registry, table, JSON, TensorBoard.
+
+A pretraining run is only worth what its representation measures, and a number
+means little without the same architecture at random initialisation beside it.
+`evaluate_workdir` loads the encoder of a training workdir, runs the requested
+evaluations for the checkpoint and for a seed-fixed random init (cached in
+WORKDIR/eval/random_init.json, recomputed when data or settings change), prints
+a table, and writes WORKDIR/eval/step_N.json plus TensorBoard scalars and
+retrieval pictures under WORKDIR/tb/eval (and tb/eval_random_init, so the two
+lines share a chart).
+
+Two kinds of evaluation share the registry: model evaluations are pure
+functions of frozen features and labels, run once per model row; data
+evaluations (mask quality) depend only on the records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from data_pipelines import batch as B
+from detcon_jax.evaluate import features as F
+from detcon_jax.evaluate import knn, linear_probe, mask_quality, retrieval, visualize
+
+EVAL_DIR = "eval"
+TB_DIR = os.path.join("tb", "eval")
+BASELINE = "random init"
+BASELINE_FILE = "random_init.json"
+NUM_PICTURES = 4
+STRIDE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Knobs of the evaluations; the defaults follow the papers where affordable."""
+  batch_size: int = 128
+  image_size: int | None = None            # None: the records' size, down to a multiple of 32
+  seed: int = 0                            # random-init baseline and K-means seeds
+  knn_k: int = knn.K
+  knn_temperature: float = knn.TEMPERATURE
+  linear_sweep: str = "default"            # "full": the paper's 45 values
+  retrieval_k: int = retrieval.K
+  retrieval_resolution: int | None = None  # None: image_size // 8 (the paper's output stride 8)
+  mask_split: str = "train"                # the split whose masks pretraining uses
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEvaluation:
+  """run(train, test, settings, num_classes) on dicts of features + batch arrays -> results."""
+  title: str
+  metric: str
+  fmt: str
+  needs: tuple[str, ...]
+  run: Callable[..., dict]
+  describe: Callable[[Settings], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataEvaluation:
+  """run(records_dir, manifest, settings, image_size) -> results; independent of the model."""
+  title: str
+  run: Callable[..., dict]
+
+
+def _knn(train, test, s, num_classes):
+  return {"top1": knn.knn_top1(train[F.POOLED], train[B.LABEL], test[F.POOLED], test[B.LABEL],
+                               num_classes=num_classes, k=s.knn_k, temperature=s.knn_temperature)}
+
+
+def _linear(train, test, s, num_classes):
+  del num_classes
+  return linear_probe.linear_probe(train[F.POOLED], train[B.LABEL], test[F.POOLED],
+                                   test[B.LABEL], sweep=s.linear_sweep, seed=s.seed)
+
+
+def _retrieval(train, test, s, num_classes):
+  return retrieval.segment_retrieval(
+      train[F.SPATIAL], train[B.SEMANTIC], test[F.SPATIAL], test[B.SEMANTIC],
+      num_classes=num_classes, k=s.retrieval_k, resolution=s.retrieval_resolution, seed=s.seed)
+
+
+def _natural(name: str):
+  """fh_s90 before fh_s180: digit runs compare as numbers."""
+  return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _masks(records_dir, manifest, s, image_size):
+  from data_pipelines import input as data_input
+  names = sorted(manifest.get("masks", {}), key=_natural)
+  if not names:
+    raise ValueError(f"{records_dir!r} stores no mask sources; nothing to measure.")
+  per_source = {n: [] for n in names}
+  for batch in data_input.eval_iterator(records_dir, s.mask_split, batch_size=s.batch_size,
+                                        image_size=image_size, mask_sources=names):
+    for n in names:
+      per_source[n].append(mask_quality.average_best_overlap(
+          np.asarray(batch[B.INSTANCES]), np.asarray(batch[B.MASK_PREFIX + n])))
+  return {n: mask_quality.merge(r) for n, r in per_source.items()}
+
+
+EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
+    "knn": ModelEvaluation(
+        "kNN top-1", "top1", "{:.1%}", (F.POOLED, B.LABEL), _knn,
+        lambda s: f"kNN: weighted cosine, k={s.knn_k}, T={s.knn_temperature}, train split as memory"),
+    "linear": ModelEvaluation(
+        "linear top-1", "top1", "{:.1%}", (F.POOLED, B.LABEL), _linear,
+        lambda s: (f"linear: L-BFGS logistic regression on standardised pooled features, "
+                   f"{len(linear_probe.l2_grid(s.linear_sweep))} values of C in [1e-5, 1e5] "
+                   f"({s.linear_sweep!r} sweep; 'full' = the paper's 45), chosen on 20% of train")),
+    "retrieval": ModelEvaluation(
+        "retrieval mIoU", "miou", "{:.3f}", (F.SPATIAL, B.SEMANTIC), _retrieval,
+        lambda s: (f"retrieval: per-image K-means (K={s.retrieval_k}) on stage-4 features "
+                   f"bilinearly upsampled to {s.retrieval_resolution}x{s.retrieval_resolution}, "
+                   "1-NN train region label, mIoU incl. background at image resolution")),
+    "masks": DataEvaluation("mask quality", _masks),
+}
+DEFAULT_EVALS = ("knn", "linear", "retrieval", "masks")
+
+
+# --- Running ----------------------------------------------------------------
+
+def parse_evals(evals) -> tuple[str, ...]:
+  """'knn,linear', a sequence, or a sequence of comma lists (a config override
+  --config.eval.evals=knn,linear gives ('knn,linear',)) -> names, in registry order."""
+  parts = [evals] if isinstance(evals, str) else list(evals)
+  names = [e.strip() for part in parts for e in part.split(",") if e.strip()]
+  unknown = sorted(set(names) - set(EVALUATIONS))
+  if unknown or not names:
+    raise ValueError(f"Unknown evaluations {unknown or names}; choose from {list(EVALUATIONS)} "
+                     "(--evals=knn,linear,retrieval,masks).")
+  return tuple(e for e in EVALUATIONS if e in names)
+
+
+def resolve_settings(settings: Settings, manifest: dict, fallback_size: int | None = None) -> Settings:
+  """Fill image size (records' size, else fallback_size) and retrieval resolution."""
+  size = settings.image_size
+  if size is None and not manifest.get("image_size"):
+    size = fallback_size
+  if size is None:
+    if not manifest.get("image_size"):
+      raise ValueError("The records' manifest gives no image size; pass one (--image_size, a "
+                       f"multiple of {STRIDE}).")
+    size = max(STRIDE, int(manifest["image_size"]) // STRIDE * STRIDE)
+  if size % STRIDE:
+    raise ValueError(f"Evaluation image size {size} must be a multiple of {STRIDE} "
+                     "(--image_size).")
+  res = settings.retrieval_resolution or max(1, size // 8)
+  return dataclasses.replace(settings, image_size=size, retrieval_resolution=res)
+
+
+def data_identity(records_dir: str, manifest: dict, settings: Settings) -> dict:
+  """What the numbers were measured on (also the baseline cache key's data part)."""
+  return {"records_dir": os.path.abspath(records_dir), "source": manifest.get("source"),
+          "counts": {k: v["count"] for k, v in manifest["splits"].items()},
+          "image_size": settings.image_size}
+
+
+def _check_data(evals, manifest, records_dir):
+  needs = {n for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)
+           for n in EVALUATIONS[e].needs}
+  if B.LABEL in needs and not manifest.get("num_classes"):
+    raise ValueError(f"{records_dir!r} has no image labels; kNN and linear evaluations need "
+                     "them (--evals=retrieval,masks for GT-only data).")
+  if ((B.SEMANTIC in needs or "masks" in evals) and not manifest.get("has_gt")):
+    raise ValueError(f"{records_dir!r} has no ground-truth instance maps; retrieval and masks "
+                     "need them (build with --masks=...,gt, or --evals=knn,linear).")
+
+
+def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: str,
+                       evals=DEFAULT_EVALS, settings: Settings = Settings()) -> tuple[dict, dict]:
+  """Run `evals` for every named variable set on the records.
+
+  Returns (results, pictures): results = {"rows": {name: {eval: metric}},
+  "details": {name: {eval: {...}}}, "masks": {source: {...}}, "settings",
+  "notes", "data"}; pictures = {name: uint8 panels image | GT | retrieval}.
+  """
+  from data_pipelines import input as data_input
+  from data_pipelines import records
+
+  evals = parse_evals(evals)
+  manifest = records.read_manifest(records_dir)
+  _check_data(evals, manifest, records_dir)
+  settings = resolve_settings(settings, manifest)
+  model_evals = [e for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)]
+  results = {"rows": {n: {} for n in variables_by_name},
+             "details": {n: {} for n in variables_by_name},
+             "settings": dataclasses.asdict(settings),
+             "notes": [EVALUATIONS[e].describe(settings) for e in model_evals],
+             "data": data_identity(records_dir, manifest, settings)}
+  pictures, seconds = {}, results.setdefault("seconds", {})
+  if model_evals and variables_by_name:
+    needs = {n for e in model_evals for n in EVALUATIONS[e].needs}
+    keep = [k for k in (B.LABEL, B.SEMANTIC) if k in needs]
+    split_data, t = {}, time.time()
+    for split in ("train", "test"):
+      batches = data_input.eval_iterator(records_dir, split, batch_size=settings.batch_size,
+                                         image_size=settings.image_size)
+      split_data[split] = F.extract_features(model, variables_by_name, batches,
+                                             spatial=F.SPATIAL in needs, keep=keep)
+    seconds["features"] = time.time() - t
+    num_classes = int(manifest["num_classes"])
+    for name in variables_by_name:
+      train = split_data["train"][0][name] | split_data["train"][1]
+      test = split_data["test"][0][name] | split_data["test"][1]
+      for e in model_evals:
+        t = time.time()
+        out = EVALUATIONS[e].run(train, test, settings, num_classes)
+        seconds[e] = seconds.get(e, 0.0) + time.time() - t
+        predictions = out.pop("predictions", None)
+        if predictions is not None:
+          pictures[name] = predictions[:NUM_PICTURES]
+        results["rows"][name][e] = out[EVALUATIONS[e].metric]
+        results["details"][name][e] = out
+    if pictures:
+      first = next(iter(data_input.eval_iterator(records_dir, "test", batch_size=NUM_PICTURES,
+                                                 image_size=settings.image_size)))
+      pictures = {n: visualize.segmentation_panels(first[B.IMAGE], first[B.SEMANTIC], p)
+                  for n, p in pictures.items()}
+  if "masks" in evals:
+    t = time.time()
+    results["masks"] = EVALUATIONS["masks"].run(records_dir, manifest, settings,
+                                                settings.image_size)
+    seconds["masks"] = time.time() - t
+  return results, pictures
+
+
+# --- Output -----------------------------------------------------------------
+
+def format_table(results: dict, title: str = "") -> str:
+  """The model rows (baseline first) as a plain-text table, then mask quality."""
+  lines = [title] if title else []
+  rows = results["rows"]
+  evals = [e for e in EVALUATIONS if any(e in r for r in rows.values())]
+  if evals:
+    width = max(len("model"), *(len(n) for n in rows)) + 2
+    cols = [max(len(EVALUATIONS[e].title), 8) + 3 for e in evals]
+    lines.append("model".ljust(width) + "".join(EVALUATIONS[e].title.rjust(c)
+                                                for e, c in zip(evals, cols)))
+    for name, row in rows.items():
+      cells = [(EVALUATIONS[e].fmt.format(row[e]) if e in row else "-").rjust(c)
+               for e, c in zip(evals, cols)]
+      lines.append(name.ljust(width) + "".join(cells))
+    lines += ["  " + n for n in results.get("notes", [])]
+  masks = results.get("masks")
+  if masks:
+    any_src = next(iter(masks.values()))
+    lines.append(f"mask quality on the {results['settings']['mask_split']} split "
+                 f"({any_src['num_images']} images, {any_src['num_instances']} GT instances): "
+                 "ABO = mean over GT instances of the best IoU with a segment")
+    width = max(len("source"), *(len(n) for n in masks)) + 2
+    lines.append("source".ljust(width) + "ABO".rjust(8) + "segments/image".rjust(17))
+    for name, m in masks.items():
+      lines.append(name.ljust(width) + f"{m['abo']:8.3f}" + f"{m['mean_segments']:17.1f}")
+  if results.get("seconds"):
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items()))
+  return "\n".join(lines)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    return None if math.isnan(x) else float(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(_jsonable(obj), f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) -> None:
+  """Scalars per model row (one run each, same tags) and retrieval pictures."""
+  import tensorflow as tf
+  for name, row in results["rows"].items():
+    run = TB_DIR if name != BASELINE else TB_DIR + "_random_init"
+    writer = tf.summary.create_file_writer(os.path.join(workdir, run))
+    with writer.as_default(step=step):
+      for e, v in row.items():
+        tf.summary.scalar(f"eval/{e}_{EVALUATIONS[e].metric}", v)
+      if name in pictures:
+        tf.summary.image("eval/retrieval image | GT | prediction", pictures[name],
+                         max_outputs=NUM_PICTURES)
+      if name != BASELINE:
+        for src, m in results.get("masks", {}).items():
+          tf.summary.scalar(f"masks/abo_{src}", m["abo"])
+    writer.close()
+
+
+# --- Workdir entry point ------------------------------------------------------
+
+def _latest_step(workdir: str) -> int:
+  from detcon_jax.train import checkpointing
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, checkpointing.CHECKPOINT_DIR)}; "
+                            "train first (python -m detcon_jax.train --workdir=...).")
+  return int(step)
+
+
+def _cached_baseline(path: str, key: dict, evals) -> dict | None:
+  """The cached random-init rows when they were made with the same key and cover evals."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    cached = json.load(f)
+  if cached.get("key") != key or not set(evals) <= set(cached["rows"][BASELINE]):
+    return None
+  return cached
+
+
+def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = None,
+                     step: int | None = None, *, settings: Settings = Settings(),
+                     baseline: bool = True, write: bool = True, verbose: bool = True) -> dict:
+  """Evaluate the checkpoint at `step` (default: latest) of a training workdir.
+
+  Prints the table, writes WORKDIR/eval/step_N.json and TensorBoard output
+  (first host only) and returns the results dict. data_dir defaults to the
+  run's config.data.records_dir. The random-init row is cached in
+  WORKDIR/eval/random_init.json, keyed by model, settings and data.
+  """
+  from data_pipelines import records
+  from detcon_jax.train import checkpointing
+
+  evals = parse_evals(evals)
+  step = _latest_step(workdir) if step is None else int(step)
+  config, model, variables = checkpointing.load_encoder(workdir, step)
+  data_dir = data_dir or config.data.records_dir
+  manifest = records.read_manifest(data_dir)
+  settings = resolve_settings(settings, manifest, fallback_size=config.image_size)
+  name = f"step {step}"
+  variables_by_name = {name: variables}
+
+  model_evals = [e for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)]
+  baseline_path = os.path.join(workdir, EVAL_DIR, BASELINE_FILE)
+  key = _jsonable({"model": config.model.to_dict(), "settings": dataclasses.asdict(settings),
+                   "data": data_identity(data_dir, manifest, settings)})
+  cached = _cached_baseline(baseline_path, key, model_evals) if baseline and model_evals else None
+  if baseline and model_evals and cached is None:
+    variables_by_name = {BASELINE: F.random_init_variables(model, settings.image_size,
+                                                           settings.seed), **variables_by_name}
+
+  results, pictures = evaluate_variables(model, variables_by_name, data_dir, evals, settings)
+  results["workdir"], results["step"] = os.path.abspath(workdir), step
+  primary = jax.process_index() == 0
+  if cached is not None:
+    for part in ("rows", "details"):
+      results[part] = {BASELINE: {e: cached[part][BASELINE][e] for e in model_evals},
+                       **results[part]}
+    results["baseline_cached"] = baseline_path
+  elif baseline and model_evals and primary:
+    write_json(baseline_path, {"key": key, "rows": {BASELINE: results["rows"][BASELINE]},
+                               "details": {BASELINE: results["details"][BASELINE]}})
+  if primary and write:
+    write_json(os.path.join(workdir, EVAL_DIR, f"step_{step}.json"), results)
+    write_tensorboard(workdir, step, results, pictures)
+  if primary and verbose:
+    counts = results["data"]["counts"]
+    print(format_table(results, f"evaluation of {workdir} at step {step} on {data_dir} "
+                                f"({', '.join(f'{v} {k}' for k, v in counts.items())} images, "
+                                f"{settings.image_size} px)"), flush=True)
+  return results
