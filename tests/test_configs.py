@@ -51,7 +51,7 @@ def _demo():
     ("method", "moco", ["config.method", "detcon_b", "simclr"]),
     ("steps", 0, ["config.steps", "> 0"]),
     ("optimizer.warmup_steps", 400, ["config.optimizer.warmup_steps", "steps=400"]),
-    ("image_size", 65, ["config.image_size", "multiple", "32", "64"]),
+    ("image_size", 65, ["config.image_size", "multiple", "16", "64"]),   # demo: stride 16
     ("optimizer.schedule", "step", ["config.optimizer.schedule", "cosine"]),
     ("model.dtype", "float16", ["config.model.dtype", "bfloat16"]),
     ("data.augment", "autoaug", ["config.data.augment", "byol"]),
@@ -70,6 +70,15 @@ def test_invalid_values_name_key_and_fix(key, value, words):
     common.validate(config)
   for w in words:
     assert w in str(e.value), (w, str(e.value))
+
+
+def test_image_size_follows_the_model_stride():
+  config = _demo()
+  config.model.stem_pool, config.image_size = False, 48      # stride 16: 48 is fine
+  common.validate(config)
+  config.model.stem_pool = True
+  with pytest.raises(common.ConfigError, match="stride 32"):
+    common.validate(config)
 
 
 def test_batch_must_split_over_devices_and_hosts():

@@ -64,6 +64,8 @@ def test_parse_evals_and_data_checks(records_dir):
   with pytest.raises(ValueError, match="multiple of 32"):
     run.resolve_settings(run.Settings(image_size=40), {"image_size": 96})
   assert run.resolve_settings(run.Settings(), {"image_size": 100}).retrieval_resolution == 12
+  assert run.resolve_settings(run.Settings(), {"image_size": 100}, stride=16).image_size == 96
+  assert run.resolve_settings(run.Settings(image_size=48), {}, stride=16).image_size == 48
 
 
 def test_evaluate_workdir_after_real_training(records_dir, tmp_path, capsys):

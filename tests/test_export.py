@@ -46,6 +46,8 @@ def test_state_dict_without_torch_has_torchvision_keys():
 def test_export_refuses_width_multiplier():
   with pytest.raises(ValueError, match="width"):
     export.torchvision_state_dict({"params": {}, "batch_stats": {}}, depth=50, width=2.0)
+  with pytest.raises(ValueError, match="stem_pool"):
+    export.torchvision_state_dict({"params": {}, "batch_stats": {}}, depth=50, stem_pool=False)
 
 
 # The torch side runs in a fresh interpreter: torchvision imports triton, and

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from detcon_jax.models import heads
-from detcon_jax.models.resnet import ResNet, normalize_images, num_features
+from detcon_jax.models.resnet import STRIDE, ResNet, normalize_images, num_features, output_stride
 
 
 def abstract_variables(model, size=64):
@@ -34,6 +34,18 @@ def test_feature_shapes_at_64px(depth, channels):
   assert {k: out[k].shape for k in names} == {
       k: (2, s, s, c) for k, s, c in zip(names, sizes, channels)}
   assert num_features(depth) == channels[-1]
+
+
+def test_without_stem_pool_stride_is_16_and_params_unchanged():
+  model = ResNet(depth=18, stem_pool=False)
+  v = abstract_variables(model, size=48)                      # 48 = 3 x 16: fine at stride 16
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 48, 48, 3)), train=False), v)
+  assert [out[k].shape[1] for k in ("stem", "stage1", "stage2", "stage3", "stage4")] == \
+      [24, 24, 12, 6, 3]
+  assert output_stride(False) == 16 and output_stride(True) == STRIDE == 32
+  assert count(v["params"]) == count(abstract_variables(ResNet(depth=18))["params"])
+  with pytest.raises(ValueError, match="multiples of 16"):
+    model.init(jax.random.key(0), jnp.zeros((1, 40, 40, 3)), train=False)
 
 
 def test_resnet200_blocks_and_width_multiplier():

@@ -17,7 +17,8 @@ _EVALS = flags.DEFINE_string("evals", "knn,linear,retrieval,masks",
 _DATA = flags.DEFINE_string("data", None, "Records directory (default: the run's config.data.records_dir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per feature-extraction batch (all devices).")
-_SIZE = flags.DEFINE_integer("image_size", None, "Evaluation image size, a multiple of 32 "
+_SIZE = flags.DEFINE_integer("image_size", None, "Evaluation image size, a multiple of the "
+                             "model's output stride (32; 16 with model.stem_pool=False) "
                              "(default: the records' size rounded down to one).")
 _SWEEP = flags.DEFINE_string("linear_sweep", "default",
                              "Linear-probe C values: default (11), quick (5), full (the paper's 45), "

@@ -29,20 +29,20 @@ import numpy as np
 from data_pipelines import batch as B
 from detcon_jax.evaluate import features as F
 from detcon_jax.evaluate import knn, linear_probe, mask_quality, retrieval, visualize
+from detcon_jax.models.resnet import STRIDE, output_stride
 
 EVAL_DIR = "eval"
 TB_DIR = os.path.join("tb", "eval")
 BASELINE = "random init"
 BASELINE_FILE = "random_init.json"
 NUM_PICTURES = 4
-STRIDE = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Knobs of the evaluations; the defaults follow the papers where affordable."""
   batch_size: int = 128
-  image_size: int | None = None            # None: the records' size, down to a multiple of 32
+  image_size: int | None = None            # None: the records' size, down to a multiple of the stride
   seed: int = 0                            # random-init baseline and K-means seeds
   knn_k: int = knn.K
   knn_temperature: float = knn.TEMPERATURE
@@ -139,18 +139,20 @@ def parse_evals(evals) -> tuple[str, ...]:
   return tuple(e for e in EVALUATIONS if e in names)
 
 
-def resolve_settings(settings: Settings, manifest: dict, fallback_size: int | None = None) -> Settings:
-  """Fill image size (records' size, else fallback_size) and retrieval resolution."""
+def resolve_settings(settings: Settings, manifest: dict, fallback_size: int | None = None,
+                     stride: int = STRIDE) -> Settings:
+  """Fill image size (records' size, else fallback_size; a multiple of the
+  model's output `stride`) and retrieval resolution."""
   size = settings.image_size
   if size is None and not manifest.get("image_size"):
     size = fallback_size
   if size is None:
     if not manifest.get("image_size"):
       raise ValueError("The records' manifest gives no image size; pass one (--image_size, a "
-                       f"multiple of {STRIDE}).")
-    size = max(STRIDE, int(manifest["image_size"]) // STRIDE * STRIDE)
-  if size % STRIDE:
-    raise ValueError(f"Evaluation image size {size} must be a multiple of {STRIDE} "
+                       f"multiple of {stride}).")
+    size = max(stride, int(manifest["image_size"]) // stride * stride)
+  if size % stride:
+    raise ValueError(f"Evaluation image size {size} must be a multiple of {stride} "
                      "(--image_size).")
   res = settings.retrieval_resolution or max(1, size // 8)
   return dataclasses.replace(settings, image_size=size, retrieval_resolution=res)
@@ -188,7 +190,7 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
   evals = parse_evals(evals)
   manifest = records.read_manifest(records_dir)
   _check_data(evals, manifest, records_dir)
-  settings = resolve_settings(settings, manifest)
+  settings = resolve_settings(settings, manifest, stride=output_stride(model.stem_pool))
   model_evals = [e for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)]
   results = {"rows": {n: {} for n in variables_by_name},
              "details": {n: {} for n in variables_by_name},
@@ -345,7 +347,8 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
   config, model, variables = checkpointing.load_encoder(workdir, step)
   data_dir = data_dir or config.data.records_dir
   manifest = records.read_manifest(data_dir)
-  settings = resolve_settings(settings, manifest, fallback_size=config.image_size)
+  settings = resolve_settings(settings, manifest, fallback_size=config.image_size,
+                              stride=output_stride(model.stem_pool))
   name = f"step {step}"
   variables_by_name = {name: variables}
 

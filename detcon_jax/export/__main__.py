@@ -30,7 +30,8 @@ def main(argv):
   try:
     config, _, variables = checkpointing.load_encoder(_WORKDIR.value, _STEP.value)
     state_dict = tv.torchvision_state_dict(variables, depth=int(config.model.depth),
-                                           width=float(config.model.width))
+                                           width=float(config.model.width),
+                                           stem_pool=bool(config.model.get("stem_pool", True)))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   tv.save(state_dict, _OUT.value)

@@ -15,7 +15,8 @@ silently random, and users replace `model.fc` for their task anyway. Compare
 features via `torch.nn.Sequential(*list(model.children())[:-2])` (stage 4).
 
 Width multipliers other than 1 have no torchvision constructor; the export
-refuses them with a message. torchvision's BN eps (1e-5) matches the encoder.
+refuses them with a message, as it refuses encoders without the stem max-pool
+(config.model.stem_pool=False). torchvision's BN eps (1e-5) matches the encoder.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _conv(prefix: str, params: dict) -> dict[str, np.ndarray]:
 
 
 def torchvision_state_dict(variables: dict, depth: int, width: float = 1.0,
-                           fc_classes: int = FC_CLASSES) -> dict[str, np.ndarray]:
+                           fc_classes: int = FC_CLASSES, stem_pool: bool = True
+                           ) -> dict[str, np.ndarray]:
   """numpy state dict for torchvision.models.resnet{depth}() from encoder variables.
 
   `variables` = {'params', 'batch_stats'} of detcon_jax.models.resnet.ResNet.
@@ -56,6 +58,9 @@ def torchvision_state_dict(variables: dict, depth: int, width: float = 1.0,
   if width != 1.0:
     raise ValueError(f"torchvision has no ResNet of width {width}; only width 1.0 exports "
                      "(config.model.width).")
+  if not stem_pool:
+    raise ValueError("torchvision's ResNet has a stem max-pool; a run with "
+                     "config.model.stem_pool=False does not export (its features would differ).")
   params, stats = variables["params"], variables["batch_stats"]
   out = _conv("conv1", params["conv1"]) | _bn("bn1", params["bn1"], stats["bn1"])
   mapped = {"conv1", "bn1"}

@@ -37,7 +37,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-STRIDE = 32  # total downsampling of the final feature map
+STRIDE = 32  # total downsampling of the final feature map (torchvision layout)
+
+
+def output_stride(stem_pool: bool = True) -> int:
+  """Downsampling of 'stage4': 32, or 16 without the stem max-pool."""
+  return STRIDE if stem_pool else STRIDE // 2
 
 # depth -> (block kind, blocks per stage)
 DEPTHS = {
@@ -108,11 +113,16 @@ class ResNet(nn.Module):
   __call__(x [N, H, W, 3] normalised images, train) -> dict of feature maps:
     'stem'   after conv1/bn1/relu (stride 2, before the max-pool),
     'stage1'..'stage4'  outputs of layer1..layer4 (strides 4, 8, 16, 32);
-  'stage4' is the 7x7 map at 224 px. H and W must be multiples of 32.
+  'stage4' is the 7x7 map at 224 px. H and W must be multiples of the output stride.
+
+  stem_pool=False drops the stem max-pool (output stride 16, stage maps twice
+  as large, ~4x the stage FLOPs): for small images, where stride 32 leaves a
+  2x2 map too coarse for mask pooling (as CIFAR-style ResNets do).
   """
   depth: int = 50
   width: float = 1.0
   zero_init_residual: bool = False
+  stem_pool: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -122,10 +132,11 @@ class ResNet(nn.Module):
                        "(config.model.depth).")
     if self.width <= 0:
       raise ValueError(f"config.model.width must be positive, got {self.width}.")
-    if x.ndim != 4 or x.shape[1] % STRIDE or x.shape[2] % STRIDE:
-      raise ValueError(f"ResNet input must be [N, H, W, C] with H and W multiples of {STRIDE}; "
+    stride = output_stride(self.stem_pool)
+    if x.ndim != 4 or x.shape[1] % stride or x.shape[2] % stride:
+      raise ValueError(f"ResNet input must be [N, H, W, C] with H and W multiples of {stride}; "
                        f"got shape {tuple(x.shape)}. Change the image size (config) to a "
-                       f"multiple of {STRIDE}.")
+                       f"multiple of {stride}.")
     kind, layers = DEPTHS[self.depth]
     base = int(64 * self.width)
     x = x.astype(self.dtype)
@@ -135,7 +146,8 @@ class ResNet(nn.Module):
                      name="bn1")(x)
     x = nn.relu(x)
     out = {"stem": x}
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    if self.stem_pool:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
     for s, blocks in enumerate(layers, start=1):
       planes = base * 2 ** (s - 1)
       for b in range(blocks):
@@ -162,8 +174,10 @@ def compute_dtype(name: str):
 
 
 def encoder_from_config(config) -> ResNet:
-  """The backbone described by config.model (depth, width, dtype, zero_init_residual)."""
+  """The backbone described by config.model (depth, width, dtype, zero_init_residual,
+  stem_pool)."""
   m = config.model
   return ResNet(depth=int(m.depth), width=float(m.width),
                 zero_init_residual=bool(m.get("zero_init_residual", False)),
+                stem_pool=bool(m.get("stem_pool", True)),
                 dtype=compute_dtype(m.get("dtype", "float32")))

@@ -34,7 +34,10 @@ def make_manager(workdir: str, keep: int | None = None,
   """Keeps the last `keep` checkpoints; saves are asynchronous (device->host
   copies happen before save() returns, so donated buffers are safe)."""
   if read_only:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    # Not orbax's read_only=True, which logs two warnings on every open (they
+    # landed above the quality table): no save interval, no creation, no
+    # max_to_keep (so nothing is ever deleted), and callers only restore.
+    options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0)
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True)
