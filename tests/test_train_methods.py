@@ -35,7 +35,8 @@ def test_detcon_b_trains_and_its_encoder_loads_back(tmp_path):
   assert loaded_config.method == "detcon_b" and loaded_config.model.width == 0.125
   images = jnp.zeros((2, 32, 32, 3))
   out = model.apply(variables, images, train=False)
-  assert out["stage4"].shape[:3] == (2, 1, 1)
+  assert not loaded_config.model.stem_pool and not model.stem_pool   # the demo's stride 16
+  assert out["stage4"].shape[:3] == (2, 2, 2)
 
 
 def real_one_step(method, out_path):
