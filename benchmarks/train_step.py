@@ -36,9 +36,9 @@ from detcon_jax.train import optimizer as opt_lib  # noqa: E402
 PAIRS = (("simclr", "detcon_s", 5.3), ("byol", "detcon_b", 11.6))
 PRESETS = {
     "cpu": dict(depth=18, width=0.5, image_size=64, batch_size=16, dtype="float32",
-                paper_heads=False),
+                paper_heads=False, stem_pool=False),          # the demo's stride-16 layout
     "rn50": dict(depth=50, width=1.0, image_size=224, batch_size=64, dtype="bfloat16",
-                 paper_heads=True),
+                 paper_heads=True, stem_pool=True),            # the paper's network
 }
 
 
@@ -46,7 +46,8 @@ def make_config(method: str, args):
   config = importlib.import_module(f"configs.{method}").get_config("demo")
   if args.paper_heads:   # DetCon A.2: 2048/128 (SimCLR family), 4096/256 (BYOL family)
     config.head.update(importlib.import_module(f"configs.{method}").get_config("imagenet").head)
-  config.model.update(depth=args.depth, width=args.width, dtype=args.dtype)
+  config.model.update(depth=args.depth, width=args.width, dtype=args.dtype,
+                      stem_pool=args.stem_pool)
   config.update(batch_size=args.batch_size, image_size=args.image_size)
   config.loss.num_masks = args.num_masks
   config.loss.local_negatives = args.local_negatives
@@ -112,6 +113,8 @@ def main(argv=None):
                     ("dtype", str)):
     parser.add_argument(f"--{key}", type=kind)
   parser.add_argument("--paper_heads", action=argparse.BooleanOptionalAction, default=None)
+  parser.add_argument("--stem_pool", action=argparse.BooleanOptionalAction, default=None,
+                      help="stem max-pool (output stride 32) or not (16)")
   parser.add_argument("--num_masks", type=int, default=16)
   parser.add_argument("--local_negatives", action="store_true")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -126,7 +129,8 @@ def main(argv=None):
 
   mesh = sharding.make_mesh()
   devices = jax.device_count()
-  print(f"ResNet-{args.depth} x{args.width} {args.dtype}, {args.image_size} px, global batch "
+  print(f"ResNet-{args.depth} x{args.width} (stride {32 if args.stem_pool else 16}) "
+        f"{args.dtype}, {args.image_size} px, global batch "
         f"{args.batch_size}, {args.num_masks} masks, heads "
         f"{'paper' if args.paper_heads else 'demo'}, {devices} x {jax.devices()[0].device_kind}; "
         f"median of {args.repeats} blocks x {args.steps} steps after {args.warmup} warm-up")
