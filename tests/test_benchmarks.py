@@ -1,0 +1,25 @@
+"""The train-step benchmark's FLOP count runs and measures the paper's network."""
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def train_step():
+  spec = importlib.util.spec_from_file_location(
+      "train_step_benchmark", os.path.join(ROOT, "benchmarks", "train_step.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_rn50_preset_is_the_standard_stride_32_network(train_step, capsys):
+  train_step.main(["--preset", "rn50", "--flops_only", "--depth", "18", "--image_size", "64",
+                   "--batch_size", "8"])
+  out = capsys.readouterr().out
+  assert "(stride 32)" in out
+  for line in ("detcon_s / simclr: XLA flops +", "detcon_b / byol: XLA flops +"):
+    assert line in out, out                      # DetCon costs more than its base method
