@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_pipelines import batch as B  # noqa: E402
+from detcon_jax.models.resnet import output_stride  # noqa: E402
 from detcon_jax.objectives import registry  # noqa: E402
 from detcon_jax.train import loop, sharding  # noqa: E402
 from detcon_jax.train import optimizer as opt_lib  # noqa: E402
@@ -129,7 +130,7 @@ def main(argv=None):
 
   mesh = sharding.make_mesh()
   devices = jax.device_count()
-  print(f"ResNet-{args.depth} x{args.width} (stride {32 if args.stem_pool else 16}) "
+  print(f"ResNet-{args.depth} x{args.width} (stride {output_stride(args.stem_pool)}) "
         f"{args.dtype}, {args.image_size} px, global batch "
         f"{args.batch_size}, {args.num_masks} masks, heads "
         f"{'paper' if args.paper_heads else 'demo'}, {devices} x {jax.devices()[0].device_kind}; "

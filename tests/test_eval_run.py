@@ -1,5 +1,8 @@
 """The evaluation runner on tiny records with known answers: registry, table, pictures, JSON."""
+import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,3 +101,11 @@ def test_evaluate_workdir_after_real_training(records_dir, tmp_path, capsys):
   _, _, variables = checkpointing.load_encoder(workdir)
   with pytest.raises(ValueError, match="width"):                    # demo preset: width 0.25
     tv.torchvision_state_dict(variables, depth=18, width=config.model.width)
+  # The export CLI refuses the same run with a message, not a traceback.
+  cli = subprocess.run([sys.executable, "-m", "detcon_jax.export", f"--workdir={workdir}",
+                        "--format=torchvision", f"--out={tmp_path / 'rn.pt'}"],
+                       capture_output=True, text=True, timeout=300)
+  has_torch = importlib.util.find_spec("torch") is not None
+  assert cli.returncode != 0 and "Traceback" not in cli.stderr
+  assert ("width" if has_torch else "PyTorch") in cli.stderr, cli.stderr[-2000:]
+  assert not (tmp_path / "rn.pt").exists()

@@ -28,14 +28,13 @@ def main(argv):
   except ImportError:
     sys.exit(f"error: the torchvision export needs PyTorch; install it with {tv.INSTALL_HINT}.")
   try:
-    config, _, variables = checkpointing.load_encoder(_WORKDIR.value, _STEP.value)
-    state_dict = tv.torchvision_state_dict(variables, depth=int(config.model.depth),
-                                           width=float(config.model.width),
-                                           stem_pool=bool(config.model.get("stem_pool", True)))
+    _, model, variables = checkpointing.load_encoder(_WORKDIR.value, _STEP.value)
+    state_dict = tv.torchvision_state_dict(variables, depth=model.depth, width=model.width,
+                                           stem_pool=model.stem_pool)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   tv.save(state_dict, _OUT.value)
-  print(f"Wrote {_OUT.value}: torchvision.models.resnet{config.model.depth}() state dict "
+  print(f"Wrote {_OUT.value}: torchvision.models.resnet{model.depth}() state dict "
         f"({len(state_dict)} tensors; fc is zero, replace it for your task). Load with "
         f"model.load_state_dict(torch.load({_OUT.value!r}), strict=True).")
 
