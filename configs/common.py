@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
       build_demo=False))  # build_demo: build the embedded demo records if missing
+  # Views (data_pipelines/views.py standard_views): two global crops of image_size px
+  # with crop area in global_area, then small_crops multi-crop views of small_size px.
+  c.views = ml_collections.ConfigDict(dict(global_area=(0.08, 1.0), small_crops=0,
+                                           small_size=96, small_area=(0.05, 0.14)))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 10
   # evals: names in detcon_jax.evaluate.run.EVALUATIONS; every_steps 0 = only at the end.

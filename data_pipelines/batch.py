@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
+
+def key(view: str, field: str) -> str:
+  """Batch name of a view's dense field: key('view1', 'masks') == 'view1/masks'."""
+  return f"{view}/{field}"
+
+
+# Views are named by their ViewSpec (data_pipelines/views.py); the classic pair:
 VIEW1, VIEW2 = "view1", "view2"            # [B, H, W, 3] float32 in [0, 1]
-MASKS1, MASKS2 = "masks1", "masks2"        # [B, H, W] int32 mask-id maps
-MASK_IDS1, MASK_IDS2 = "mask_ids1", "mask_ids2"  # [B, K] int32 sampled ids
+MASKS1, MASKS2 = key(VIEW1, "masks"), key(VIEW2, "masks")            # [B, H, W] int32 id maps
+MASK_IDS1, MASK_IDS2 = key(VIEW1, "mask_ids"), key(VIEW2, "mask_ids")  # [B, K] int32 sampled ids
 LABEL = "label"                            # [B] int32 image label (-1: none)
 INDEX = "index"                            # [B] int32 example index (global)
 
@@ -28,35 +35,45 @@ MASK_PREFIX = "mask/"                      # "mask/<source>": [B, H, W] int32 id
 NUM_MASKS = 16
 
 
-def train_batch_shapes(batch_size: int, image_size: int, num_masks: int = NUM_MASKS):
-  """Shapes and dtypes of a training batch, for synthetic data and checks."""
-  b, s, k = batch_size, image_size, num_masks
-  return {
-      VIEW1: ((b, s, s, 3), np.float32), VIEW2: ((b, s, s, 3), np.float32),
-      MASKS1: ((b, s, s), np.int32), MASKS2: ((b, s, s), np.int32),
-      MASK_IDS1: ((b, k), np.int32), MASK_IDS2: ((b, k), np.int32),
-      LABEL: ((b,), np.int32), INDEX: ((b,), np.int32),
-  }
+def train_batch_shapes(batch_size: int, image_size: int | None = None,
+                       num_masks: int = NUM_MASKS, specs=None):
+  """Shapes and dtypes of a training batch for view specs (default: two masked views)."""
+  from data_pipelines import views as V
+  specs = V.two_views(image_size) if specs is None else specs
+  b, k = batch_size, num_masks
+  out = {}
+  for s in specs:
+    out[s.name] = ((b, s.size, s.size, 3), np.float32)
+    if V.MASKS in s.fields:
+      out[key(s.name, "masks")] = ((b, s.size, s.size), np.int32)
+      out[key(s.name, "mask_ids")] = ((b, k), np.int32)
+  out.update({LABEL: ((b,), np.int32), INDEX: ((b,), np.int32)})
+  return out
 
 
-def synthetic_train_batch(batch_size: int, image_size: int, num_masks: int = NUM_MASKS,
-                          grid: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-  """A random batch with the real layout: views share a grid x grid mask layout.
+def synthetic_train_batch(batch_size: int, image_size: int | None = None,
+                          num_masks: int = NUM_MASKS, grid: int = 2, seed: int = 0,
+                          specs=None) -> dict[str, np.ndarray]:
+  """A random batch with the real layout (default: two masked views of image_size).
 
-  Both views carry the same id map (region r occupies the same grid cell), so
-  every sampled id is present in both views.
+  Every view carries the same grid x grid id layout (region r occupies the
+  same grid cell), so every sampled id is present in every view.
   """
   rng = np.random.default_rng(seed)
-  b, s, k = batch_size, image_size, num_masks
-  cell = np.arange(s) * grid // s
-  ids = (cell[:, None] * grid + cell[None, :]).astype(np.int32)
-  id_map = np.broadcast_to(ids, (b, s, s)).copy()
-  return {
-      VIEW1: rng.random((b, s, s, 3), dtype=np.float32),
-      VIEW2: rng.random((b, s, s, 3), dtype=np.float32),
-      MASKS1: id_map, MASKS2: id_map.copy(),
-      MASK_IDS1: rng.integers(0, grid * grid, (b, k), dtype=np.int32),
-      MASK_IDS2: rng.integers(0, grid * grid, (b, k), dtype=np.int32),
-      LABEL: rng.integers(0, 10, (b,), dtype=np.int32),
-      INDEX: np.arange(b, dtype=np.int32),
-  }
+  out = {}
+  for name, (shape, dtype) in train_batch_shapes(batch_size, image_size, num_masks,
+                                                 specs).items():
+    if name.endswith("/masks"):
+      s = shape[-1]
+      cell = np.arange(s) * grid // s
+      ids = (cell[:, None] * grid + cell[None, :]).astype(np.int32)
+      out[name] = np.broadcast_to(ids, shape).copy()
+    elif name.endswith("/mask_ids"):
+      out[name] = rng.integers(0, grid * grid, shape, dtype=np.int32)
+    elif name == LABEL:
+      out[name] = rng.integers(0, 10, shape, dtype=np.int32)
+    elif name == INDEX:
+      out[name] = np.arange(shape[0], dtype=np.int32)
+    else:
+      out[name] = rng.random(shape, dtype=np.float32)
+  return out

@@ -1,0 +1,101 @@
+"""View specs: what views an objective asks the input pipeline for.
+
+An objective declares its views (objectives' `views(config)`); the input
+pipeline (data_pipelines/input.py) builds exactly those, any number, each at
+its own size, and the batch carries them under the names of batch.py:
+  batch[spec.name]                      [B, size, size, 3] float32 in [0, 1]
+  batch[batch.key(spec.name, 'masks')]  [B, size, size] int32 mask-id map
+  batch[batch.key(spec.name, 'mask_ids')] [B, K] int32 sampled ids
+(the last two only when 'masks' is in spec.fields). Every geometric op moves
+the image and every dense field of the view together.
+
+Multi-crop (SwAV, Caron et al. 2020; constrained multi-crop, Van Gansbeke et
+al. 2021) is a view option any objective can request: `standard_views(config)`
+adds config.views.small_crops small crops after the two global views.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+MASKS = "masks"          # dense field: the mask-id map (+ its sampled ids)
+FIELDS = (MASKS,)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  """One view: its batch name, output size, crop scale range and augmentation table.
+
+  augment names a table in data_pipelines.augment.TABLES (colour, blur,
+  solarize, flip probabilities); crop_area is the random-resized-crop area
+  fraction range; fields are the dense fields that travel with the view.
+  """
+  name: str
+  size: int
+  crop_area: tuple[float, float] = (0.08, 1.0)
+  augment: str = "byol1"
+  fields: tuple[str, ...] = ()
+  small: bool = False           # a multi-crop small crop (never a key; see objectives)
+
+  def __post_init__(self):
+    unknown = [f for f in self.fields if f not in FIELDS]
+    if unknown:
+      raise ValueError(f"View {self.name!r}: unknown dense fields {unknown}; known: {FIELDS}.")
+    lo, hi = self.crop_area
+    if not 0.0 < lo <= hi <= 1.0:
+      raise ValueError(f"View {self.name!r}: crop_area {self.crop_area} must satisfy "
+                       "0 < low <= high <= 1.")
+    if self.size < 8:
+      raise ValueError(f"View {self.name!r}: size {self.size} must be >= 8.")
+
+
+def names(specs) -> list[str]:
+  return [s.name for s in specs]
+
+
+def global_views(specs):
+  return [s for s in specs if not s.small]
+
+
+def small_views(specs):
+  return [s for s in specs if s.small]
+
+
+# Augmentation tables (data_pipelines.augment.TABLES) of the two global views, per
+# config.data.augment family; small crops use the first view's table.
+AUGMENT_PAIRS = {
+    "simclr": ("simclr1", "simclr2"),     # DetCon A.1, SimCLR column (T, T')
+    "byol": ("byol1", "byol2"),           # DetCon A.1, BYOL column (T, T')
+    "moco_v2": ("moco_v2", "moco_v2"),    # MoCo v2 (Chen et al. 2020): one table, both views
+    "swav": ("swav", "swav"),             # SwAV: one table for every crop
+}
+
+
+def standard_views(config, masks: bool = False) -> tuple[ViewSpec, ...]:
+  """Two global views ('view1', 'view2') at config.image_size, then
+  config.views.small_crops small crops ('small1', ...) at config.views.small_size.
+
+  Reads config.data.augment (a family of AUGMENT_PAIRS) and config.views
+  {global_area, small_crops, small_size, small_area}. masks=True: every view
+  carries its mask-id map.
+  """
+  family = config.data.augment
+  if family not in AUGMENT_PAIRS:
+    raise ValueError(f"config.data.augment={family!r}: choose one of {sorted(AUGMENT_PAIRS)}.")
+  t1, t2 = AUGMENT_PAIRS[family]
+  v = config.views
+  fields = (MASKS,) if masks else ()
+  area = tuple(float(a) for a in v.global_area)
+  specs = [ViewSpec("view1", int(config.image_size), area, t1, fields),
+           ViewSpec("view2", int(config.image_size), area, t2, fields)]
+  small_area = tuple(float(a) for a in v.small_area)
+  specs += [ViewSpec(f"small{i + 1}", int(v.small_size), small_area, t1, fields, small=True)
+            for i in range(int(v.small_crops))]
+  return tuple(specs)
+
+
+def two_views(image_size: int, masks: bool = True, augment: str = "byol") -> tuple[ViewSpec, ...]:
+  """The classic pair without a config (tests, benchmarks)."""
+  t1, t2 = AUGMENT_PAIRS[augment]
+  fields = (MASKS,) if masks else ()
+  return (ViewSpec("view1", image_size, augment=t1, fields=fields),
+          ViewSpec("view2", image_size, augment=t2, fields=fields))
