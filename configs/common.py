@@ -13,8 +13,9 @@ import ml_collections
 IMAGENET_TRAIN_IMAGES = 1_281_167   # ILSVRC-2012 train
 COCO_TRAIN_IMAGES = 118_287         # COCO train2017
 DTYPES = ("float32", "bfloat16")
-AUGMENTS = ("byol", "simclr")
+AUGMENTS = ("byol", "simclr", "moco_v2", "swav")  # data_pipelines.views.AUGMENT_PAIRS
 SCHEDULES = ("cosine", "piecewise")  # detcon_jax.train.optimizer.LR_SCHEDULES
+OPTIMIZERS = ("lars", "sgd", "adamw")  # detcon_jax.train.optimizer.OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -38,12 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
   # stem_pool=False: no stem max-pool, output stride 16 (small images; see models/resnet.py)
   c.model = ml_collections.ConfigDict(dict(depth=18, width=1.0, dtype="float32",
                                           stem_pool=True))
-  c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, output_dim=128))
+  c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, output_dim=128, batch_norm=True))
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1, local_negatives=False,
                                           num_masks=16))
   c.optimizer = ml_collections.ConfigDict(dict(
-      base_lr=0.3, weight_decay=1e-6, momentum=0.9, eta=1e-3, warmup_steps=10,
-      schedule="cosine"))
+      name="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9, eta=1e-3, warmup_steps=10,
+      schedule="cosine", exclude_1d=True))  # exclude_1d: no decay on biases and BN
   c.ema = ml_collections.ConfigDict(dict(tau0=0.99))  # used by methods with a target net
   c.data = ml_collections.ConfigDict(dict(
       records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
@@ -70,23 +71,29 @@ def known_methods() -> list[str]:
 
 
 def validate(config, *, device_count: int | None = None, process_count: int | None = None,
-             methods=None) -> ml_collections.ConfigDict:
+             objective=None) -> ml_collections.ConfigDict:
   """Raise ConfigError for impossible settings; return config unchanged.
 
   device_count / process_count: the run's jax.device_count() and
-  jax.process_count(), given by the trainer (skipped when None). methods: the
-  known method names (default: the objective registry).
+  jax.process_count(), given by the trainer (skipped when None). objective:
+  the method's Objective (default: the registry's entry for config.method),
+  whose own validate() checks its config sections.
   """
   c = config
-  methods = known_methods() if methods is None else list(methods)
-  if c.method not in methods:
-    _fail("method", c.method, f"unknown method; choose one of {methods} "
-          "(--config=configs/<method>.py:<preset>).")
+  if objective is None:
+    methods = known_methods()
+    if c.method not in methods:
+      _fail("method", c.method, f"unknown method; choose one of {methods} "
+            "(--config=configs/<method>.py:<preset>).")
+    from detcon_jax.objectives import registry  # lazy: configs load without jax
+    objective = registry.get_objective(c.method)
   if c.steps <= 0:
     _fail("steps", c.steps, "must be > 0 (e.g. --config.steps=300).")
   if not 0 <= c.optimizer.warmup_steps < c.steps:
     _fail("optimizer.warmup_steps", c.optimizer.warmup_steps,
           f"must be in [0, steps={c.steps}); lower it or raise --config.steps.")
+  if c.optimizer.get("name", "lars") not in OPTIMIZERS:
+    _fail("optimizer.name", c.optimizer.name, f"choose one of {list(OPTIMIZERS)}.")
   if c.optimizer.schedule not in SCHEDULES:
     _fail("optimizer.schedule", c.optimizer.schedule, f"choose one of {list(SCHEDULES)}.")
   if c.optimizer.schedule == "piecewise" and c.optimizer.warmup_steps > 0.96 * c.steps:
@@ -110,6 +117,17 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("loss.temperature", c.loss.temperature, "must be > 0 (the paper uses 0.1).")
   if not 0.0 <= c.ema.tau0 <= 1.0:
     _fail("ema.tau0", c.ema.tau0, "must be in [0, 1] (paper: 0.99 or 0.996).")
+  views = c.get("views", None)
+  if views is not None:
+    if int(views.small_crops) < 0:
+      _fail("views.small_crops", views.small_crops, "must be >= 0 (0: no multi-crop).")
+    if int(views.small_crops) and int(views.small_size) % stride:
+      _fail("views.small_size", views.small_size,
+            f"must be a positive multiple of the network stride {stride}.")
+    for key in ("global_area", "small_area"):
+      lo, hi = views[key]
+      if not 0.0 < lo <= hi <= 1.0:
+        _fail(f"views.{key}", tuple(views[key]), "must satisfy 0 < low <= high <= 1.")
   if c.data.augment not in AUGMENTS:
     _fail("data.augment", c.data.augment, f"choose one of {list(AUGMENTS)}.")
   if c.checkpoint.every_steps < 0:
@@ -126,6 +144,7 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("batch_size", c.batch_size,
           f"must be divisible by the device count {device_count}; "
           f"use e.g. --config.batch_size={up}.")
+  objective.validate(c)
   return config
 
 
@@ -143,6 +162,15 @@ WARMUP_EPOCHS = 10
 FAMILY = {
     "simclr": dict(head=dict(hidden_dim=2048, output_dim=128), augment="simclr"),
     "byol": dict(head=dict(hidden_dim=4096, output_dim=256), augment="byol"),
+    # MoCo v2: MLP head without BN, crops of 20-100% of the image, temperature 0.2.
+    "moco_v2": dict(head=dict(hidden_dim=2048, output_dim=128, batch_norm=False),
+                    augment="moco_v2", views=dict(global_area=(0.2, 1.0)),
+                    loss=dict(temperature=0.2)),
+    # SwAV: 2 x 224 px crops (14-100%) + 6 x 96 px crops (5-14%), temperature 0.1.
+    "swav": dict(head=dict(hidden_dim=2048, output_dim=128), augment="swav",
+                 views=dict(global_area=(0.14, 1.0), small_crops=6, small_size=96,
+                            small_area=(0.05, 0.14)),
+                 loss=dict(temperature=0.1)),
 }
 # BYOL-family optimisation by length, in ImageNet epochs of images seen:
 # the 1000-epoch values for runs at least that long, else the 300-epoch values
@@ -162,25 +190,39 @@ DATASETS = {
 }
 
 
-def _family_config(method: str, family: str) -> ml_collections.ConfigDict:
+def method_config(method: str) -> ml_collections.ConfigDict:
+  """base_config() plus the sections the method's objective adds (its default_config())."""
+  from detcon_jax.objectives import registry  # lazy: jax loads only when a config is built
   c = base_config()
   c.method = method
-  c.head.update(FAMILY[family]["head"])
-  c.data.augment = FAMILY[family]["augment"]
+  objective = registry.OBJECTIVES.get(method)   # tests train objectives of their own
+  for section, values in (objective.default_config() if objective else {}).items():
+    c[section] = ml_collections.ConfigDict(values)
   return c
 
 
-def paper_config(method: str, family: str, dataset: str, epochs: int | None = None):
+def _family_config(method: str, family: str) -> ml_collections.ConfigDict:
+  c = method_config(method)
+  f = FAMILY[family]
+  c.head.update(f["head"])
+  c.data.augment = f["augment"]
+  c.views.update(f.get("views", {}))
+  c.loss.update(f.get("loss", {}))
+  return c
+
+
+def paper_config(method: str, family: str, dataset: str, epochs: int | None = None,
+                 batch_size: int = PAPER_BATCH):
   """RN50 / 224 px / batch 4096 settings of the paper for `dataset`."""
   d = DATASETS[dataset]
   epochs = d["epochs"] if epochs is None else epochs
   c = _family_config(method, family)
-  c.batch_size = PAPER_BATCH
+  c.batch_size = batch_size
   c.image_size = 224
-  c.steps = steps_for_epochs(epochs, d["images"], PAPER_BATCH)
+  c.steps = steps_for_epochs(epochs, d["images"], batch_size)
   c.model.update(depth=50, width=1.0, dtype="bfloat16")
   c.optimizer.update(schedule=d["schedule"],
-                     warmup_steps=steps_for_epochs(WARMUP_EPOCHS, d["images"], PAPER_BATCH))
+                     warmup_steps=steps_for_epochs(WARMUP_EPOCHS, d["images"], batch_size))
   if family == "byol":
     imagenet_epochs = epochs * d["images"] / IMAGENET_TRAIN_IMAGES
     long_run = imagenet_epochs >= BYOL_LONG["min_imagenet_epochs"]
@@ -230,12 +272,18 @@ def demo_config(method: str, family: str) -> ml_collections.ConfigDict:
   return c
 
 
+def parse_preset(method: str, arg: str | None) -> tuple[str, int | None]:
+  """'demo' | 'imagenet' | 'coco', optionally '-EPOCHS' -> (name, epochs or None)."""
+  name, _, epochs = (arg or "demo").partition("-")
+  if (name == "demo" and not epochs) or (name in DATASETS and (not epochs or epochs.isdigit())):
+    return name, int(epochs) if epochs else None
+  raise ConfigError(f"Unknown preset {arg!r} for {method}; use demo, imagenet, coco, "
+                    f"or imagenet-EPOCHS / coco-EPOCHS (e.g. configs/{method}.py:imagenet-300).")
+
+
 def get_preset(method: str, family: str, arg: str | None) -> ml_collections.ConfigDict:
   """'demo' | 'imagenet' | 'coco', optionally '-EPOCHS' (e.g. 'imagenet-300')."""
-  name, _, epochs = (arg or "demo").partition("-")
-  if name == "demo" and not epochs:
+  name, epochs = parse_preset(method, arg)
+  if name == "demo":
     return demo_config(method, family)
-  if name in DATASETS:
-    return paper_config(method, family, name, int(epochs) if epochs else None)
-  raise ConfigError(f"Unknown preset {arg!r} for {method}; use demo, imagenet, coco, "
-                    "or imagenet-EPOCHS / coco-EPOCHS (e.g. configs/detcon_b.py:imagenet-300).")
+  return paper_config(method, family, name, epochs)

@@ -1,4 +1,5 @@
 """Objectives: known answers of the contrastive math, and the four objectives end to end."""
+import importlib
 import os
 import subprocess
 import sys
@@ -223,10 +224,13 @@ def test_byol_regression_known_answers():
 # --- The objectives end to end (tiny ResNet-18) -----------------------------------
 
 def tiny_config(method):
-  return ml_collections.ConfigDict(dict(
-      method=method, model=dict(depth=18, width=0.125, dtype="float32"),
-      head=dict(hidden_dim=16, output_dim=8),
-      loss=dict(temperature=TAU, local_negatives=False, num_masks=4)))
+  """The method's demo preset, shrunk: ResNet-18 x 1/8 at 32 px (stride 32), batch 4."""
+  c = importlib.import_module(f"configs.{method}").get_config("demo")
+  c.update(image_size=32, batch_size=4)
+  c.model.update(depth=18, width=0.125, dtype="float32", stem_pool=True)
+  c.head.update(hidden_dim=16, output_dim=8)
+  c.loss.update(temperature=TAU, local_negatives=False, num_masks=4)
+  return c
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +272,7 @@ def test_detcon_b_step_layout_and_gradients(bootstrap_init):
       lambda p, s, b: objective.loss(p, s, b, jax.random.key(1), 0, tiny_config("detcon_b")),
       has_aux=True))
   (value, (metrics, new_state)), grads = fn(params, state, batch)
-  assert np.isfinite(float(value)) and set(metrics) == {"loss", "positive_fraction"}
+  assert np.isfinite(float(value)) and set(metrics) == {"loss", "positive_fraction", "tau"}
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert new_state["target"] is not None and all(
       bool((a == b).all()) for a, b in zip(jax.tree.leaves(new_state["target"]),
@@ -278,9 +282,11 @@ def test_detcon_b_step_layout_and_gradients(bootstrap_init):
   for part in ("encoder", "projector", "predictor"):
     leaves = jax.tree.leaves(grads[part])
     assert all(bool(jnp.isfinite(g).all()) for g in leaves) and any(bool(g.any()) for g in leaves)
-  # The trainer's EMA and the backbone view.
+  # The EMA of after_update (tau0 at step 0) and the backbone view.
   moved = jax.tree.map(lambda x: x + 1.0, params)
-  updated = registry.update_target(moved, state, 0.75)
+  cfg = tiny_config("detcon_b")
+  cfg.ema.tau0 = 0.75
+  _, updated = objective.after_update(moved, state, 0, cfg)
   np.testing.assert_allclose(updated["target"]["encoder"]["conv1"]["kernel"],
                              state["target"]["encoder"]["conv1"]["kernel"] + 0.25, rtol=1e-6)
   enc = registry.encoder_variables(params, state)
@@ -295,12 +301,12 @@ def test_byol_loss_runs(bootstrap_init):
 
 
 def test_registry_and_batch_errors():
-  assert set(registry.OBJECTIVES) == {"simclr", "byol", "detcon_s", "detcon_b"}
-  with pytest.raises(ValueError, match="known methods: byol, detcon_b, detcon_s, simclr"):
+  assert set(registry.OBJECTIVES) == {"simclr", "byol", "detcon_s", "detcon_b", "moco_v2", "swav"}
+  with pytest.raises(ValueError, match="known methods: byol, detcon_b, detcon_s, moco_v2, simclr"):
     registry.get_objective("mocov2")
   batch = B.synthetic_train_batch(2, 32, num_masks=4)
   no_masks = {k: v for k, v in batch.items() if k != B.MASKS2}
-  with pytest.raises(ValueError, match="masks2"):
+  with pytest.raises(ValueError, match="view2/masks"):
     registry.get_objective("detcon_s").init(jax.random.key(0), tiny_config("detcon_s"), no_masks)
   cfg = tiny_config("detcon_s")
   cfg.loss.num_masks = 16

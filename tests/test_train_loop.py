@@ -9,6 +9,7 @@ import pytest
 
 from detcon_jax.train import checkpointing, loop
 from detcon_jax.train import optimizer as opt_lib
+from detcon_jax.train import state as state_lib
 from test_train_tiny_objective import TinyObjective, run, synthetic_batches, tiny_config
 
 
@@ -52,7 +53,7 @@ def test_ema_target_follows_the_tau_schedule(tmp_path):
   config.ema.tau0 = 0.9
   objective = TinyObjective(ema=True)
   batch = next(synthetic_batches()(config, 0, 0, 1))
-  tx, schedule = opt_lib.make_optimizer(config)
+  tx, schedule = state_lib.make_optimizer(objective, config)
   ts0 = loop.init_train_state(objective, tx, config, jax.random.PRNGKey(0), batch)
   step = jax.jit(loop.make_train_step(objective, tx, schedule, config, jax.random.PRNGKey(1)))
   ts1, metrics = step(ts0, batch)

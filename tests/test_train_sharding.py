@@ -15,6 +15,7 @@ import pytest
 from data_pipelines import batch as B
 from detcon_jax.train import checkpointing, loop, sharding
 from detcon_jax.train import optimizer as opt_lib
+from detcon_jax.train import state as state_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -26,7 +27,7 @@ def one_step(objective, config, out_path: str) -> None:
   host = B.synthetic_train_batch(config.batch_size, config.image_size, config.loss.num_masks,
                                  seed=7)
   batch = sharding.host_batch_to_global(host, mesh)
-  tx, schedule = opt_lib.make_optimizer(config)
+  tx, schedule = state_lib.make_optimizer(objective, config)
   rep = sharding.replicated(mesh)
   init = jax.jit(lambda r, b: loop.init_train_state(objective, tx, config, r, b),
                  out_shardings=rep)

@@ -15,7 +15,10 @@ import numpy as np
 
 from configs import common
 from data_pipelines import batch as B
+from data_pipelines import views as views_lib
+from detcon_jax.objectives import common as objectives_common
 from detcon_jax.train import loop
+from detcon_jax.train import optimizer as opt_lib
 
 
 class _Net(nn.Module):
@@ -52,7 +55,6 @@ class TinyObjective:
     return variables["params"], state
 
   def loss(self, params, state, batch, rng, step, config):
-    del step, config
     views = jnp.concatenate([batch[B.VIEW1], batch[B.VIEW2]])
     noise = 0.01 * jax.random.normal(rng, views.shape)   # uses the per-step rng
     z, updates = self.net.apply({"params": params, "batch_stats": state["batch_stats"]},
@@ -60,7 +62,29 @@ class TinyObjective:
     z1, z2 = jnp.split(z, 2)
     loss = _nt_xent(z1, z2)
     new_state = dict(state, batch_stats=updates["batch_stats"])
-    return loss, ({"z_norm": jnp.linalg.norm(z, axis=1).mean()}, new_state)
+    metrics = {"z_norm": jnp.linalg.norm(z, axis=1).mean()}
+    if self.ema:
+      metrics["tau"] = opt_lib.ema_decay(step, config.ema.tau0, config.steps)
+    return loss, (metrics, new_state)
+
+  def after_update(self, params, state, step, config):
+    """The EMA target update of the bootstrap framework (objectives/byol.py)."""
+    if not self.ema:
+      return params, state
+    tau = opt_lib.ema_decay(step, config.ema.tau0, config.steps)
+    return params, dict(state, target=objectives_common.ema(state["target"], params, tau))
+
+  def param_labels(self, params, config):
+    return objectives_common.default_labels(params, config)
+
+  def views(self, config):
+    return views_lib.standard_views(config, masks=True)
+
+  def default_config(self):
+    return {}
+
+  def validate(self, config):
+    del config
 
 
 def tiny_config(**overrides):

@@ -11,21 +11,26 @@ import jax.numpy as jnp
 class MLP(nn.Module):
   """Linear-BN-ReLU-Linear, as the BYOL/DetCon reference heads.
 
-  Works on [N, D] and [B, K, D]: batch norm reduces over every leading dim, so
-  the statistics of mask latents span all masks of all images (and, under jit
-  on a sharded global array, the whole global batch).
+  Works on [N, D], [B, K, D], [B, V, K, D]: batch norm reduces over every
+  leading dim, so the statistics of mask latents span all masks of all views
+  of all images (and, under jit on a sharded global array, the global batch).
+  batch_norm=False gives MoCo v2's Linear-ReLU-Linear (with biases, as its
+  reference head).
   """
   hidden_dim: int
   output_dim: int
   dtype: Any = jnp.float32
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="bn1")(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, name="bn1")(x)
     x = nn.relu(x)
-    return nn.Dense(self.output_dim, use_bias=False, dtype=self.dtype, name="fc2")(x)
+    return nn.Dense(self.output_dim, use_bias=not self.batch_norm, dtype=self.dtype,
+                    name="fc2")(x)
 
 
 def downsample_masks(id_map: jax.Array, mask_ids: jax.Array, grid: tuple[int, int]) -> jax.Array:

@@ -1,8 +1,9 @@
-"""BYOL, and the bootstrap framework it shares with DetCon-B.
+"""BYOL, and the EMA-target framework it shares with DetCon-B.
 
 The online network (encoder + projector + predictor) predicts the projections
 of an EMA target network (encoder + projector) for the other view; the target
-gets no gradient. The EMA update itself is the trainer's (registry.update_target).
+gets no gradient. after_update moves the target towards the online network
+with BYOL's cosine-annealed decay (train/optimizer.ema_decay).
 """
 from __future__ import annotations
 
@@ -12,9 +13,22 @@ import jax.numpy as jnp
 from data_pipelines import batch as B
 from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import l2_normalize
+from detcon_jax.train.optimizer import ema_decay
 
 
-def bootstrap(name: str, pool, criterion, needs_masks: bool) -> common.Objective:
+def target_decay(step, config):
+  """BYOL's tau: config.ema.tau0 at step 0, annealed to 1 at config.steps."""
+  return ema_decay(step, config.ema.tau0, config.steps)
+
+
+def update_target(params, state, step, config):
+  """after_update of the EMA-target framework."""
+  target = common.ema(state[common.TARGET], {k: params[k] for k in state[common.TARGET]},
+                      target_decay(step, config))
+  return params, dict(state, **{common.TARGET: target})
+
+
+def bootstrap(name: str, pool, criterion, views=common.two_views) -> common.Objective:
   """An Objective: online+predictor vs stop-gradient EMA target, `pool`, `criterion`.
 
   criterion(pred1, pred2, target1, target2, batch, config) -> (loss, metrics),
@@ -23,30 +37,27 @@ def bootstrap(name: str, pool, criterion, needs_masks: bool) -> common.Objective
   """
 
   def init(rng, config, batch):
-    common.check_views(batch, needs_masks, config)
+    common.check_views(batch, views(config), config)
     params, batch_stats = common.init_networks(common.build_networks(config, True), rng,
                                                batch[B.VIEW1])
-    # A copy, not an alias: the trainer may donate params and state separately.
-    target = jax.tree.map(jnp.array, {k: params[k] for k in (common.ENCODER, common.PROJECTOR)})
-    return params, {common.BATCH_STATS: batch_stats, common.TARGET: target}
+    return params, {common.BATCH_STATS: batch_stats, common.TARGET: common.copy_of(params)}
 
   def loss(params, state, batch, rng, step, config):
-    del rng, step
+    del rng
     nets = common.build_networks(config, True)
-    images = common.both_views(batch, B.VIEW1, B.VIEW2)
-    pool_fn = lambda f: pool(f, batch)
-    _, pred, batch_stats = common.embed(nets, params, state[common.BATCH_STATS], images, pool_fn)
+    specs = views(config)
+    online = common.forward(nets, params, state[common.BATCH_STATS], batch, specs, pool)
     target = jax.lax.stop_gradient(state[common.TARGET])
     # Target in training mode (batch statistics); its running averages are discarded.
-    target_z, _, _ = common.embed(nets, target, state[common.BATCH_STATS], images, pool_fn)
-    target_z = jax.lax.stop_gradient(target_z)
-    p1, p2 = common.split_views(pred)
-    t1, t2 = common.split_views(target_z)
-    value, metrics = criterion(p1, p2, t1, t2, batch, config)
-    new_state = dict(state, **{common.BATCH_STATS: batch_stats})
-    return value, (dict(metrics, loss=value), new_state)
+    t = common.forward(nets, target, state[common.BATCH_STATS], batch, specs, pool).z
+    t = jax.lax.stop_gradient(t)
+    p = online.p
+    value, metrics = criterion(p[B.VIEW1], p[B.VIEW2], t[B.VIEW1], t[B.VIEW2], batch, config)
+    new_state = dict(state, **{common.BATCH_STATS: online.batch_stats})
+    return value, (dict(metrics, loss=value, tau=target_decay(step, config)), new_state)
 
-  return common.Objective(name, init, loss)
+  return common.Objective(name, init, loss, after_update=update_target, views=views,
+                          validate=lambda config: common.no_multi_crop(config, name))
 
 
 def regression_loss(pred, target):
@@ -60,4 +71,4 @@ def regression_criterion(pred1, pred2, target1, target2, batch, config):
   return jnp.mean(regression_loss(pred1, target2)) + jnp.mean(regression_loss(pred2, target1)), {}
 
 
-OBJECTIVE = bootstrap("byol", common.global_pool, regression_criterion, needs_masks=False)
+OBJECTIVE = bootstrap("byol", common.global_pool, regression_criterion)

@@ -1,17 +1,20 @@
-"""What the objectives share: the Objective record, the network layout, the forward pass.
+"""What the objectives share: the Objective record, the network layout, the N-view forward pass.
 
-Layout (plain dict pytrees, so EMA, LARS masks and checkpoints are tree maps):
-  params = {'encoder': ..., 'projector': ...[, 'predictor': ...]}
-  state  = {'batch_stats': {same keys as params}[, 'target': {'encoder', 'projector'}]}
-'target' (bootstrap methods only) holds the EMA copy of params['encoder'] and
-params['projector']. The target runs in training mode, so its batch norm uses
-the current batch's statistics (as the BYOL reference) and needs no running
-averages of its own.
+Layout (plain dict pytrees, so EMA, optimiser labels and checkpoints are tree maps):
+  params = {'encoder', 'projector'[, 'predictor'][, 'prototypes']}
+  state  = {'batch_stats': {same keys as the networks}[, 'target': {'encoder', 'projector'}]
+            [, method-specific entries such as 'queue']}
+'target' (EMA-target and momentum-encoder methods) holds the moving average of
+params['encoder'] and params['projector']. The target runs in training mode,
+so its batch norm uses the current batch's statistics (as the BYOL and MoCo
+reference code) and needs no running averages of its own.
 
-Both views go through one network call, interleaved per image ([B, 2, ...] ->
-[2B, ...]) so that each device's slice of a sharded batch holds both views of
-its own images and no data moves between devices; batch norm statistics span
-both views of the global batch.
+Views (data_pipelines/views.py) of one size go through one network call,
+stacked per image ([B, V, ...] -> [B*V, ...]) so that each device's slice of a
+sharded batch holds every view of its own images and no data moves between
+devices; batch norm statistics span those views of the global batch. Views of
+different sizes (multi-crop) run as separate encoder calls, one per size, as
+the SwAV reference does; the heads then run once over every view.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from configs.common import ConfigError
 from data_pipelines import batch as B
+from data_pipelines import views as V
 from detcon_jax.models import heads
 from detcon_jax.models.resnet import compute_dtype, encoder_from_config, normalize_images
 
@@ -28,12 +33,48 @@ ENCODER, PROJECTOR, PREDICTOR, TARGET, BATCH_STATS = (
     "encoder", "projector", "predictor", "target", "batch_stats")
 
 
-class Objective(NamedTuple):
-  """A pretraining method as the trainer sees it (see registry.py)."""
-  name: str
-  init: Callable      # (rng, config, batch) -> (params, state)
-  loss: Callable      # (params, state, batch, rng, step, config) -> (loss, (metrics, new_state))
+def no_update(params, state, step, config):
+  """after_update for methods with nothing to do after the optimiser step."""
+  del step, config
+  return params, state
 
+
+def default_labels(params, config):
+  """Optimiser labels: every leaf 'default' (see train/optimizer.py for the labels)."""
+  del config
+  return jax.tree.map(lambda _: "default", params)
+
+
+def no_config():
+  return {}
+
+
+def two_views(config):
+  return V.standard_views(config, masks=False)
+
+
+def masked_views(config):
+  return V.standard_views(config, masks=True)
+
+
+def no_checks(config):
+  del config
+
+
+class Objective(NamedTuple):
+  """A pretraining method as the trainer sees it (see registry.py for the contract)."""
+  name: str
+  init: Callable                       # (rng, config, batch) -> (params, state)
+  loss: Callable                       # (params, state, batch, rng, step, config)
+                                       #   -> (loss, (metrics, new_state))
+  after_update: Callable = no_update   # (params, state, step, config) -> (params, state)
+  param_labels: Callable = default_labels   # (params, config) -> pytree of label strings
+  views: Callable = two_views          # (config) -> tuple[ViewSpec, ...]
+  default_config: Callable = no_config  # () -> {section: {key: default}} the method adds
+  validate: Callable = no_checks       # (config) -> None, raises ConfigError
+
+
+# --- Networks ------------------------------------------------------------------
 
 class Networks(NamedTuple):
   encoder: object
@@ -42,9 +83,15 @@ class Networks(NamedTuple):
 
 
 def build_networks(config, with_predictor: bool) -> Networks:
-  """Encoder from config.model; projector/predictor MLPs from config.head."""
+  """Encoder from config.model; projector/predictor MLPs from config.head.
+
+  config.head.batch_norm (default True) puts BN in the MLPs' hidden layer
+  (SimCLR, BYOL, SwAV); MoCo v2's head has none.
+  """
   dtype = compute_dtype(config.model.get("dtype", "float32"))
-  mlp = lambda: heads.MLP(int(config.head.hidden_dim), int(config.head.output_dim), dtype=dtype)
+  bn = bool(config.head.get("batch_norm", True))
+  mlp = lambda: heads.MLP(int(config.head.hidden_dim), int(config.head.output_dim),
+                          dtype=dtype, batch_norm=bn)
   return Networks(encoder_from_config(config), mlp(), mlp() if with_predictor else None)
 
 
@@ -60,57 +107,94 @@ def init_networks(nets: Networks, rng, images):
     proj = jnp.zeros((1, nets.projector.output_dim), jnp.float32)
     variables[PREDICTOR] = nets.predictor.init(keys[2], proj, train=False)
   params = {k: v["params"] for k, v in variables.items()}
-  batch_stats = {k: v[BATCH_STATS] for k, v in variables.items()}
+  batch_stats = {k: v.get(BATCH_STATS, {}) for k, v in variables.items()}
   return params, batch_stats
 
 
 def _apply(module, params, batch_stats, x):
   out, updates = module.apply({"params": params, BATCH_STATS: batch_stats}, x, train=True,
                               mutable=[BATCH_STATS])
-  return out, updates[BATCH_STATS]
+  return out, updates.get(BATCH_STATS, {})
 
 
-def embed(nets: Networks, params, batch_stats, images, pool):
-  """images [N, H, W, 3] in [0, 1] -> (projections, predictions or None, new batch stats).
+# --- Pooling of the final feature map ---------------------------------------------
 
-  `pool` maps the final feature map [N, h, w, C] to [N, C] or [N, K, C].
-  Runs in training mode; the predictor runs when `params` has one.
+def global_pool(maps, batch, names):
+  """One global mask per view: [B*V, h, w, C] -> [B*V, C]."""
+  del batch, names
+  return heads.global_pool(maps)
+
+
+def masks_pool(maps, batch, names):
+  """DetCon's mask pooling: [B*V, h, w, C] -> [B*V, K, C] under each view's sampled masks."""
+  ids = stack_views(batch, [B.key(n, "masks") for n in names])
+  sampled = stack_views(batch, [B.key(n, "mask_ids") for n in names])
+  pooled, _ = heads.mask_pool(maps, ids, sampled)
+  return pooled
+
+
+class Forward(NamedTuple):
+  """Per-view outputs of one forward pass, each a dict view name -> array."""
+  z: dict           # projections [B, D] (global pool) or [B, K, D] (mask pool), float32
+  p: dict | None    # predictions, when the network has a predictor
+  maps: dict        # final feature maps [B, h, w, C] (Grad-CAM, RoI align, dense losses)
+  batch_stats: dict  # updated running averages
+
+
+def stack_views(batch, names):
+  """[B, ...] per name -> [B*V, ...], the V views of each image adjacent."""
+  x = jnp.stack([batch[n] for n in names], axis=1)
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def unstack_views(x, names):
+  """Inverse of stack_views: [B*V, ...] -> {name: [B, ...]}."""
+  x = x.reshape((x.shape[0] // len(names), len(names)) + x.shape[1:])
+  return {n: x[:, i] for i, n in enumerate(names)}
+
+
+def forward(nets: Networks, params, batch_stats, batch, specs, pool=global_pool) -> Forward:
+  """Every view in `specs` through encoder, `pool`, projector (and predictor).
+
+  One encoder call per distinct view size (in order of first appearance);
+  the pooled latents of all views then go through the heads in one call, so
+  head batch norm spans every view. Runs in training mode; the predictor
+  runs when `params` has one.
   """
-  new_stats = {}
-  maps, new_stats[ENCODER] = _apply(nets.encoder, params[ENCODER], batch_stats[ENCODER],
-                                    normalize_images(images))
+  sizes = list(dict.fromkeys(s.size for s in specs))
+  stats = batch_stats[ENCODER]
+  maps, pooled = {}, {}
+  for size in sizes:
+    names = [s.name for s in specs if s.size == size]
+    out, stats = _apply(nets.encoder, params[ENCODER], stats,
+                        normalize_images(stack_views(batch, names)))
+    final = out["stage4"]
+    maps.update(unstack_views(final, names))
+    pooled.update(unstack_views(pool(final, batch, names), names))
+  order = [s.name for s in specs]
+  new_stats = {ENCODER: stats}
+  latents = jnp.stack([pooled[n] for n in order], axis=1)              # [B, V, (K,) C]
   z, new_stats[PROJECTOR] = _apply(nets.projector, params[PROJECTOR], batch_stats[PROJECTOR],
-                                   pool(maps["stage4"]))
+                                   latents)
   p = None
   if PREDICTOR in params:
-    p, new_stats[PREDICTOR] = _apply(nets.predictor, params[PREDICTOR], batch_stats[PREDICTOR], z)
-    p = p.astype(jnp.float32)
-  return z.astype(jnp.float32), p, new_stats
+    p, new_stats[PREDICTOR] = _apply(nets.predictor, params[PREDICTOR], batch_stats[PREDICTOR],
+                                     z)
+    p = {n: p[:, i].astype(jnp.float32) for i, n in enumerate(order)}
+  z = {n: z[:, i].astype(jnp.float32) for i, n in enumerate(order)}
+  return Forward(z, p, maps, new_stats)
 
 
-def both_views(batch, key1: str, key2: str):
-  """Interleave the two views per image: [B, ...] x 2 -> [2B, ...] (view1, view2, view1, ...)."""
-  a, b = batch[key1], batch[key2]
-  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+# --- Shared pieces of the frameworks ------------------------------------------------
+
+def ema(target, online, decay):
+  """target <- decay * target + (1 - decay) * online, leaf by leaf (BYOL's xi, MoCo's m)."""
+  return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)
 
 
-def split_views(x):
-  """Inverse of both_views: [2B, ...] -> ([B, ...], [B, ...])."""
-  x = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
-  return x[:, 0], x[:, 1]
-
-
-def global_pool(features, batch):
-  """One global mask per view (SimCLR/BYOL): [2B, h, w, C] -> [2B, C]."""
-  del batch
-  return heads.global_pool(features)
-
-
-def masks_pool(features, batch):
-  """DetCon's mask pooling of both views: [2B, h, w, C] -> [2B, K, C]."""
-  pooled, _ = heads.mask_pool(features, both_views(batch, B.MASKS1, B.MASKS2),
-                              both_views(batch, B.MASK_IDS1, B.MASK_IDS2))
-  return pooled
+def copy_of(params, keys=(ENCODER, PROJECTOR)):
+  """A copy (not an alias: the trainer may donate params and state separately)."""
+  return jax.tree.map(jnp.array, {k: params[k] for k in keys})
 
 
 def negative_shards(config) -> int:
@@ -125,20 +209,43 @@ def negative_shards(config) -> int:
   return int(config.loss.get("num_shards", None) or jax.device_count())
 
 
-def check_views(batch, needs_masks: bool, config=None):
-  """Validate the batch at init: named keys present, masks the size of the views."""
-  keys = [B.VIEW1, B.VIEW2] + ([B.MASKS1, B.MASKS2, B.MASK_IDS1, B.MASK_IDS2] if needs_masks else [])
+def check_views(batch, specs, config=None):
+  """Validate the batch at init: every view of `specs` present, masks the size of their view."""
+  keys = []
+  for s in specs:
+    keys.append(s.name)
+    if V.MASKS in s.fields:
+      keys += [B.key(s.name, "masks"), B.key(s.name, "mask_ids")]
   missing = [k for k in keys if k not in batch]
   if missing:
-    raise ValueError(f"The batch lacks {missing} (has {sorted(batch)}); "
-                     + ("mask-based methods need records built with masks." if needs_masks
-                        else "the input pipeline must produce two views."))
-  if needs_masks:
-    for view, masks, ids in ((B.VIEW1, B.MASKS1, B.MASK_IDS1), (B.VIEW2, B.MASKS2, B.MASK_IDS2)):
-      if tuple(batch[masks].shape) != tuple(batch[view].shape[:3]):
-        raise ValueError(f"batch['{masks}'] has shape {tuple(batch[masks].shape)}; it must be "
-                         f"the size of batch['{view}'] {tuple(batch[view].shape[:3])}.")
-      want = config.loss.get("num_masks", None) if config is not None else None
-      if want is not None and batch[ids].shape[-1] != int(want):
-        raise ValueError(f"batch['{ids}'] has {batch[ids].shape[-1]} masks per image but "
-                         f"config.loss.num_masks={want}; make them agree.")
+    raise ValueError(f"The batch lacks {missing} (has {sorted(batch)}); the input pipeline "
+                     "must produce the views the objective asks for (objective.views), and "
+                     "mask-based methods need records built with masks.")
+  for s in specs:
+    if V.MASKS not in s.fields:
+      continue
+    masks, ids = B.key(s.name, "masks"), B.key(s.name, "mask_ids")
+    if tuple(batch[masks].shape) != tuple(batch[s.name].shape[:3]):
+      raise ValueError(f"batch['{masks}'] has shape {tuple(batch[masks].shape)}; it must be "
+                       f"the size of batch['{s.name}'] {tuple(batch[s.name].shape[:3])}.")
+    want = config.loss.get("num_masks", None) if config is not None else None
+    if want is not None and batch[ids].shape[-1] != int(want):
+      raise ValueError(f"batch['{ids}'] has {batch[ids].shape[-1]} masks per image but "
+                       f"config.loss.num_masks={want}; make them agree.")
+
+
+def require(config, section: str, keys, method: str):
+  """ConfigError unless config.<section> has every key (a --config.method override
+  onto another method's config lacks them)."""
+  node = config.get(section, None)
+  missing = [k for k in keys if node is None or k not in node]
+  if missing:
+    raise ConfigError(f"config.method={method!r} needs config.{section}.{{{', '.join(missing)}}}; "
+                      f"start from configs/{method}.py (--config=configs/{method}.py:demo).")
+
+
+def no_multi_crop(config, method: str):
+  """ConfigError for config.views.small_crops > 0 on a method without multi-crop."""
+  if int(config.views.get("small_crops", 0)):
+    raise ConfigError(f"config.views.small_crops={config.views.small_crops}: {method} has no "
+                      "multi-crop loss; set it to 0 (multi-crop: moco_v2, swav).")

@@ -24,6 +24,21 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
 
 
+def info_nce(query, key, queue, *, temperature: float):
+  """MoCo's InfoNCE: each query vs its key (positive) and every queue entry (negatives).
+
+  query, key [N, D], queue [L, D] (rows need not be normalised: all three are
+  l2-normalised here). Cross-entropy with the positive at index 0 of
+  [q.k, q.queue] / temperature, averaged over the N queries, as the MoCo
+  reference. Returns (loss, top-1 accuracy of the positive).
+  """
+  q, k, negatives = (l2_normalize(x.astype(jnp.float32)) for x in (query, key, queue))
+  positive = jnp.sum(q * k, axis=-1) / temperature
+  logits = jnp.concatenate([positive[:, None], q @ negatives.T / temperature], axis=1)
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - positive)
+  return loss, jnp.mean(jnp.argmax(logits, axis=-1) == 0)
+
+
 def _over_shards(rows_fn, num_shards: int, *arrays):
   """Sums of `rows_fn`'s outputs over independent blocks of the batch axis."""
   b = arrays[0].shape[0]

@@ -8,7 +8,6 @@ implementation does, not BYOL's regression.
 """
 from __future__ import annotations
 
-
 from data_pipelines import batch as B
 from detcon_jax.objectives import common
 from detcon_jax.objectives.byol import bootstrap
@@ -22,5 +21,5 @@ def detcon_criterion(online1, online2, target1, target2, batch, config):
                     num_shards=common.negative_shards(config))
 
 
-DETCON_S = siamese("detcon_s", common.masks_pool, detcon_criterion, needs_masks=True)
-DETCON_B = bootstrap("detcon_b", common.masks_pool, detcon_criterion, needs_masks=True)
+DETCON_S = siamese("detcon_s", common.masks_pool, detcon_criterion, views=common.masked_views)
+DETCON_B = bootstrap("detcon_b", common.masks_pool, detcon_criterion, views=common.masked_views)

@@ -1,35 +1,32 @@
 """config.method -> Objective. The trainer's only entry point into the methods.
 
-An Objective (common.Objective) has:
+An Objective (common.Objective) is one record:
   init(rng, config, batch) -> (params, state)
   loss(params, state, batch, rng, step, config) -> (loss, (metrics, new_state))
+  after_update(params, state, step, config) -> (params, state)
+      after the optimiser step: EMA targets, momentum encoders, queues,
+      prototype renormalisation
+  param_labels(params, config) -> labels for the optimiser (train/optimizer.py:
+      'default', 'no_decay', 'frozen', 'hold:N')
+  views(config) -> tuple of data_pipelines.views.ViewSpec the input must produce
+  default_config() -> {section: {key: value}}: the config sections the method adds
+  validate(config) -> None, raising configs.common.ConfigError
 `batch` uses the names of data_pipelines/batch.py (a global batch under jit);
-`metrics` is a dict of scalars including 'loss'; `new_state` carries updated
-batch statistics and must replace `state` after the step.
-
-Layout, the same for every method:
-  params = {'encoder': ..., 'projector': ...[, 'predictor': ...]}   (trainable)
-  state  = {'batch_stats': {same keys as params}[, 'target': {'encoder', 'projector'}]}
-state['target'] exists for bootstrap methods (byol, detcon_b) only: the EMA
-copy of params['encoder'] and params['projector'], with the same tree
-structure as those entries of params. After each optimizer step the trainer
-calls `update_target(params, state, decay)` (a no-op without a target).
-
-Config keys read: method, model.{depth, width, dtype, zero_init_residual},
-head.{hidden_dim, output_dim}, loss.{temperature, local_negatives,
-num_masks, num_shards (optional; default jax.device_count())}.
+`metrics` is a dict of scalars including 'loss'; `new_state` replaces `state`
+before after_update. params = {'encoder', 'projector', ...}; state =
+{'batch_stats', ...} (see common.py for the layout).
 """
 from __future__ import annotations
 
-import jax
-
-from detcon_jax.objectives import byol, common, detcon, simclr
+from detcon_jax.objectives import byol, common, detcon, moco, simclr, swav
 
 OBJECTIVES = {
     "simclr": simclr.OBJECTIVE,
     "byol": byol.OBJECTIVE,
     "detcon_s": detcon.DETCON_S,
     "detcon_b": detcon.DETCON_B,
+    "moco_v2": moco.OBJECTIVE,
+    "swav": swav.OBJECTIVE,
 }
 
 
@@ -47,13 +44,3 @@ def encoder_variables(params, state) -> dict:
   """
   return {"params": params[common.ENCODER],
           "batch_stats": state[common.BATCH_STATS][common.ENCODER]}
-
-
-def update_target(params, state, decay):
-  """EMA of the target: target <- decay * target + (1 - decay) * online (BYOL's xi update)."""
-  if common.TARGET not in state:
-    return state
-  target = state[common.TARGET]
-  online = {k: params[k] for k in target}
-  new = jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)
-  return dict(state, **{common.TARGET: new})

@@ -1,4 +1,4 @@
-"""SimCLR, and the siamese framework it shares with DetCon-S.
+"""SimCLR, and the shared-network framework it shares with DetCon-S.
 
 One network (encoder + projector) embeds both views; the criterion compares
 the two views' projections with each other, with gradients through both.
@@ -10,7 +10,7 @@ from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import nt_xent
 
 
-def siamese(name: str, pool, criterion, needs_masks: bool) -> common.Objective:
+def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -> common.Objective:
   """An Objective: shared network, `pool` of the final feature map, `criterion`.
 
   criterion(online1, online2, target1, target2, batch, config) -> (loss, metrics);
@@ -18,7 +18,7 @@ def siamese(name: str, pool, criterion, needs_masks: bool) -> common.Objective:
   """
 
   def init(rng, config, batch):
-    common.check_views(batch, needs_masks, config)
+    common.check_views(batch, views(config), config)
     params, batch_stats = common.init_networks(common.build_networks(config, False), rng,
                                                batch[B.VIEW1])
     return params, {common.BATCH_STATS: batch_stats}
@@ -26,14 +26,17 @@ def siamese(name: str, pool, criterion, needs_masks: bool) -> common.Objective:
   def loss(params, state, batch, rng, step, config):
     del rng, step
     nets = common.build_networks(config, False)
-    z, _, batch_stats = common.embed(nets, params, state[common.BATCH_STATS],
-                                     common.both_views(batch, B.VIEW1, B.VIEW2),
-                                     lambda f: pool(f, batch))
-    z1, z2 = common.split_views(z)
+    out = common.forward(nets, params, state[common.BATCH_STATS], batch, views(config), pool)
+    z1, z2 = out.z[B.VIEW1], out.z[B.VIEW2]
     value, metrics = criterion(z1, z2, z1, z2, batch, config)
-    return value, (dict(metrics, loss=value), {common.BATCH_STATS: batch_stats})
+    return value, (dict(metrics, loss=value), {common.BATCH_STATS: out.batch_stats})
 
-  return common.Objective(name, init, loss)
+  def check(config):
+    common.no_multi_crop(config, name)
+    if validate is not None:
+      validate(config)
+
+  return common.Objective(name, init, loss, views=views, validate=check)
 
 
 def nt_xent_criterion(online1, online2, target1, target2, batch, config):
@@ -42,4 +45,4 @@ def nt_xent_criterion(online1, online2, target1, target2, batch, config):
                  num_shards=common.negative_shards(config)), {}
 
 
-OBJECTIVE = siamese("simclr", common.global_pool, nt_xent_criterion, needs_masks=False)
+OBJECTIVE = siamese("simclr", common.global_pool, nt_xent_criterion)

@@ -2,7 +2,7 @@
 loading a trained encoder back for evaluation and export.
 
 The train state is a plain dict {'step', 'params', 'state', 'opt_state'}
-(see detcon_jax.train.loop.init_train_state) saved whole, so a resumed run
+(see detcon_jax.train.state.init_train_state) saved whole, so a resumed run
 continues bit for bit. A SIGTERM (TPU preemption) only sets a flag; the loop
 saves at the next step boundary and exits.
 """
@@ -96,15 +96,15 @@ def load_encoder(workdir: str, step: int | None = None):
   from data_pipelines import batch as B
   from detcon_jax.models.resnet import encoder_from_config
   from detcon_jax.objectives import registry
-  from detcon_jax.train import loop, optimizer
+  from detcon_jax.train import state as state_lib
 
   config = load_config(workdir)
   objective = registry.get_objective(config.method)
-  tx, _ = optimizer.make_optimizer(config)
+  tx, _ = state_lib.make_optimizer(objective, config)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in
-           B.train_batch_shapes(config.batch_size, config.image_size,
-                                config.loss.num_masks).items()}
-  abstract = jax.eval_shape(lambda r, b: loop.init_train_state(objective, tx, config, r, b),
+           B.train_batch_shapes(config.batch_size, num_masks=config.loss.num_masks,
+                                specs=objective.views(config)).items()}
+  abstract = jax.eval_shape(lambda r, b: state_lib.init_train_state(objective, tx, config, r, b),
                             jax.random.PRNGKey(0), batch)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   manager = make_manager(workdir, read_only=True)

@@ -3,7 +3,8 @@
 Sections, in order: validate -> data -> objective and optimiser -> init or
 resume -> compile -> loop (step, log, checkpoint, preemption) -> summary ->
 evaluation. The objective is looked up by config.method and the trainer knows
-nothing method-specific beyond "the state may carry an EMA target".
+nothing method-specific: the train state and step are in state.py, the
+writers in writers.py.
 
 Exact resume: the train state is checkpointed whole, the data iterator is
 restarted at the checkpoint's step (the input pipeline is deterministic in
@@ -12,6 +13,7 @@ restarted at the checkpoint's step (the input pipeline is deterministic in
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import time
@@ -25,12 +27,11 @@ from tqdm import tqdm
 
 from configs.common import ConfigError, validate
 from data_pipelines import batch as B
-from detcon_jax.objectives import common as objectives_common
 from detcon_jax.objectives import registry
-from detcon_jax.train import checkpointing, sharding
-from detcon_jax.train import optimizer as opt_lib
+from detcon_jax.train import checkpointing, sharding, writers
+from detcon_jax.train.state import init_train_state, make_optimizer, make_train_step
 
-TB_DIR = "tb"
+TB_DIR = writers.TB_DIR
 # BatchSource(config, start_step, host_index, host_count) -> iterator of host batches.
 BatchSource = Callable[..., Iterator[dict]]
 
@@ -41,12 +42,13 @@ class NonFiniteLossError(FloatingPointError):
 
 # --- Data ------------------------------------------------------------------
 
-def records_batches(config, start_step: int, host_index: int, host_count: int):
-  """The real input: this host's slice of the global batch from config.data.records_dir."""
+def records_batches(config, start_step: int, host_index: int, host_count: int, views=None):
+  """The real input: this host's slice of the global batch from config.data.records_dir,
+  with the views the objective asks for (default: config.method's)."""
   from data_pipelines import input as data_input
+  views = registry.get_objective(config.method).views(config) if views is None else views
   return data_input.train_iterator(
-      config.data.records_dir, batch_size=config.batch_size // host_count,
-      image_size=config.image_size, augment=config.data.augment,
+      config.data.records_dir, batch_size=config.batch_size // host_count, views=views,
       mask_source=config.data.mask_source, num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer)
@@ -71,76 +73,11 @@ def _on_mesh(host_batches: Iterator[dict], mesh, prefetch: int = 2):
     fill(1)
 
 
-# --- State and step ----------------------------------------------------------
-
-def init_train_state(objective, tx, config, rng, batch) -> dict:
-  """The whole train state as one plain pytree (what checkpoints hold)."""
-  params, state = objective.init(rng, config, batch)
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "state": state,
-          "opt_state": tx.init(params)}
-
-
-def make_train_step(objective, tx, schedule, config, train_rng):
-  """loss -> grads -> LARS -> EMA of state['target'] (if present; see
-  objectives/registry.py for the layout) -> metrics."""
-  def train_step(ts, batch):
-    step = ts["step"]
-    rng = jax.random.fold_in(train_rng, step)
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, (metrics, state)), grads = grad_fn(ts["params"], ts["state"], batch, rng, step,
-                                              config)
-    updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
-    params = optax.apply_updates(ts["params"], updates)
-    metrics = dict(metrics, loss=loss, lr=schedule(step))
-    if objectives_common.TARGET in state:     # bootstrap methods (byol, detcon_b)
-      tau = opt_lib.ema_decay(step, config.ema.tau0, config.steps)
-      state = registry.update_target(params, state, tau)
-      metrics["tau"] = tau
-    return {"step": step + 1, "params": params, "state": state, "opt_state": opt_state}, metrics
-  return train_step
-
-
-# --- Logging -----------------------------------------------------------------
-
-class _TensorBoard:
-  """Scalars to WORKDIR/tb on the first host (tf.summary)."""
-
-  def __init__(self, workdir: str):
-    import tensorflow as tf
-    self._tf = tf
-    self._writer = tf.summary.create_file_writer(os.path.join(workdir, TB_DIR))
-
-  def scalars(self, step: int, values: dict) -> None:
-    with self._writer.as_default(step=step):
-      for k, v in values.items():
-        self._tf.summary.scalar(k, v)
-    self._writer.flush()
-
-  def images(self, step: int, name: str, images) -> None:
-    with self._writer.as_default(step=step):
-      self._tf.summary.image(name, images, step=step, max_outputs=len(images))
-    self._writer.flush()
-
-  def close(self):
-    self._writer.close()
-
-
-class _NoWriter:
-  def scalars(self, step, values):
-    pass
-
-  def images(self, step, name, images):
-    pass
-
-  def close(self):
-    pass
-
-
 # --- Evaluation (integration point) -------------------------------------------
 
 def run_evaluations(config, workdir: str, step: int):
-  """INTEGRATION POINT: detcon_jax.evaluate runs config.eval.evals on the
-  checkpoint at `step` (random-init baseline beside it) and prints the table.
+  """detcon_jax.evaluate runs config.eval.evals on the checkpoint at `step`
+  (random-init baseline beside it) and prints the table.
 
   Imported lazily so that training never pulls in the evaluation stack unless
   config.eval.at_end / config.eval.every_steps ask for it.
@@ -186,9 +123,9 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
   """
   t_start = time.time()
   # Validate before touching data or compiling anything.
-  validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
-           methods=None if objective is None else [config.method])
   objective = registry.get_objective(config.method) if objective is None else objective
+  validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
+           objective=objective)
   primary = jax.process_index() == 0
   workdir = checkpointing.resolve_workdir(workdir)
   manager = checkpointing.make_manager(workdir, config.checkpoint.keep)
@@ -199,7 +136,7 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
     checkpointing.save_config(workdir, config)
 
   mesh = sharding.make_mesh()
-  tx, schedule = opt_lib.make_optimizer(config)
+  tx, schedule = make_optimizer(objective, config)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   if start_step >= config.steps:
     manager.close()
@@ -212,7 +149,7 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
   # Data first: a missing mask field or records dir fails here, before compiling.
   if batches is None:
     ensure_records(config)
-    batches = records_batches
+    batches = functools.partial(records_batches, views=objective.views(config))
   try:   # checks the records against the config: manifest, mask source, shards per host
     host_batches = batches(config, start_step, jax.process_index(), jax.process_count())
   except (FileNotFoundError, ValueError) as e:
@@ -245,7 +182,7 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
       f"set up in {setup_s:.1f}s, compiled in {compile_s:.1f}s; "
       f"TensorBoard: {os.path.join(workdir, TB_DIR)}")
 
-  writer = _TensorBoard(workdir) if primary else _NoWriter()
+  writer = writers.make_writer(workdir, primary)
   if not start_step and B.MASKS1 in first_host:   # what the masks look like after augmentation
     from detcon_jax.evaluate.visualize import view_mask_overlay_images
     writer.images(0, "input/views with masks", view_mask_overlay_images(first_host))

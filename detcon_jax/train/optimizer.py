@@ -1,4 +1,8 @@
-"""LARS, learning-rate schedules and the EMA decay schedule.
+"""Optimisers (LARS, SGD with momentum, AdamW), learning-rate schedules, the EMA decay schedule.
+
+Each optimiser is a chain of optax pieces, registered in OPTIMIZERS by
+config.optimizer.name; objectives label their parameters (LABELS) to exclude
+them from weight decay, freeze them, or hold them still for a number of steps.
 
 LARS is built from optax pieces in the order of the BYOL/DetCon reference:
 weight decay -> trust ratio -> momentum -> learning rate. optax.lars scales by
@@ -9,7 +13,7 @@ and the current learning rate multiplies it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,29 +72,163 @@ def exclude_1d(params):
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+def _everything(params):
+  return jax.tree.map(lambda _: True, params)
+
+
+def _nothing(params):
+  return jax.tree.map(lambda _: False, params)
+
+
+class _CountState(NamedTuple):
+  count: jnp.ndarray
+
+
+def _counting(fn) -> optax.GradientTransformation:
+  """A stateless transform fn(updates, params, count) that also sees the step count."""
+  def init(params):
+    del params
+    return _CountState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    return fn(updates, params, state.count), _CountState(state.count + 1)
+  return optax.GradientTransformation(init, update)
+
+
+def _zero_before(start: int) -> optax.GradientTransformation:
+  """Gradients zeroed for the first `start` steps (SwAV's frozen prototypes)."""
+  return _counting(lambda u, p, c: jax.tree.map(lambda g: g * (c >= start), u))
+
+
+def _decayed_weights(weight_decay: float, start: int = 0) -> optax.GradientTransformation:
+  """update + weight_decay * param, from step `start` on (before it: nothing moves)."""
+  return _counting(lambda u, p, c: jax.tree.map(
+      lambda g, w: g + jnp.where(c >= start, weight_decay, 0.0) * w, u, p))
+
+
 def lars(learning_rate: Schedule | float, weight_decay: float, momentum: float = 0.9,
-         eta: float = 1e-3) -> optax.GradientTransformation:
-  """LARS with momentum applied before the learning-rate scale (see module doc)."""
+         eta: float = 1e-3, mask=exclude_1d, start: int = 0) -> optax.GradientTransformation:
+  """LARS with momentum applied before the learning-rate scale (see module doc).
+
+  mask: leaves that get weight decay and the trust ratio; start: steps during
+  which the leaves are held still (zero gradient, no decay).
+  """
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=exclude_1d),
-      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta), exclude_1d),
+      _zero_before(start),
+      optax.masked(_decayed_weights(weight_decay, start), mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta), mask),
       optax.trace(decay=momentum, nesterov=False),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def make_optimizer(config) -> tuple[optax.GradientTransformation, Schedule]:
-  """config -> (LARS transformation, learning-rate schedule) for logging."""
-  schedule = learning_rate_schedule(config.optimizer, config.batch_size, config.steps)
-  opt = lars(schedule, config.optimizer.weight_decay, config.optimizer.momentum,
-             config.optimizer.eta)
-  return opt, schedule
+def sgd(learning_rate: Schedule | float, weight_decay: float, momentum: float = 0.9,
+        nesterov: bool = False, mask=_everything, start: int = 0) -> optax.GradientTransformation:
+  """PyTorch's SGD (MoCo's): d = g + wd * p; buf = momentum * buf + d; p -= lr * buf."""
+  return optax.chain(
+      _zero_before(start),
+      optax.masked(_decayed_weights(weight_decay, start), mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
-def momentum_buffer(opt_state):
-  """The trace (momentum) buffer inside a `lars` state, for tests and debugging."""
-  return opt_state[2].trace
+def adamw(learning_rate: Schedule | float, weight_decay: float, b1: float = 0.9,
+          b2: float = 0.999, eps: float = 1e-8, mask=_everything,
+          start: int = 0) -> optax.GradientTransformation:
+  """AdamW (decoupled weight decay, scaled by the learning rate as optax.adamw)."""
+  return optax.chain(
+      _zero_before(start),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.masked(_decayed_weights(weight_decay, start), mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
-__all__ = ["lars", "make_optimizer", "learning_rate_schedule", "ema_decay",
-           "exclude_1d", "scaled_lr", "LR_SCHEDULES", "PIECEWISE_DROPS", "momentum_buffer"]
+# config.optimizer.name -> (schedule, config.optimizer, decay mask, hold steps) -> transform
+OPTIMIZERS = {
+    "lars": lambda lr, oc, mask, start: lars(lr, oc.weight_decay, oc.momentum, oc.eta, mask,
+                                             start),
+    "sgd": lambda lr, oc, mask, start: sgd(lr, oc.weight_decay, oc.momentum,
+                                           bool(oc.get("nesterov", False)), mask, start),
+    "adamw": lambda lr, oc, mask, start: adamw(lr, oc.weight_decay, oc.get("b1", 0.9),
+                                               oc.get("b2", 0.999), oc.get("eps", 1e-8), mask,
+                                               start),
+}
+# Parameter labels an objective may give (objective.param_labels):
+#   'default'  the optimiser's rules (decay and trust ratio on ndim > 1 leaves when
+#              config.optimizer.exclude_1d, on every leaf otherwise)
+#   'no_decay' no weight decay, no trust ratio
+#   'frozen'   never updated
+#   'hold:N'   'default', but held still (no gradient, no decay) for the first N steps
+LABELS = ("default", "no_decay", "frozen", "hold:N")
+
+
+def _transform_for(label: str, schedule, oc) -> optax.GradientTransformation:
+  make = OPTIMIZERS[oc.name]
+  default_mask = exclude_1d if oc.get("exclude_1d", True) else _everything
+  if label == "default":
+    return make(schedule, oc, default_mask, 0)
+  if label == "no_decay":
+    return make(schedule, oc, _nothing, 0)
+  if label == "frozen":
+    return optax.set_to_zero()
+  if label.startswith("hold:") and label[5:].isdigit():
+    return make(schedule, oc, default_mask, int(label[5:]))
+  raise ValueError(f"Unknown optimiser label {label!r}; known: {LABELS}.")
+
+
+def by_label(make_for_label, param_labels) -> optax.GradientTransformation:
+  """optax.multi_transform whose label set is read from param_labels(tree) itself.
+
+  The labels are a pure function of the tree's structure, so init and update
+  build the same transforms.
+  """
+  def build(tree):
+    labels = param_labels(tree)
+    names = sorted(set(jax.tree.leaves(labels)))
+    return optax.multi_transform({n: make_for_label(n) for n in names}, labels)
+
+  def init(params):
+    return build(params).init(params)
+
+  def update(updates, state, params=None):
+    return build(updates).update(updates, state, params)
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config, param_labels=None) -> tuple[optax.GradientTransformation, Schedule]:
+  """config -> (transformation, learning-rate schedule for logging).
+
+  config.optimizer.name picks LARS (default), SGD or AdamW; param_labels(params)
+  (an objective's labels, bound to its config) gives each leaf's label.
+  """
+  oc = config.optimizer
+  name = oc.get("name", "lars")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {name!r} (config.optimizer.name); choose one of "
+                     f"{sorted(OPTIMIZERS)}.")
+  schedule = learning_rate_schedule(oc, config.batch_size, config.steps)
+  labels = param_labels or (lambda p: jax.tree.map(lambda _: "default", p))
+  oc = dict(oc.to_dict() if hasattr(oc, "to_dict") else oc, name=name)
+  oc = _Options(oc)
+  return by_label(lambda label: _transform_for(label, schedule, oc), labels), schedule
+
+
+class _Options(dict):
+  """config.optimizer as a plain mapping with attribute access (no ConfigDict in closures)."""
+  __getattr__ = dict.__getitem__
+
+
+def momentum_buffer(opt_state, label: str = "default"):
+  """The momentum trace of one label's leaves inside a make_optimizer/lars state (tests)."""
+  if isinstance(opt_state, optax.MultiTransformState):
+    opt_state = opt_state.inner_states[label].inner_state
+  traces = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState))
+            if isinstance(s, optax.TraceState)]
+  return traces[0].trace
+
+
+__all__ = ["lars", "sgd", "adamw", "OPTIMIZERS", "LABELS", "make_optimizer",
+           "learning_rate_schedule", "ema_decay", "exclude_1d", "scaled_lr", "LR_SCHEDULES",
+           "PIECEWISE_DROPS", "momentum_buffer", "by_label"]

@@ -1,0 +1,157 @@
+"""SwAV (Caron et al. 2020): online clustering with swapped prediction.
+
+Pure math first (sinkhorn, swapped_prediction), then the framework. One
+network embeds every crop; projections are l2-normalised and scored against
+prototypes (a linear layer without bias whose rows are renormalised to unit
+length after every update, in after_update, and which stay frozen for the
+first config.swav.freeze_prototypes_steps steps, as the reference freezes
+them for the first epoch). For each global crop, Sinkhorn-Knopp turns the
+detached scores of the global batch (plus, optionally, a queue of earlier
+embeddings scored by the current prototypes) into equipartitioned soft codes;
+every other crop, small crops included, predicts those codes through a
+softmax at temperature 0.1. Codes come from the global views only, as the
+reference's crops_for_assign = [0, 1].
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from configs.common import ConfigError
+from data_pipelines import views as V
+from detcon_jax.objectives import common
+from detcon_jax.objectives import queue as queue_lib
+from detcon_jax.objectives.contrastive import l2_normalize
+
+PROTOTYPES, QUEUE, INCOMING = "prototypes", "queue", "incoming"
+
+
+# --- Pure math -------------------------------------------------------------------
+
+def sinkhorn(scores, *, epsilon: float, iterations: int, weights=None):
+  """Soft codes [N, P] from scores [N, P] (SwAV's distributed_sinkhorn over a global batch).
+
+  Q = exp(scores / epsilon), then alternately rows (prototypes) scaled to
+  total mass 1/P and columns (samples) to 1/N, `iterations` times; each
+  returned row (a sample's code) sums to 1. weights [N] in {0, 1} leave
+  samples out (an unfilled queue): they get zero codes and N counts the rest.
+  The global max is subtracted before exp (the normalisation cancels it).
+  """
+  scores = scores.astype(jnp.float32)
+  w = jnp.ones(scores.shape[:1], jnp.float32) if weights is None else weights.astype(jnp.float32)
+  q = jnp.exp((scores - jnp.max(scores)) / epsilon).T * w[None, :]        # [P, N]
+  q = q / jnp.sum(q)
+  num_prototypes, num_samples = scores.shape[1], jnp.sum(w)
+  tiny = jnp.finfo(jnp.float32).tiny
+  for _ in range(iterations):
+    q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), tiny) / num_prototypes
+    q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), tiny) / num_samples
+  return (q * num_samples).T
+
+
+def swapped_prediction(codes, scores, temperature: float):
+  """Cross-entropy of a crop's softmax(scores / T) against another crop's codes, batch mean."""
+  return -jnp.mean(jnp.sum(codes * jax.nn.log_softmax(scores / temperature, axis=-1), axis=-1))
+
+
+# --- Framework ----------------------------------------------------------------------
+
+def _queue_size(config) -> int:
+  return int(config.swav.queue_size)
+
+
+def init(rng, config, batch):
+  specs = V.standard_views(config)
+  common.check_views(batch, specs, config)
+  net_rng, proto_rng = jax.random.split(rng)
+  params, batch_stats = common.init_networks(common.build_networks(config, False), net_rng,
+                                             batch[specs[0].name])
+  dim, num = int(config.head.output_dim), int(config.swav.num_prototypes)
+  params[PROTOTYPES] = l2_normalize(jax.random.normal(proto_rng, (num, dim), jnp.float32))
+  state = {common.BATCH_STATS: batch_stats}
+  if _queue_size(config):
+    n_assign = len(V.global_views(specs))
+    state[QUEUE] = queue_lib.create(_queue_size(config), (n_assign, dim))
+    state[INCOMING] = jnp.zeros((batch[specs[0].name].shape[0], n_assign, dim), jnp.float32)
+  return params, state
+
+
+def loss(params, state, batch, rng, step, config):
+  del rng
+  nets = common.build_networks(config, False)
+  specs = V.standard_views(config)
+  out = common.forward(nets, params, state[common.BATCH_STATS], batch, specs)
+  z = {n: l2_normalize(v) for n, v in out.z.items()}
+  prototypes = params[PROTOTYPES]
+  scores = {n: v @ prototypes.T for n, v in z.items()}
+  assign = [s.name for s in V.global_views(specs)]
+  names = [s.name for s in specs]
+  s = config.swav
+  use_queue = None
+  value = 0.0
+  for i, a in enumerate(assign):
+    detached = jax.lax.stop_gradient(scores[a])
+    weights = None
+    if QUEUE in state:
+      q = state[QUEUE]
+      use_queue = (step >= int(s.queue_start_step)) & queue_lib.is_full(q)
+      queued = jax.lax.stop_gradient(q["keys"][:, i] @ prototypes.T)
+      detached = jnp.concatenate([queued, detached])
+      weights = jnp.concatenate([jnp.full(queued.shape[:1], use_queue, jnp.float32),
+                                 jnp.ones(scores[a].shape[:1], jnp.float32)])
+    codes = sinkhorn(detached, epsilon=float(s.epsilon), iterations=int(s.sinkhorn_iterations),
+                     weights=weights)[-scores[a].shape[0]:]
+    codes = jax.lax.stop_gradient(codes)
+    others = [n for n in names if n != a]
+    value += sum(swapped_prediction(codes, scores[n], float(config.loss.temperature))
+                 for n in others) / len(others)
+  value = value / len(assign)
+  new_state = dict(state, **{common.BATCH_STATS: out.batch_stats})
+  metrics = {"loss": value}
+  if QUEUE in state:
+    new_state[INCOMING] = jax.lax.stop_gradient(jnp.stack([z[a] for a in assign], axis=1))
+    metrics["queue_in_use"] = use_queue.astype(jnp.float32)
+  return value, (metrics, new_state)
+
+
+def after_update(params, state, step, config):
+  """Prototype rows back to unit length; this step's embeddings into the queue."""
+  params = dict(params, **{PROTOTYPES: l2_normalize(params[PROTOTYPES])})
+  if QUEUE in state:
+    enabled = step >= int(config.swav.queue_start_step)
+    state = dict(state, **{QUEUE: queue_lib.push(state[QUEUE], state[INCOMING], enabled)})
+  return params, state
+
+
+def param_labels(params, config):
+  """Prototypes held still for the first freeze_prototypes_steps steps."""
+  labels = common.default_labels(params, config)
+  hold = int(config.swav.freeze_prototypes_steps)
+  labels[PROTOTYPES] = f"hold:{hold}" if hold else "default"
+  return labels
+
+
+def default_config():
+  return {"swav": {"num_prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
+                   "freeze_prototypes_steps": 313, "queue_size": 0, "queue_start_step": 0}}
+
+
+def validate(config):
+  keys = ("num_prototypes", "epsilon", "sinkhorn_iterations", "freeze_prototypes_steps",
+          "queue_size", "queue_start_step")
+  common.require(config, "swav", keys, "swav")
+  s = config.swav
+  for key, low in (("num_prototypes", 1), ("sinkhorn_iterations", 1),
+                   ("freeze_prototypes_steps", 0), ("queue_size", 0), ("queue_start_step", 0)):
+    if int(s[key]) < low:
+      raise ConfigError(f"config.swav.{key}={s[key]!r}: must be >= {low}.")
+  if not s.epsilon > 0:
+    raise ConfigError(f"config.swav.epsilon={s.epsilon!r}: must be > 0 (paper: 0.05).")
+  if 0 < int(s.queue_size) < config.batch_size:
+    raise ConfigError(f"config.swav.queue_size={s.queue_size}: must be 0 (no queue) or at "
+                      f"least the global batch ({config.batch_size}); the paper uses 3840.")
+
+
+OBJECTIVE = common.Objective("swav", init, loss, after_update=after_update,
+                             param_labels=param_labels, views=V.standard_views,
+                             default_config=default_config, validate=validate)
