@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16")
 AUGMENTS = ("byol", "simclr", "moco_v2", "swav")  # data_pipelines.views.AUGMENT_PAIRS
 SCHEDULES = ("cosine", "piecewise")  # detcon_jax.train.optimizer.LR_SCHEDULES
 OPTIMIZERS = ("lars", "sgd", "adamw")  # detcon_jax.train.optimizer.OPTIMIZERS
+DETCON_FORMS = ("reference", "dedup")  # detcon_jax.objectives.contrastive.DETCON_FORMS
 
 
 class ConfigError(ValueError):
@@ -40,8 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(depth=18, width=1.0, dtype="float32",
                                           stem_pool=True))
   c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, output_dim=128, batch_norm=True))
+  # detcon_form: "reference" (the public DetCon code) or "dedup" (duplicate masks
+  # folded out); detcon_same_image_negatives=False drops same-image negatives.
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1, local_negatives=False,
-                                          num_masks=16))
+                                          num_masks=16, detcon_form="reference",
+                                          detcon_same_image_negatives=True))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9, eta=1e-3, warmup_steps=10,
       schedule="cosine", exclude_1d=True))  # exclude_1d: no decay on biases and BN
@@ -115,6 +119,9 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("loss.num_masks", c.loss.num_masks, "must be > 0 (the paper samples 16).")
   if c.loss.temperature <= 0:
     _fail("loss.temperature", c.loss.temperature, "must be > 0 (the paper uses 0.1).")
+  if c.loss.get("detcon_form", "reference") not in DETCON_FORMS:
+    _fail("loss.detcon_form", c.loss.detcon_form,
+          f"choose one of {list(DETCON_FORMS)} (reference: the public DetCon code).")
   if not 0.0 <= c.ema.tau0 <= 1.0:
     _fail("ema.tau0", c.ema.tau0, "must be in [0, 1] (paper: 0.99 or 0.996).")
   views = c.get("views", None)

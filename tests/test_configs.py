@@ -57,6 +57,7 @@ def _demo():
     ("data.augment", "autoaug", ["config.data.augment", "byol"]),
     ("ema.tau0", 1.5, ["config.ema.tau0"]),
     ("loss.num_masks", 0, ["config.loss.num_masks"]),
+    ("loss.detcon_form", "paper", ["config.loss.detcon_form", "reference", "dedup"]),
 ])
 def test_invalid_values_name_key_and_fix(key, value, words):
   config = _demo()

@@ -90,8 +90,9 @@ def random_case(seed, b=4, k=5, num_ids=6, dim=3, bootstrap=True):
 
 
 def loss_of(o1, o2, t1, t2, ids1, ids2, num_shards=1):
+  """The dedup form, which detcon_reference describes (the default form: test_detcon_reference)."""
   return float(detcon_nce(*map(jnp.asarray, (o1, o2, t1, t2, ids1, ids2)), temperature=TAU,
-                          num_shards=num_shards)[0])
+                          num_shards=num_shards, form="dedup")[0])
 
 
 # --- DetCon loss math -------------------------------------------------------------
@@ -164,8 +165,8 @@ def test_anchor_without_positive_contributes_nothing():
                              loss_of(o1, o2, t1, t2, ids1, ids2), rtol=1e-6)
   # A row with no positive anywhere gives a finite, zero loss and no NaN gradient.
   none = (o1[:1], o2[:1], t1[:1], t2[:1], ids1[:1] + 100, ids2[:1])
-  value, grad = jax.value_and_grad(
-      lambda o: detcon_nce(o, *map(jnp.asarray, none[1:]), temperature=TAU)[0])(jnp.asarray(o1[:1]))
+  value, grad = jax.value_and_grad(lambda o: detcon_nce(
+      o, *map(jnp.asarray, none[1:]), temperature=TAU, form="dedup")[0])(jnp.asarray(o1[:1]))
   assert float(value) == 0.0 and bool(jnp.isfinite(grad).all())
 
 
@@ -198,10 +199,11 @@ def test_local_negatives_on_8_sharded_devices():
       case = random_case(8, b=16)
       mesh = Mesh(np.array(jax.devices()), ("data",))
       sharded = [jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data"))) for x in case]
-      f = jax.jit(lambda *a: detcon_nce(*a, temperature=TAU, num_shards=negative_shards(cfg))[0])
+      f = jax.jit(lambda *a: detcon_nce(*a, temperature=TAU, num_shards=negative_shards(cfg),
+                                        form="dedup")[0])
       np.testing.assert_allclose(float(f(*sharded)), detcon_reference(*case, num_shards=8),
                                  rtol=1e-5)
-      g = jax.jit(lambda *a: detcon_nce(*a, temperature=TAU)[0])
+      g = jax.jit(lambda *a: detcon_nce(*a, temperature=TAU, form="dedup")[0])
       np.testing.assert_allclose(float(g(*sharded)), detcon_reference(*case), rtol=1e-5)
       print("ok")
   """)
@@ -250,8 +252,10 @@ def test_detcon_s_with_one_global_mask_equals_simclr(bootstrap_init):
   for key in (B.MASKS1, B.MASKS2, B.MASK_IDS1, B.MASK_IDS2):
     whole[key] = np.full_like(batch[key], 7)              # one global mask, 4 copies
   def run(method, b):
+    config = tiny_config(method)
+    config.loss.detcon_form = "dedup"                     # where 4 copies are one mask
     return jax.jit(lambda p, s, b: registry.get_objective(method).loss(
-        p, s, b, None, 0, tiny_config(method)))(params, state, b)
+        p, s, b, None, 0, config))(params, state, b)
   simclr_loss, (_, simclr_state) = run("simclr", batch)
   detcon_loss, (metrics, detcon_state) = run("detcon_s", whole)
   np.testing.assert_allclose(float(detcon_loss), float(simclr_loss), rtol=1e-5)

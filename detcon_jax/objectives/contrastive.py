@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 LARGE_NEGATIVE = -1e9  # logit of an excluded pair (finite: keeps gradients NaN-free)
+DETCON_FORMS = ("reference", "dedup")  # detcon_nce(form=...): the public code | no duplicates
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -86,36 +87,46 @@ def _multiplicity(ids):
   return jnp.sum(ids[:, :, None] == ids[:, None, :], axis=-1).astype(jnp.float32)
 
 
-def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature):
+def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature, dedup, same_image_negatives):
   """One direction of the DetCon loss over [B, K, D] unit latents.
 
-  Returns (sum of weighted row losses, sum of row weights, unique rows). The K
-  ids are sampled with replacement, so duplicates are folded out exactly: a
-  candidate whose id occurs c times in its image contributes exp(logit) / c
-  per copy (once in total), and an anchor row has weight 1 / c (each (image,
-  id) counts once). Duplicated masks thus never change the loss, and one
-  global mask gives NT-Xent exactly.
+  Returns (sum of weighted row losses, sum of row weights, unique rows, rows).
+  Rows are the B*K anchors; the positives of (b, k) are the other view's
+  copies of its id in image b (the label spread evenly over them), the
+  same view's copies are excluded. An anchor row has weight [it has a
+  positive] / c, c being how often its id occurs among its image's K ids.
+  dedup=False counts every sampled copy as its own candidate (the reference);
+  dedup=True folds duplicates out: a candidate whose id occurs c times in its
+  image contributes exp(logit) / c per copy, once in total, so duplicated
+  masks never change the loss. same_image_negatives=False also excludes the
+  other ids of the anchor's own image (both views).
   """
   b = q.shape[0]
   same_image = jnp.eye(b, dtype=bool)[:, None, :, None]                     # [B, 1, B, 1]
   mult, mult_other = _multiplicity(ids), _multiplicity(ids_other)
-  logits_other = jnp.einsum("bkd,jld->bkjl", q, t_other) / temperature - jnp.log(mult_other)
+  logits_other = jnp.einsum("bkd,jld->bkjl", q, t_other) / temperature
+  logits_same = jnp.einsum("bkd,jld->bkjl", q, t_same) / temperature
+  if dedup:
+    logits_other, logits_same = logits_other - jnp.log(mult_other), logits_same - jnp.log(mult)
   self_match = same_image & (ids[:, :, None, None] == ids[None, None, :, :])
-  logits_same = jnp.where(self_match, LARGE_NEGATIVE,
-                          jnp.einsum("bkd,jld->bkjl", q, t_same) / temperature - jnp.log(mult))
+  logits_same = jnp.where(self_match if same_image_negatives else same_image, LARGE_NEGATIVE,
+                          logits_same)
+  if not same_image_negatives:
+    other_id = ids[:, :, None, None] != ids_other[None, None, :, :]
+    logits_other = jnp.where(same_image & other_id, LARGE_NEGATIVE, logits_other)
   lse = jnp.logaddexp(jax.nn.logsumexp(logits_other, axis=(2, 3)),
                       jax.nn.logsumexp(logits_same, axis=(2, 3)))
-  # Positives: same image, same id, other view (copies of one latent).
   positive = ids[:, :, None] == ids_other[:, None, :]                       # [B, K, K]
   num_pos = jnp.sum(positive, axis=-1)
   pos_logits = jnp.einsum("bkd,bld->bkl", q, t_other) / temperature
   pos_logit = jnp.sum(jnp.where(positive, pos_logits, 0.0), axis=-1) / jnp.maximum(num_pos, 1)
   weight = (num_pos > 0) / mult
-  return jnp.sum(weight * (lse - pos_logit)), jnp.sum(weight), jnp.sum(1.0 / mult)
+  return (jnp.sum(weight * (lse - pos_logit)), jnp.sum(weight), jnp.sum(1.0 / mult),
+          jnp.float32(ids.size))
 
 
 def detcon_nce(online1, online2, target1, target2, ids1, ids2, *, temperature: float,
-               num_shards: int = 1):
+               num_shards: int = 1, form: str = "reference", same_image_negatives: bool = True):
   """DetCon's contrastive detection loss (paper eq. 3, batched as the reference).
 
   online*/target* [B, K, D] mask latents of views 1 and 2, ids* [B, K] their
@@ -124,19 +135,31 @@ def detcon_nce(online1, online2, target1, target2, ids1, ids2, *, temperature: f
   negatives are every other (image, id) of the other view and every (image, id)
   of the same view except (b, m) itself. Latents are l2-normalised and dotted
   over `temperature` (norm 1/sqrt(tau) each). Anchors whose id is absent from
-  the other view contribute nothing; each direction is averaged over the
-  anchors that have a positive. DetCon-S: target = online; DetCon-B: online =
+  the other view have no loss. DetCon-S: target = online; DetCon-B: online =
   predictions, target = stop-gradient EMA projections.
+
+  form="reference" is the public DetCon code (byol_nce_detcon): every sampled
+  copy is its own candidate and each direction is the mean over all B*K rows
+  (weight 1/copies, 0 without a positive), so sampling duplicates shrinks the
+  loss. form="dedup" is the cleaner variant: each (image, id) counts once as
+  anchor and as candidate, and each direction is averaged over the anchors
+  that have a positive; duplicates never change it and one global mask is
+  NT-Xent. same_image_negatives=False drops the other masks of the anchor's
+  own image from its negatives (the reference's local_negatives=False; not to
+  be confused with `num_shards`, the per-device negatives of Table 5).
 
   Returns (loss, metrics) with metrics['positive_fraction'] = share of unique
   anchors that have a positive.
   """
+  if form not in DETCON_FORMS:
+    raise ValueError(f"Unknown DetCon loss form {form!r}; choose one of {DETCON_FORMS}.")
   latents = [l2_normalize(x.astype(jnp.float32)) for x in (online1, online2, target1, target2)]
   q1, q2, t1, t2 = latents
+  rows_fn = lambda *a: _detcon_rows(*a, temperature, form == "dedup", same_image_negatives)
   loss, with_pos, unique = 0.0, 0.0, 0.0
   for q, t_other, t_same, ids, ids_other in ((q1, t2, t1, ids1, ids2), (q2, t1, t2, ids2, ids1)):
-    total, weight, rows = _over_shards(lambda *a: _detcon_rows(*a, temperature), num_shards,
-                                       q, t_other, t_same, ids, ids_other)
-    loss += total / jnp.where(weight > 0, weight, 1.0)
-    with_pos, unique = with_pos + weight, unique + rows
+    total, weight, unique_rows, rows = _over_shards(rows_fn, num_shards,
+                                                    q, t_other, t_same, ids, ids_other)
+    loss += total / (jnp.where(weight > 0, weight, 1.0) if form == "dedup" else rows)
+    with_pos, unique = with_pos + weight, unique + unique_rows
   return loss, {"positive_fraction": with_pos / unique}

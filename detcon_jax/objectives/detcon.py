@@ -16,9 +16,14 @@ from detcon_jax.objectives.simclr import siamese
 
 
 def detcon_criterion(online1, online2, target1, target2, batch, config):
+  """Reads loss.detcon_form ("reference", the public code, by default; or "dedup")
+  and loss.detcon_same_image_negatives (True by default, as the reference)."""
   return detcon_nce(online1, online2, target1, target2, batch[B.MASK_IDS1], batch[B.MASK_IDS2],
                     temperature=float(config.loss.temperature),
-                    num_shards=common.negative_shards(config))
+                    num_shards=common.negative_shards(config),
+                    form=config.loss.get("detcon_form", "reference"),
+                    same_image_negatives=bool(
+                        config.loss.get("detcon_same_image_negatives", True)))
 
 
 DETCON_S = siamese("detcon_s", common.masks_pool, detcon_criterion, views=common.masked_views)
