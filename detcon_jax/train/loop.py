@@ -44,9 +44,10 @@ class NonFiniteLossError(FloatingPointError):
 def records_batches(config, start_step: int, host_index: int, host_count: int):
   """The real input: this host's slice of the global batch from config.data.records_dir."""
   from data_pipelines import input as data_input
+  from data_pipelines import views
   return data_input.train_iterator(
       config.data.records_dir, batch_size=config.batch_size // host_count,
-      image_size=config.image_size, augment=config.data.augment,
+      views=views.standard_views(config, masks=True),
       mask_source=config.data.mask_source, num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer)
