@@ -186,7 +186,8 @@ def _check_views(views):
   bad = [n for n in names if not n or "/" in n or n in reserved]
   if not views or bad or len(set(names)) != len(names):
     raise ValueError(f"train_iterator: views {names} must be a non-empty sequence of "
-                     f"ViewSpecs with unique names, none empty, with '/', or in {sorted(reserved)}.")
+                     "ViewSpecs with unique names that are non-empty, contain no '/' and "
+                     f"are not one of {sorted(reserved)}.")
   for s in views:
     aug.table(s.augment)
 
@@ -254,7 +255,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     if masked:
       ids = sample_mask_ids([out[B.key(s.name, V.MASKS)] for s in masked], k[3], num_masks)
       out.update({B.key(s.name, "mask_ids"): m for s, m in zip(masked, ids)})
-    return {k: out.pop(k) for k in order} | out        # batch.py's order, then internals
+    return {n: out.pop(n) for n in order} | out        # batch.py's order, then internals
 
   def colour(batch):
     for s in views:
