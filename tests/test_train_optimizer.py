@@ -118,7 +118,7 @@ def test_sgd_is_pytorch_sgd():
   """d = g + wd p; buf = m buf + d; p -= lr buf, over three steps, every leaf decayed."""
   params, lr, wd = {"w": jnp.asarray([1.0, -2.0]), "k": jnp.ones((2, 2))}, 0.1, 0.01
   tx = opt_lib.sgd(lr, wd, momentum=0.9)
-  state, p, buf = tx.init(params), jax.tree.map(np.asarray, params), None
+  state, buf = tx.init(params), None
   for i in range(3):
     g = jax.tree.map(lambda x: jnp.full_like(x, 0.5 * (i + 1)), params)
     updates, state = tx.update(g, state, params)

@@ -14,7 +14,6 @@ import pytest
 
 from data_pipelines import batch as B
 from detcon_jax.train import checkpointing, loop, sharding
-from detcon_jax.train import optimizer as opt_lib
 from detcon_jax.train import state as state_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

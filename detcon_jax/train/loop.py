@@ -20,9 +20,7 @@ import time
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from configs.common import ConfigError, validate
@@ -71,19 +69,6 @@ def _on_mesh(host_batches: Iterator[dict], mesh, prefetch: int = 2):
   while queue:
     yield queue.popleft()
     fill(1)
-
-
-# --- Evaluation (integration point) -------------------------------------------
-
-def run_evaluations(config, workdir: str, step: int):
-  """detcon_jax.evaluate runs config.eval.evals on the checkpoint at `step`
-  (random-init baseline beside it) and prints the table.
-
-  Imported lazily so that training never pulls in the evaluation stack unless
-  config.eval.at_end / config.eval.every_steps ask for it.
-  """
-  from detcon_jax.evaluate.run import evaluate_workdir
-  return evaluate_workdir(workdir, evals=tuple(config.eval.evals), step=step)
 
 
 # --- The run -----------------------------------------------------------------
@@ -257,7 +242,7 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
         if eval_every and step % eval_every == 0 and step < config.steps:
           t_eval = time.time()
           manager.wait_until_finished()
-          run_evaluations(config, workdir, step)
+          writers.run_evaluations(config, workdir, step)
           paused = time.time() - t_eval     # kept out of step time and img/s
           t_log, eval_s = t_log + paused, eval_s + paused
       if last_saved != step:
@@ -281,7 +266,7 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
                  checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step)))
   say(summary_line(summary))
   if status == "done" and config.eval.at_end:
-    summary["eval"] = run_evaluations(config, workdir, step)
+    summary["eval"] = writers.run_evaluations(config, workdir, step)
   return summary
 
 
@@ -294,5 +279,5 @@ def summary_line(s: dict) -> str:
           f"{s['img_per_s_per_device']:.1f} img/s/device | {loss} | checkpoint {s['checkpoint']}")
 
 
-__all__ = ["train", "init_train_state", "make_train_step", "run_evaluations",
+__all__ = ["train", "init_train_state", "make_train_step",
            "NonFiniteLossError", "ConfigError", "records_batches", "summary_line"]
