@@ -4,8 +4,9 @@
 
 Prints
   * examples/s and CPU ms/example of the training iterator (two views, DetCon
-    A.1 BYOL table) with masks (decode one FH map, crop/flip it with the views,
-    sample 16 ids) and without, and their ratio (the cost of carrying masks);
+    A.1 BYOL tables) with masks (views whose spec carries the 'masks' field:
+    decode one FH map, crop/flip it with the views, sample 16 ids) and without,
+    and their ratio (the cost of carrying masks);
   * FH precompute images/s/core for each backend (skimage, opencv) at the demo
     size with demo scales and at 224 px with the paper's scales, and with all
     cores (a process pool, as the build uses);
@@ -41,11 +42,13 @@ def input_rates(records, batch_size, image_size, steps, rounds=2):
   """
   import gc
   from data_pipelines import input as input_lib
+  from data_pipelines import views
   wall, cpu = {True: [], False: []}, {True: [], False: []}
   for _ in range(rounds):
     for m in (True, False):
-      it = input_lib.train_iterator(records, batch_size=batch_size, image_size=image_size,
-                                    host_index=0, host_count=1, with_masks=m)
+      it = input_lib.train_iterator(records, batch_size=batch_size,
+                                    views=views.two_views(image_size, masks=m),
+                                    host_index=0, host_count=1)
       for _ in range(3):                                # warm up: tracing, buffers
         next(it)
       t, c = time.perf_counter(), time.process_time()

@@ -1,4 +1,5 @@
-"""Train-step cost of DetCon over its base: SimCLR vs DetCon-S, BYOL vs DetCon-B.
+"""Train-step cost of DetCon over its base (SimCLR vs DetCon-S, BYOL vs DetCon-B), and of
+MoCo v2 and SwAV (2 global + 6 small crops) relative to SimCLR.
 
 Each pair runs the trainer's own jit step (loss, grads, LARS, EMA) on the same
 model, batch and parameters, side by side in one process: compile and warm-up
@@ -32,14 +33,18 @@ from data_pipelines import batch as B  # noqa: E402
 from detcon_jax.models.resnet import output_stride  # noqa: E402
 from detcon_jax.objectives import registry  # noqa: E402
 from detcon_jax.train import loop, sharding  # noqa: E402
-from detcon_jax.train import optimizer as opt_lib  # noqa: E402
+from detcon_jax.train import state as state_lib  # noqa: E402
 
 PAIRS = (("simclr", "detcon_s", 5.3), ("byol", "detcon_b", 11.6))
+# Further methods, each priced against SimCLR (one network, two global views):
+# MoCo v2 adds a key network's forward and a queue; SwAV runs its multi-crop
+# (2 global + 6 small crops, the paper's 2x224 + 6x96 at the rn50 preset).
+OTHERS = (("moco_v2", "simclr"), ("swav", "simclr"))
 PRESETS = {
-    "cpu": dict(depth=18, width=0.5, image_size=64, batch_size=16, dtype="float32",
-                paper_heads=False, stem_pool=False),          # the demo's stride-16 layout
-    "rn50": dict(depth=50, width=1.0, image_size=224, batch_size=64, dtype="bfloat16",
-                 paper_heads=True, stem_pool=True),            # the paper's network
+    "cpu": dict(depth=18, width=0.5, image_size=64, small_size=32, batch_size=16,
+                dtype="float32", paper_heads=False, stem_pool=False),  # the demo's stride 16
+    "rn50": dict(depth=50, width=1.0, image_size=224, small_size=96, batch_size=64,
+                 dtype="bfloat16", paper_heads=True, stem_pool=True),  # the paper's network
 }
 
 
@@ -52,6 +57,12 @@ def make_config(method: str, args):
   config.update(batch_size=args.batch_size, image_size=args.image_size)
   config.loss.num_masks = args.num_masks
   config.loss.local_negatives = args.local_negatives
+  if method == "swav":
+    config.views.update(small_crops=6, small_size=args.small_size)
+    config.swav.update(queue_size=0, num_prototypes=3000 if args.paper_heads else 30)
+  if method == "moco_v2":
+    config.moco.queue_size = 65536                      # the paper's queue
+  config.optimizer.warmup_steps = 0
   return config
 
 
@@ -67,7 +78,9 @@ def compile_pair(pair, args, mesh, rng):
   lowered, not compiled or run, and XLA's FLOP count comes from the HLO. That
   makes RN50 at 224 px and batch 4096 countable on a laptop.
   """
-  host = B.synthetic_train_batch(args.batch_size, args.image_size, args.num_masks, grid=4)
+  objective = registry.get_objective(pair[-1])
+  host = B.synthetic_train_batch(args.batch_size, num_masks=args.num_masks, grid=4,
+                                 specs=objective.views(make_config(pair[-1], args)))
   if args.flops_only:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharded(mesh))
              for k, v in host.items()}
@@ -79,7 +92,7 @@ def compile_pair(pair, args, mesh, rng):
   for method in reversed(pair):                       # init the DetCon variant once, share it
     config = make_config(method, args)
     objective = registry.get_objective(method)
-    tx, schedule = opt_lib.make_optimizer(config)
+    tx, schedule = state_lib.make_optimizer(objective, config)
     if shared is None:
       init = jax.jit(lambda r, b: loop.init_train_state(objective, tx, config, r, b),
                      out_shardings=replicated)
@@ -110,8 +123,8 @@ def run_steps(entry, n: int) -> float:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  for key, kind in (("depth", int), ("width", float), ("image_size", int), ("batch_size", int),
-                    ("dtype", str)):
+  for key, kind in (("depth", int), ("width", float), ("image_size", int), ("small_size", int),
+                    ("batch_size", int), ("dtype", str)):
     parser.add_argument(f"--{key}", type=kind)
   parser.add_argument("--paper_heads", action=argparse.BooleanOptionalAction, default=None)
   parser.add_argument("--stem_pool", action=argparse.BooleanOptionalAction, default=None,
@@ -139,12 +152,17 @@ def main(argv=None):
   entries = {}
   for pair, _ in ((p[:2], p[2]) for p in PAIRS):
     entries.update(compile_pair(pair, args, mesh, rng))
+  for method, _ in OTHERS:
+    entries.update(compile_pair((method,), args, mesh, rng))
   if args.flops_only:
     for method, e in entries.items():
       print(f"{method:<10}{e['flops'] / 1e9:>12.1f} GFLOP/step")
     for base, detcon, paper in PAIRS:
       fb, fd = entries[base]["flops"], entries[detcon]["flops"]
       print(f"{detcon} / {base}: XLA flops {100 * (fd / fb - 1):+.1f}%  (paper {paper:+.1f}%)")
+    for method, base in OTHERS:
+      fb, fm = entries[base]["flops"], entries[method]["flops"]
+      print(f"{method} / {base}: XLA flops x{fm / fb:.2f}")
     return
   for entry in entries.values():
     if args.warmup:
@@ -165,6 +183,12 @@ def main(argv=None):
     fb, fd = entries[base]["flops"], entries[detcon]["flops"]
     flops = f"{100 * (fd / fb - 1):+.1f}%" if fb else "n/a"
     print(f"{detcon + ' / ' + base:<20}{100 * (td / tb - 1):>+7.1f}%{flops:>11}{paper:>+14.1f}%")
+  print(f"{'ratio':<20}{'time':>8}{'XLA flops':>11}")
+  for method, base in OTHERS:
+    tb, tm = (statistics.median(entries[m]["times"]) for m in (base, method))
+    fb, fm = entries[base]["flops"], entries[method]["flops"]
+    flops = f"x{fm / fb:.2f}" if fb else "n/a"
+    print(f"{method + ' / ' + base:<20}{'x' + format(tm / tb, '.2f'):>8}{flops:>11}")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,41 @@
-"""View sampling for two-view pretraining (DetCon appendix A.1).
+"""View sampling as keyed ops: geometric ops move the image, every dense field and boxes together.
 
-Split in two so the expensive part is vectorised:
-  * per example (inside tf.data map): `sample_view_params` draws every random
-    number of a view from a stateless seed, and `crop_flip` applies the
-    geometric ops to the image and its mask id map together (same integer
-    crop box, same flip; image resized bicubic, ids nearest-neighbour, so the
-    same half-pixel sampling grid keeps them aligned);
-  * per example, `color_jitter` (random op order, only the chosen op runs);
+A view's data is a dict of fields:
+  'image'        [H, W, 3] float32 in [0, 1]
+  dense fields   [H, W] or [H, W, C], resampled as RESAMPLE says: 'masks'
+                 (mask-id map; ids go through float32, exact up to 2^24, and
+                 nearest-neighbour, so they never mix), 'saliency' and
+                 'background' (bilinear, antialiased)
+  'boxes'        [N, 4] float32 pixel coordinates (y0, x0, y1, x1); pixel i
+                 spans [i, i + 1)
+  'boxes_valid'  [N] bool, added by the first op that sees boxes: a box cut
+                 to nothing by a crop is flagged False (its clipped
+                 coordinates have zero area), never dropped or left stale
+Geometric ops (`crop`, `resize`, `flip`, `resized_crop`, and the view recipe
+`geometric`) take and return such a dict; one call applies the same box and
+flip to every field, and all resizes of a view share the half-pixel sampling
+grid, so image, ids and boxes stay aligned. Photometric ops act on images
+only and take the image tensor.
+
+The work is split so the expensive part is vectorised:
+  * per example (inside the tf.data map): `sample_view_params` draws every
+    random number of a view from a stateless seed; `geometric` crops,
+    resizes and flips; `color_jitter` runs in the example's random op order
+    (only the chosen op runs);
   * per batch: `photometric` applies grayscale, Gaussian blur and solarize to
     [B, S, S, 3] with per-example parameters, as broadcast ops and one
     depthwise convolution.
 All functions are plain TF ops that work eagerly and inside tf.data.
 
+Tables (TABLES) hold one view's photometric and flip settings; the crop area
+range comes from the view spec (data_pipelines/views.py), its one source.
+DetCon appendix A.1 gives the pairs simclr1/2 and byol1/2; 'moco_v2' is MoCo
+v2 (Chen et al. 2020, "Improved baselines"), 'swav' SwAV's colour distortion
+of strength 1 (Caron et al. 2020).
+
 Blur: the paper's 23x23 kernel and sigma in [0.1, 2.0] px are for 224 px
-views; both are scaled by image_size / 224 (kernel ~ size // 10, odd) so the
-blur keeps its relative strength on small demo views (exactly the paper at 224).
+views; both are scaled by the view's size / 224 (kernel ~ size // 10, odd) so
+the blur keeps its relative strength on small views (exactly the paper at 224).
 Colour jitter follows torchvision/SimCLR-v2: brightness, contrast and
 saturation multiply by a factor in [1 - max, 1 + max] (brightness: the pixels;
 contrast: the deviation from the per-channel mean; saturation: from the
@@ -28,29 +49,148 @@ import math
 
 import tensorflow as tf
 
-# DetCon appendix A.1: (view T, view T') per framework.
-_COMMON = dict(crop_area=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=0.5, jitter=0.8,
-               gray=0.2, blur_sigma=(0.1, 2.0))
+IMAGE, BOXES, BOXES_VALID = "image", "boxes", "boxes_valid"
+
+_COMMON = dict(crop_ratio=(3 / 4, 4 / 3), flip=0.5, jitter=0.8, gray=0.2, blur_sigma=(0.1, 2.0))
+_SIMCLR = dict(_COMMON, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, solarize=0.0)
+_BYOL = dict(_COMMON, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 TABLES = {
-    "simclr": (dict(_COMMON, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
-                    blur=1.0, solarize=0.0),
-               dict(_COMMON, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
-                    blur=0.0, solarize=0.0)),
-    "byol": (dict(_COMMON, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                  blur=1.0, solarize=0.0),
-             dict(_COMMON, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                  blur=0.1, solarize=0.2)),
+    "simclr1": dict(_SIMCLR, blur=1.0),                      # DetCon A.1, SimCLR T
+    "simclr2": dict(_SIMCLR, blur=0.0),                      # DetCon A.1, SimCLR T'
+    "byol1": dict(_BYOL, blur=1.0, solarize=0.0),            # DetCon A.1, BYOL T
+    "byol2": dict(_BYOL, blur=0.1, solarize=0.2),            # DetCon A.1, BYOL T'
+    "moco_v2": dict(_COMMON, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                    blur=0.5, solarize=0.0),
+    "swav": dict(_COMMON, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+                 blur=0.5, solarize=0.0),
 }
 JITTER_KEYS = ("jitter", "brightness", "contrast", "saturation", "hue", "order")
 PHOTOMETRIC_KEYS = ("gray", "blur", "sigma", "solarize")
 
 
-def tables(augment: str):
-  if augment not in TABLES:
-    raise ValueError(f"Unknown augment={augment!r}; choose one of {sorted(TABLES)} "
-                     "(config.data.augment).")
-  return TABLES[augment]
+def table(name: str) -> dict:
+  """The augmentation table a view spec names (ViewSpec.augment)."""
+  if name not in TABLES:
+    raise ValueError(f"Unknown augmentation table {name!r}; choose one of {sorted(TABLES)} "
+                     "(ViewSpec.augment; data_pipelines.views.AUGMENT_PAIRS names them per "
+                     "config.data.augment).")
+  return TABLES[name]
 
+
+# --- Dense fields: how each is resampled --------------------------------------
+
+def _resample(x, size: int, method: str, antialias: bool):
+  """tf.image.resize to [size, size] for [H, W] or [H, W, C] fields."""
+  flat = x.shape.rank == 2
+  y = tf.image.resize(x[..., None] if flat else x, [size, size], method=method,
+                      antialias=antialias)
+  return y[..., 0] if flat else y
+
+
+def _resize_image(x, size):
+  # Bicubic overshoots at edges; clipping keeps images in [0, 1].
+  return tf.clip_by_value(_resample(x, size, "bicubic", True), 0.0, 1.0)
+
+
+def _resize_ids(x, size):
+  return tf.cast(_resample(tf.cast(x, tf.float32), size, "nearest", False), x.dtype)
+
+
+def _resize_smooth(x, size):
+  return _resample(x, size, "bilinear", True)
+
+
+RESAMPLE = {
+    IMAGE: _resize_image,          # bicubic, antialiased, clipped to [0, 1]
+    "masks": _resize_ids,          # nearest via float32: ids never mix
+    "saliency": _resize_smooth,    # bilinear, antialiased
+    "background": _resize_smooth,  # tiled background image: bilinear, antialiased
+}
+
+
+def _dense(data: dict) -> list[str]:
+  """Names of the dense fields in data; unknown names are an error, not ignored."""
+  unknown = [k for k in data if k not in RESAMPLE and k not in (BOXES, BOXES_VALID)]
+  if unknown:
+    raise ValueError(f"Unknown fields {unknown}; augment ops know {sorted(RESAMPLE)} "
+                     f"and {BOXES!r} (add a resampling rule to augment.RESAMPLE).")
+  if IMAGE not in data:
+    raise ValueError(f"Augment ops need an {IMAGE!r} field; got {sorted(data)}.")
+  return [k for k in data if k in RESAMPLE]
+
+
+def _hw(data: dict):
+  """(height, width) of the view, checking that every dense field has it."""
+  shape = tf.shape(data[IMAGE])[:2]
+  for k in _dense(data):
+    tf.debugging.assert_equal(tf.shape(data[k])[:2], shape,
+                              message=f"field {k!r} and the image differ in size")
+  return shape[0], shape[1]
+
+
+def _boxes(data: dict):
+  """(boxes float32 [N, 4], valid bool [N]) or (None, None) without boxes."""
+  if BOXES not in data:
+    return None, None
+  b = tf.cast(data[BOXES], tf.float32)
+  valid = data.get(BOXES_VALID, tf.ones(tf.shape(b)[:1], tf.bool))
+  return b, valid
+
+
+# --- Geometric ops ------------------------------------------------------------
+
+def crop(data: dict, box) -> dict:
+  """Cut box (y, x, h, w) int32 out of every dense field; shift boxes and clip them to it.
+
+  A box with nothing left inside the crop is flagged invalid (boxes_valid).
+  """
+  _hw(data)
+  y, x, h, w = box[0], box[1], box[2], box[3]
+  out = {k: data[k][y:y + h, x:x + w] for k in _dense(data)}
+  b, valid = _boxes(data)
+  if b is not None:
+    f = tf.cast(tf.stack([y, x, y, x]), tf.float32)
+    hi = tf.cast(tf.stack([h, w, h, w]), tf.float32)
+    b = tf.clip_by_value(b - f, 0.0, hi)
+    out[BOXES] = b
+    out[BOXES_VALID] = valid & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+  return out
+
+
+def resize(data: dict, size: int) -> dict:
+  """Resize every dense field to [size, size] by its RESAMPLE rule; scale boxes with it."""
+  h, w = _hw(data)
+  out = {k: RESAMPLE[k](data[k], size) for k in _dense(data)}
+  b, valid = _boxes(data)
+  if b is not None:
+    scale = tf.cast(size, tf.float32) / tf.cast(tf.stack([h, w, h, w]), tf.float32)
+    out[BOXES], out[BOXES_VALID] = b * scale, valid
+  return out
+
+
+def flip(data: dict, do_flip) -> dict:
+  """Mirror every dense field left-right when do_flip (a scalar bool); boxes with them."""
+  _, w = _hw(data)
+  out = {k: tf.where(do_flip, tf.reverse(data[k], [1]), data[k]) for k in _dense(data)}
+  b, valid = _boxes(data)
+  if b is not None:
+    wf = tf.cast(w, tf.float32)
+    mirrored = tf.stack([b[:, 0], wf - b[:, 3], b[:, 2], wf - b[:, 1]], axis=1)
+    out[BOXES], out[BOXES_VALID] = tf.where(do_flip, mirrored, b), valid
+  return out
+
+
+def resized_crop(data: dict, box, size: int) -> dict:
+  """crop then resize: the random-resized-crop of every field with one box."""
+  return resize(crop(data, box), size)
+
+
+def geometric(data: dict, p: dict, size: int) -> dict:
+  """A view's geometric recipe with its sampled params p: resized crop, then flip."""
+  return flip(resized_crop(data, p["box"], size), p["flip"])
+
+
+# --- Random draws -------------------------------------------------------------
 
 def _uniform(seed, lo=0.0, hi=1.0, shape=()):
   return tf.random.stateless_uniform(shape, seed, lo, hi, dtype=tf.float32)
@@ -78,48 +218,27 @@ def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
   return tf.cast(tf.stack([y, x, ch, cw]), tf.int32)
 
 
-def sample_view_params(seed, height, width, table: dict, image_size: int) -> dict:
-  """Every random choice of one view, from a stateless seed ([2] int)."""
+def sample_view_params(seed, height, width, spec) -> dict:
+  """Every random choice of one view (a ViewSpec: its table, crop_area and size) from a seed."""
+  t = table(spec.augment)
   s = tf.random.experimental.stateless_split(seed, 12)
-  sig_scale = image_size / 224.0
   return dict(
-      box=crop_box(s[0], height, width, table["crop_area"], table["crop_ratio"]),
-      flip=_uniform(s[1]) < table["flip"],
-      jitter=_uniform(s[2]) < table["jitter"],
-      brightness=_uniform(s[3], 1 - table["brightness"], 1 + table["brightness"]),
-      contrast=_uniform(s[4], 1 - table["contrast"], 1 + table["contrast"]),
-      saturation=_uniform(s[5], 1 - table["saturation"], 1 + table["saturation"]),
-      hue=_uniform(s[6], -table["hue"], table["hue"]),
+      box=crop_box(s[0], height, width, spec.crop_area, t["crop_ratio"]),
+      flip=_uniform(s[1]) < t["flip"],
+      jitter=_uniform(s[2]) < t["jitter"],
+      brightness=_uniform(s[3], 1 - t["brightness"], 1 + t["brightness"]),
+      contrast=_uniform(s[4], 1 - t["contrast"], 1 + t["contrast"]),
+      saturation=_uniform(s[5], 1 - t["saturation"], 1 + t["saturation"]),
+      hue=_uniform(s[6], -t["hue"], t["hue"]),
       order=tf.cast(tf.argsort(_uniform(s[7], shape=[4])), tf.int32),
-      gray=_uniform(s[8]) < table["gray"],
-      blur=_uniform(s[9]) < table["blur"],
-      sigma=_uniform(s[10], *table["blur_sigma"]) * sig_scale,
-      solarize=_uniform(s[11]) < table["solarize"],
+      gray=_uniform(s[8]) < t["gray"],
+      blur=_uniform(s[9]) < t["blur"],
+      sigma=_uniform(s[10], *t["blur_sigma"]) * (spec.size / 224.0),
+      solarize=_uniform(s[11]) < t["solarize"],
   )
 
 
-def crop_flip(image, id_map, box, flip, size: int):
-  """Crop image [H,W,3] float and id_map [H,W] int with one box, resize to size, flip both.
-
-  Returns (view float32 [S,S,3] in [0,1], ids int32 [S,S]). Ids go through
-  float32 (exact up to 2^24) and nearest-neighbour resizing, so they never mix.
-  """
-  y, x, h, w = box[0], box[1], box[2], box[3]
-  ids = tf.image.resize(tf.cast(id_map[y:y + h, x:x + w, None], tf.float32), [size, size],
-                        method="nearest")
-  ids = tf.cast(ids[..., 0], tf.int32)
-  ids = tf.where(flip, tf.reverse(ids, [1]), ids)
-  return crop_flip_image(image, box, flip, size), ids
-
-
-def crop_flip_image(image, box, flip, size: int):
-  """The image half of crop_flip (bicubic, antialiased, clipped to [0, 1])."""
-  y, x, h, w = box[0], box[1], box[2], box[3]
-  img = tf.image.resize(image[y:y + h, x:x + w], [size, size], method="bicubic",
-                        antialias=True)
-  img = tf.clip_by_value(img, 0.0, 1.0)
-  return tf.where(flip, tf.reverse(img, [1]), img)
-
+# --- Photometric ops (images only) --------------------------------------------
 
 def _b(v):
   """Per-example scalar [B] -> [B,1,1,1] for broadcasting over images."""
@@ -147,9 +266,12 @@ def _jitter_op(x, k, p):
   return tf.clip_by_value(y, 0.0, 1.0)
 
 
-def _blur(x, sigma, image_size: int):
-  """Separable Gaussian blur with a per-example sigma: one depthwise conv over B*3 channels."""
-  radius = max(1, (image_size // 10) // 2)        # 224 -> 23x23 kernel
+def blur(x, sigma, size: int):
+  """Separable Gaussian blur of [B,S,S,3] with per-example sigma [B]: one depthwise conv.
+
+  The kernel is ~size // 10 wide (odd; 23 at 224 px), size being the view's.
+  """
+  radius = max(1, (size // 10) // 2)
   b, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
   t = tf.range(-radius, radius + 1, dtype=tf.float32)
   k = tf.exp(-tf.square(t)[None, :] / (2.0 * tf.square(sigma[:, None])))
@@ -185,13 +307,13 @@ def color_jitter(x, p: dict):
   return tf.cond(p["jitter"], run, lambda: x)
 
 
-def photometric(x, p: dict, image_size: int):
+def photometric(x, p: dict, size: int):
   """Grayscale, Gaussian blur and solarize on a batch [B,S,S,3], per-example parameters.
 
   p holds per-example [B] booleans/sigmas from sample_view_params; colour
   jitter has already been applied per example by color_jitter.
   """
   x = tf.where(_b(p["gray"]), tf.broadcast_to(_gray(x), tf.shape(x)), x)
-  x = tf.where(_b(p["blur"]), _blur(x, p["sigma"], image_size), x)
+  x = tf.where(_b(p["blur"]), blur(x, p["sigma"], size), x)
   x = tf.where(_b(p["solarize"]), tf.where(x < 0.5, x, 1.0 - x), x)
   return tf.clip_by_value(x, 0.0, 1.0)

@@ -4,10 +4,12 @@ The input pipeline produces these dicts of numpy arrays; the trainer turns them
 into global jax.Arrays sharded on the batch axis; objectives read them by these
 names. Images are float32 in [0, 1] (normalisation happens in the model step,
 see detcon_jax.models.resnet.normalize_images); mask id maps are int32 ids that
-are global to the source image, so the same id names the same region in both
-views. `MASK_IDS*` hold NUM_MASKS ids sampled (uniformly, with replacement)
-among the ids present in that view; binary masks and their downsampling to the
-feature grid are built in the model step (detcon_jax.models.heads).
+are global to the source image, so the same id names the same region in every
+view. '<view>/mask_ids' hold NUM_MASKS ids sampled (uniformly, with
+replacement) among the ids present in both global views (data_pipelines/input.py
+has the rule); multi-crop small views reuse view1's draw, so an id may be
+absent from a small crop. Binary masks and their downsampling to the feature
+grid are built in the model step (detcon_jax.models.heads).
 """
 from __future__ import annotations
 

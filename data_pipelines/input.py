@@ -1,25 +1,31 @@
-"""Per-host tf.data pipelines: two augmented views with masks, and a plain eval reader.
+"""Per-host tf.data pipelines: N augmented views (any sizes, with their masks), and an eval reader.
 
 Train stream, for host h of n (defaults: jax.process_index()/process_count()):
   shards[h::n] -> per epoch e: shard order permuted by (seed, e), records
   interleaved, then shuffled within windows of `shuffle_window` records by
   (seed, e, window) -> epochs concatenated -> skip to start_step -> decode, pick
-  a mask map, two views (augment.py) -> batch -> batched colour ops -> numpy.
-Every random number is a stateless function of (seed, epoch, example index), and
-the order a function of (seed, epoch), so batch s is the same whether the run
-started at step 0 or resumed at start_step=s; resuming skips at most one
-epoch of raw records (no decoding). Records that fail to parse or decode are
-skipped and counted (`iterator.stats`); with such records the stream stays
-deterministic, but a resumed run is shifted by the number dropped before the
-resume point, since skipping counts records, not valid examples.
+  a mask map, build every view of the view specs (views.py) with the keyed ops
+  of augment.py -> batch -> batched colour ops -> numpy.
+Every random number is a stateless function of (seed, epoch, example index),
+with one key per view (by its position in the view list), and the order a
+function of (seed, epoch), so batch s is the same whether the run started at
+step 0 or resumed at start_step=s; resuming skips at most one epoch of raw
+records (no decoding). Records that fail to parse or decode are skipped and
+counted (`iterator.stats`); with such records the stream stays deterministic,
+but a resumed run is shifted by the number dropped before the resume point,
+since skipping counts records, not valid examples.
 
-Mask ids: per view, NUM_MASKS ids are drawn uniformly with replacement among
-the ids present in BOTH views when there are any, and the same draw is used for
-both views (mask_ids1[k] == mask_ids2[k], so every sampled pair is a positive,
-as in the DetCon reference which samples mask indices once per image). When
-the crops share no region, each view draws among its own ids independently.
-Binary masks and their downsampling to the feature grid happen in the model
-step (detcon_jax.models.heads); here id maps stay at full view resolution.
+Mask ids (views whose spec has the 'masks' field, in view order): NUM_MASKS
+ids are drawn uniformly with replacement among the ids present in BOTH of the
+first two masked views when there are any, and the same draw is used for both
+(so every sampled pair is a positive, as in the DetCon reference which samples
+mask indices once per image). When those crops share no region, each of the
+two draws among its own ids independently. Further masked views (multi-crop
+small crops) get the first view's draw: an id may be absent from a small crop,
+and pooling then gives it area 0 (the objective decides what that means). A
+single masked view draws among its own ids. Binary masks and their
+downsampling to the feature grid happen in the model step
+(detcon_jax.models.heads); here id maps stay at full view resolution.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import tensorflow as tf
 from data_pipelines import augment as aug
 from data_pipelines import batch as B
 from data_pipelines import records as R
+from data_pipelines import views as V
 
 _EPOCH, _POS = "_epoch", "_pos"
 
@@ -147,42 +154,70 @@ def _decode_ids(data):
   return tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16)[..., 0], tf.int32)
 
 
-def sample_mask_ids(ids1, ids2, seed, num_masks):
-  """NUM_MASKS ids per view (see module docstring for the rule)."""
-  u1 = tf.unique(tf.reshape(ids1, [-1])).y
-  u2 = tf.unique(tf.reshape(ids2, [-1])).y
-  common = tf.boolean_mask(u1, tf.reduce_any(tf.equal(u1[:, None], u2[None, :]), axis=1))
+def sample_mask_ids(maps, seed, num_masks):
+  """num_masks ids for each masked view's id map, in view order (rule: module docstring)."""
   s = tf.random.experimental.stateless_split(seed, 3)
 
   def pick(cands, key):
     i = tf.random.stateless_uniform([num_masks], key, 0, tf.size(cands), dtype=tf.int32)
     return tf.gather(cands, i)
 
+  u1 = tf.unique(tf.reshape(maps[0], [-1])).y
+  if len(maps) == 1:
+    return [pick(u1, s[0])]
+  u2 = tf.unique(tf.reshape(maps[1], [-1])).y
+  common = tf.boolean_mask(u1, tf.reduce_any(tf.equal(u1[:, None], u2[None, :]), axis=1))
   has_common = tf.size(common) > 0
   m1 = tf.cond(has_common, lambda: pick(common, s[0]), lambda: pick(u1, s[1]))
   m2 = tf.cond(has_common, lambda: m1, lambda: pick(u2, s[2]))
-  return m1, m2
+  return [m1, m2] + [m1] * (len(maps) - 2)
 
 
-def train_iterator(records_dir, *, batch_size, image_size, augment="byol", mask_source="fh",
-                   num_masks=B.NUM_MASKS, seed=0, start_step=0, host_index=None,
-                   host_count=None, split="train", shuffle_window=10_000,
-                   num_parallel_calls=tf.data.AUTOTUNE, prefetch=2, with_masks=True) -> Batches:
-  """Infinite iterator of this host's training batches (data_pipelines/batch.py keys).
+def _view_slot(i: int) -> int:
+  """Per-example key slot of view i. Slot 0 picks the mask map and slot 3 draws the
+  mask ids; views fill 1, 2, 4, 5, ... (the two-view layout, so the classic pair
+  reproduces the batches of the two-view pipeline bit for bit)."""
+  return i + 1 if i < 2 else i + 2
 
-  batch_size is per host. mask_source: 'fh' (one stored fh_* map picked at
-  random per example, the same for both views), 'grid', 'gt', or an exact name
-  like 'fh_s1000'. Batch s is a function of (seed, s, host) only.
-  with_masks=False leaves out masks1/2 and mask_ids1/2 (image-level baselines,
-  and the benchmark's no-mask reference); the views are identical either way.
+
+def _check_views(views):
+  names = [s.name for s in views]
+  reserved = {B.LABEL, B.INDEX, _EPOCH, _POS}
+  bad = [n for n in names if not n or "/" in n or n in reserved]
+  if not views or bad or len(set(names)) != len(names):
+    raise ValueError(f"train_iterator: views {names} must be a non-empty sequence of "
+                     "ViewSpecs with unique names that are non-empty, contain no '/' and "
+                     f"are not one of {sorted(reserved)}.")
+  for s in views:
+    aug.table(s.augment)
+
+
+def _param(view, name):
+  return f"_p/{view}/{name}"
+
+
+def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_masks=B.NUM_MASKS,
+                   seed=0, start_step=0, host_index=None, host_count=None, split="train",
+                   shuffle_window=10_000, num_parallel_calls=tf.data.AUTOTUNE,
+                   prefetch=2) -> Batches:
+  """Infinite iterator of this host's training batches with exactly `views` (batch.py keys).
+
+  views: a sequence of data_pipelines.views.ViewSpec, any number, each built at
+  its own size, crop area and augmentation table. batch_size is per host.
+  Masks are read only when some view carries 'masks'; mask_source: 'fh' (one
+  stored fh_* map picked at random per example, the same for every view),
+  'grid', 'gt', or an exact name like 'fh_s1000'. A view's pixels do not
+  depend on which fields it carries. Batch s is a function of (seed, s, host) only.
   """
-  for key, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 8),
-                          ("num_masks", num_masks, 1), ("start_step", start_step, 0)):
+  for key, value, low in (("batch_size", batch_size, 1), ("num_masks", num_masks, 1),
+                          ("start_step", start_step, 0)):
     if int(value) < low:
       raise ValueError(f"train_iterator: {key}={value} must be >= {low}.")
+  views = tuple(views)
+  _check_views(views)
+  masked = [s for s in views if V.MASKS in s.fields]
   manifest = R.read_manifest(records_dir)
-  names = resolve_mask_names(manifest, mask_source, records_dir) if with_masks else []
-  t1, t2 = aug.tables(augment)
+  names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
   host_index, host_count = _host(host_index, host_count)
   paths, per_epoch = host_shards(records_dir, manifest, split, host_index, host_count)
   if per_epoch == 0:
@@ -191,51 +226,48 @@ def train_iterator(records_dir, *, batch_size, image_size, augment="byol", mask_
   start_epoch, offset = divmod(start, per_epoch)
   spec = R.feature_spec(names)
   base = tf.constant([seed, 1], tf.int64)
+  order = list(B.train_batch_shapes(batch_size, num_masks=num_masks, specs=views))
 
-  def views(el):
+  def make_views(el):
     ex = tf.io.parse_single_example(el["record"], spec)
     image = _decode_image(ex[R.IMAGE])
     index = ex[R.INDEX]
     key = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(base, el[_EPOCH]), index)
-    k = tf.random.experimental.stateless_split(key, 4)
+    k = tf.random.experimental.stateless_split(key, max(4, len(views) + 2))
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    if with_masks:
+    fields = {aug.IMAGE: image}
+    if masked:
       choice = tf.random.stateless_uniform([], k[0], 0, len(names), dtype=tf.int32)
       pngs = tf.stack([ex[R.MASK_PREFIX + n] for n in names])
-      ids = _decode_ids(tf.gather(pngs, choice))
-      tf.debugging.assert_equal(tf.shape(ids), tf.shape(image)[:2],
+      fields[V.MASKS] = _decode_ids(tf.gather(pngs, choice))
+      tf.debugging.assert_equal(tf.shape(fields[V.MASKS]), tf.shape(image)[:2],
                                 message="mask and image sizes differ (corrupt record)")
-    else:
-      ids = tf.zeros([h, w], tf.int32)
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
-    maps = []
-    for v, (table, kk) in enumerate(((t1, k[1]), (t2, k[2])), start=1):
-      p = aug.sample_view_params(kk, h, w, table, image_size)
-      box, flip = p.pop("box"), p.pop("flip")
-      if with_masks:
-        img, m = aug.crop_flip(image, ids, box, flip, image_size)
-        out[f"masks{v}"] = m
-        maps.append(m)
-      else:
-        img = aug.crop_flip_image(image, box, flip, image_size)
-      out[f"view{v}"] = aug.color_jitter(img, p)
-      out.update({f"_p{v}/{n}": p[n] for n in aug.PHOTOMETRIC_KEYS})
-    if with_masks:
-      out[B.MASK_IDS1], out[B.MASK_IDS2] = sample_mask_ids(maps[0], maps[1], k[3], num_masks)
-    return out
+    for i, s in enumerate(views):
+      p = aug.sample_view_params(k[_view_slot(i)], h, w, s)
+      data = aug.geometric({f: fields[f] for f in (aug.IMAGE,) + s.fields}, p, s.size)
+      out[s.name] = aug.color_jitter(data[aug.IMAGE], p)
+      for f in s.fields:
+        out[B.key(s.name, f)] = data[f]
+      out.update({_param(s.name, n): p[n] for n in aug.PHOTOMETRIC_KEYS})
+    if masked:
+      ids = sample_mask_ids([out[B.key(s.name, V.MASKS)] for s in masked], k[3], num_masks)
+      out.update({B.key(s.name, "mask_ids"): m for s, m in zip(masked, ids)})
+    return {n: out.pop(n) for n in order} | out        # batch.py's order, then internals
 
   def colour(batch):
-    for v in (1, 2):
-      p = {n: batch.pop(f"_p{v}/{n}") for n in aug.PHOTOMETRIC_KEYS}
-      batch[f"view{v}"] = aug.photometric(batch[f"view{v}"], p, image_size)
+    for s in views:
+      p = {n: batch.pop(_param(s.name, n)) for n in aug.PHOTOMETRIC_KEYS}
+      batch[s.name] = aug.photometric(batch[s.name], p, s.size)
     return batch
 
   epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
   ds = epochs.flat_map(lambda e: _epoch_records(paths, seed, e, shuffle_window))
   ds = ds.skip(offset)
-  ds = ds.map(views, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors()
+  ds = ds.map(make_views, num_parallel_calls=num_parallel_calls,
+              deterministic=True).ignore_errors()
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.map(colour, num_parallel_calls=num_parallel_calls, deterministic=True)
   ds = ds.prefetch(prefetch)

@@ -1,11 +1,12 @@
-"""Input pipeline: masks follow crops/flips, id sampling, determinism, hosts, corrupt records."""
+"""Input pipeline: N views, masks follow crops/flips, id sampling, determinism, hosts, corrupt records."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from data_pipelines import augment, batch, build, demo, records
+from data_pipelines import batch, build, demo, records
+from data_pipelines import views as V
 from data_pipelines import input as input_lib
 
 S = 48
@@ -19,34 +20,21 @@ def tiny(tmp_path_factory):
   return out
 
 
+# Multi-crop: two global views at 32 px and four small crops at 16 px, all with masks.
+MULTI = V.two_views(32) + tuple(
+    V.ViewSpec(f"small{i}", 16, (0.05, 0.3), "byol1", (V.MASKS,), small=True)
+    for i in range(1, 5))
+
+
 def _train(path, **kw):
-  kw = dict(dict(batch_size=4, image_size=32, host_index=0, host_count=1), **kw)
+  kw = dict(dict(batch_size=4, views=V.two_views(32), host_index=0, host_count=1), **kw)
   return input_lib.train_iterator(path, **kw)
-
-
-def test_crop_flip_known_answer():
-  ids = np.arange(S * S, dtype=np.int32).reshape(S, S)     # every pixel its own id (>255)
-  image = tf.cast(tf.stack([ids % S, ids // S, ids * 0], -1), tf.float32) / S
-  box = tf.constant([3, 5, 16, 16])
-  view, m = augment.crop_flip(image, ids, box, tf.constant(True), 16)
-  want = ids[3:19, 5:21][:, ::-1]
-  np.testing.assert_array_equal(m.numpy(), want)
-  np.testing.assert_allclose(view.numpy()[..., 0] * S, want % S, atol=1e-3)
-  _, m2 = augment.crop_flip(image, ids, box, tf.constant(False), 32)   # 2x nearest
-  np.testing.assert_array_equal(m2.numpy(), np.repeat(np.repeat(ids[3:19, 5:21], 2, 0), 2, 1))
-
-
-def test_crop_box_fits_and_covers_area_range():
-  boxes = np.stack([augment.crop_box(tf.constant([i, 7]), 60, 90).numpy() for i in range(200)])
-  y, x, h, w = boxes.T
-  assert (y >= 0).all() and (x >= 0).all() and (y + h <= 60).all() and (x + w <= 90).all()
-  frac = h * w / (60 * 90)
-  assert frac.min() < 0.2 and frac.max() > 0.8
 
 
 def test_mask_follows_coloured_region_through_augmentation(tmp_path):
   """A white box on black with mask 1 on the box: after crops, flips and colour ops the
-  mask still marks exactly the brighter pixels (SimCLR table: no solarize)."""
+  mask still marks exactly the brighter pixels, in the global views and in the small
+  crops (SimCLR tables: no solarize)."""
   rng = np.random.default_rng(0)
   exs = []
   for _ in range(8):
@@ -55,22 +43,26 @@ def test_mask_follows_coloured_region_through_augmentation(tmp_path):
     img[y:y + 24, x:x + 20], m[y:y + 24, x:x + 20] = 255, 1
     exs.append(dict(image=img, masks={"box": m}))
   build.write_records(str(tmp_path), {"train": exs})
-  it = _train(str(tmp_path), batch_size=8, augment="simclr", mask_source="box")
-  checked = 0
+  small = tuple(V.ViewSpec(f"small{i}", 16, (0.05, 0.3), "simclr1", (V.MASKS,), small=True)
+                for i in (1, 2))
+  specs = V.two_views(32, augment="simclr") + small
+  it = _train(str(tmp_path), batch_size=8, views=specs, mask_source="box")
+  checked = {s.name: 0 for s in specs}
   for _ in range(3):
     b = next(it)
-    for v in (1, 2):
-      for img, m in zip(b[f"view{v}"].mean(-1), b[f"masks{v}"]):
+    for s in specs:
+      for img, m in zip(b[s.name].mean(-1), b[batch.key(s.name, V.MASKS)]):
         if m.min() == m.max():
           continue
         inside, outside = img[m == 1].mean(), img[m == 0].mean()
         assert inside > outside
         agree = (img > (inside + outside) / 2) == (m == 1)
         # Away from the box edge (resampling and blur soften it) every pixel agrees.
-        interior = ndimage.minimum_filter(m, 7) == ndimage.maximum_filter(m, 7)
-        assert agree[interior].all() and agree.mean() > 0.9
-        checked += 1
-  assert checked > 20
+        r = 7 if s.size == 32 else 5
+        interior = ndimage.minimum_filter(m, r) == ndimage.maximum_filter(m, r)
+        assert agree[interior].all() and agree.mean() > 0.9, s.name
+        checked[s.name] += 1
+  assert min(checked.values()) >= 5, checked
 
 
 def test_batch_contract_and_sampled_ids(tiny):
@@ -80,26 +72,64 @@ def test_batch_contract_and_sampled_ids(tiny):
   for k, (shape, dtype) in shapes.items():
     assert b[k].shape == shape and b[k].dtype == dtype, k
   for i in range(4):
-    u1, u2 = set(np.unique(b["masks1"][i])), set(np.unique(b["masks2"][i]))
-    assert set(b["mask_ids1"][i]) <= u1 and set(b["mask_ids2"][i]) <= u2
+    u1, u2 = set(np.unique(b[batch.MASKS1][i])), set(np.unique(b[batch.MASKS2][i]))
+    assert set(b[batch.MASK_IDS1][i]) <= u1 and set(b[batch.MASK_IDS2][i]) <= u2
     if u1 & u2:      # positives exist: one draw among shared ids, used by both views
-      np.testing.assert_array_equal(b["mask_ids1"][i], b["mask_ids2"][i])
-      assert set(b["mask_ids1"][i]) <= u1 & u2
+      np.testing.assert_array_equal(b[batch.MASK_IDS1][i], b[batch.MASK_IDS2][i])
+      assert set(b[batch.MASK_IDS1][i]) <= u1 & u2
 
 
-def test_deterministic_and_resumes_exactly(tiny):
-  it = _train(tiny, seed=3)
+def test_multi_crop_keys_shapes_and_ids(tiny):
+  b = next(_train(tiny, views=MULTI, mask_source="fh"))
+  shapes = batch.train_batch_shapes(4, num_masks=16, specs=MULTI)
+  assert list(b) == list(shapes)                 # view order, then label and index
+  for k, (shape, dtype) in shapes.items():
+    assert b[k].shape == shape and b[k].dtype == dtype, k
+  assert b["small3"].shape == (4, 16, 16, 3) and b["small3/masks"].shape == (4, 16, 16)
+  for s in MULTI[2:]:                            # small crops reuse view1's draw
+    np.testing.assert_array_equal(b[batch.key(s.name, "mask_ids")], b[batch.MASK_IDS1])
+  # The global pair is built exactly as without small crops (own per-view keys).
+  pair = next(_train(tiny, mask_source="fh"))
+  for k in pair:
+    np.testing.assert_array_equal(b[k], pair[k], err_msg=k)
+
+
+def test_one_masked_view_draws_its_own_ids(tiny):
+  specs = (V.ViewSpec("view1", 32, augment="byol1", fields=(V.MASKS,)),
+           V.ViewSpec("view2", 32, augment="byol2"))
+  b = next(_train(tiny, views=specs, mask_source="grid"))
+  assert set(b) == {"view1", "view1/masks", "view1/mask_ids", "view2", "label", "index"}
+  for m, ids in zip(b[batch.MASKS1], b[batch.MASK_IDS1]):
+    assert set(ids) <= set(np.unique(m))
+
+
+@pytest.mark.parametrize("specs", [V.two_views(32), MULTI], ids=["pair", "multi_crop"])
+def test_deterministic_and_resumes_exactly(tiny, specs):
+  it = _train(tiny, seed=3, views=specs)
   run = [next(it) for _ in range(6)]          # 3 steps per epoch: crosses two epochs
-  resumed = _train(tiny, seed=3, start_step=4)       # epoch 1, one step in
+  resumed = _train(tiny, seed=3, views=specs, start_step=4)       # epoch 1, one step in
   for s in (4, 5):
     got = next(resumed)
+    assert list(got) == list(run[s])
     for k in run[s]:
       np.testing.assert_array_equal(got[k], run[s][k], err_msg=f"step {s} {k}")
   epoch0 = np.concatenate([r["index"] for r in run[:3]])
   epoch1 = np.concatenate([r["index"] for r in run[3:]])
   assert sorted(epoch0) == sorted(epoch1) == list(range(12))
-  other = next(_train(tiny, seed=4))
-  assert not np.array_equal(other["view1"], run[0]["view1"])
+  other = next(_train(tiny, seed=4, views=specs))
+  for s in specs:
+    assert not np.array_equal(other[s.name], run[0][s.name])
+  for a, b in zip(specs, specs[1:]):          # every view has its own draws
+    assert a.size != b.size or not np.array_equal(run[0][a.name], run[0][b.name])
+
+
+def test_bad_view_lists_are_errors(tiny):
+  with pytest.raises(ValueError, match="Unknown augmentation table 'nope'"):
+    _train(tiny, views=(V.ViewSpec("view1", 32, augment="nope"),))
+  for bad in ((), V.two_views(32)[:1] * 2, (V.ViewSpec("label", 32),),
+              (V.ViewSpec("a/b", 32),)):
+    with pytest.raises(ValueError, match="unique names"):
+      _train(tiny, views=bad)
 
 
 def test_host_shards_disjoint_and_covering(tiny):
@@ -155,8 +185,9 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
 
 
 def test_without_masks_gives_the_same_views(tiny):
-  a = next(_train(tiny, seed=1))
-  b = next(_train(tiny, seed=1, with_masks=False))
-  assert set(b) == {"view1", "view2", "label", "index"}
+  a = next(_train(tiny, seed=1, views=MULTI))
+  plain = tuple(V.ViewSpec(s.name, s.size, s.crop_area, s.augment, small=s.small) for s in MULTI)
+  b = next(_train(tiny, seed=1, views=plain, mask_source="no such source: never read"))
+  assert set(b) == set(V.names(MULTI)) | {"label", "index"}
   for k in b:
     np.testing.assert_array_equal(a[k], b[k])

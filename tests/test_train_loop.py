@@ -8,7 +8,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from detcon_jax.train import checkpointing, loop
-from detcon_jax.train import optimizer as opt_lib
 from detcon_jax.train import state as state_lib
 from test_train_tiny_objective import TinyObjective, run, synthetic_batches, tiny_config
 

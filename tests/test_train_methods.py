@@ -1,20 +1,21 @@
 """The trainer with the real objectives (tiny ResNet-18, 32 px, batch 8, synthetic data)."""
+import importlib
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from data_pipelines import batch as B
 from detcon_jax.train import checkpointing, loop
 from test_train_sharding import _compare, _run_in_subprocess, one_step
 from test_train_tiny_objective import synthetic_batches
 
 
 def small_config(method, **kw):
-  family = "byol" if method in ("byol", "detcon_b") else "simclr"
-  c = common.demo_config(method, family)
+  c = importlib.import_module(f"configs.{method}").get_config("demo")
   c.update(steps=3, batch_size=8, image_size=32, log_every_steps=1)
+  c.views.small_size = 16
   c.model.width = 0.125
   c.head.update(hidden_dim=32, output_dim=16)
   c.loss.num_masks = 4
@@ -46,11 +47,51 @@ def real_one_step(method, out_path):
   one_step(registry.get_objective(method), config, out_path)
 
 
-@pytest.mark.parametrize("method", ["detcon_b", pytest.param("detcon_s", marks=pytest.mark.slow)])
-def test_real_objective_8_devices_equal_1_device(tmp_path, method):
-  """Batch norm and negatives over the global batch: 8 shards must not change anything."""
-  out1, out8 = str(tmp_path / "one.npz"), str(tmp_path / "eight.npz")
-  real_one_step(method, out1)
-  eight = _run_in_subprocess(
-      f"import test_train_methods as m; m.real_one_step({method!r}, {out8!r})", out8)
-  _compare(dict(np.load(out1)), eight, rtol=2e-4, atol=1e-6)
+def real_one_steps(methods, out_dir):
+  for method in methods:
+    real_one_step(method, os.path.join(out_dir, f"{method}.npz"))
+
+
+def _one_vs_eight(tmp_path, methods):
+  one, eight = tmp_path / "one", tmp_path / "eight"
+  one.mkdir(), eight.mkdir()
+  real_one_steps(methods, str(one))
+  last = str(eight / f"{methods[-1]}.npz")       # one subprocess for every method
+  _run_in_subprocess(f"import test_train_methods as m; m.real_one_steps({methods!r}, "
+                     f"{str(eight)!r})", last)
+  for method in methods:
+    _compare(dict(np.load(one / f"{method}.npz")), dict(np.load(eight / f"{method}.npz")),
+             rtol=2e-4, atol=1e-6)
+
+
+def test_objectives_8_devices_equal_1_device(tmp_path):
+  """Batch norm, negatives, queues and Sinkhorn over the global batch: 8 shards change
+  nothing (the mask-based, queue-based and multi-crop methods)."""
+  _one_vs_eight(tmp_path, ["detcon_b", "moco_v2", "swav"])
+
+
+@pytest.mark.slow
+def test_other_objectives_8_devices_equal_1_device(tmp_path):
+  _one_vs_eight(tmp_path, ["simclr", "byol", "detcon_s"])
+
+
+@pytest.mark.parametrize("method", ["moco_v2", pytest.param("swav", marks=pytest.mark.slow)])
+def test_stop_and_resume_equals_a_straight_run_queue_included(tmp_path, method):
+  """SIGTERM mid-run, then resume: the same loss curve, and the same queue and params."""
+  from test_train_loop import _sigterm_at
+  config = small_config(method, steps=6)
+  config.checkpoint.every_steps = 2
+  if method == "swav":
+    config.swav.update(queue_size=8, queue_start_step=1, freeze_prototypes_steps=2)
+  straight = loop.train(config, str(tmp_path / "straight"), batches=synthetic_batches())
+  first = loop.train(config, str(tmp_path / "cut"), batches=synthetic_batches(
+      on_step=_sigterm_at(3)))
+  assert first["status"] == "preempted" and 0 < first["step"] < 6
+  resumed = loop.train(config, str(tmp_path / "cut"), batches=synthetic_batches())
+  assert resumed["start_step"] == first["step"] and resumed["step"] == 6
+  assert {**first["losses"], **resumed["losses"]} == straight["losses"]
+  final = [checkpointing.make_manager(str(tmp_path / d), read_only=True).restore(6)
+           for d in ("straight", "cut")]
+  assert "queue" in final[0]["state"]
+  jax.tree.map(np.testing.assert_array_equal, final[0]["state"], final[1]["state"])
+  jax.tree.map(np.testing.assert_array_equal, final[0]["params"], final[1]["params"])

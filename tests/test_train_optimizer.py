@@ -104,3 +104,59 @@ def test_momentum_is_applied_before_learning_rate():
 def test_unknown_schedule_is_a_key_error():
   with pytest.raises(KeyError):
     opt_lib.learning_rate_schedule(_opt_config("linear"), 256, 100)
+
+
+# --- The optimiser registry and parameter labels -------------------------------------
+
+def _run_config(name, **opt):
+  c = ml_collections.ConfigDict(dict(batch_size=256, steps=100, optimizer=dict(
+      _opt_config(warmup=0).to_dict(), name=name, exclude_1d=True, **opt)))
+  return c
+
+
+def test_sgd_is_pytorch_sgd():
+  """d = g + wd p; buf = m buf + d; p -= lr buf, over three steps, every leaf decayed."""
+  params, lr, wd = {"w": jnp.asarray([1.0, -2.0]), "k": jnp.ones((2, 2))}, 0.1, 0.01
+  tx = opt_lib.sgd(lr, wd, momentum=0.9)
+  state, buf = tx.init(params), None
+  for i in range(3):
+    g = jax.tree.map(lambda x: jnp.full_like(x, 0.5 * (i + 1)), params)
+    updates, state = tx.update(g, state, params)
+    d = jax.tree.map(lambda gi, pi: np.asarray(gi) + wd * np.asarray(pi), g, params)
+    buf = d if buf is None else jax.tree.map(lambda b, di: 0.9 * b + di, buf, d)
+    jax.tree.map(lambda u, b: np.testing.assert_allclose(u, -lr * b, rtol=1e-6), updates, buf)
+    params = optax.apply_updates(params, updates)
+
+
+def test_adamw_matches_optax():
+  params = {"k": jnp.arange(6.0).reshape(2, 3)}
+  grads = {"k": jnp.full((2, 3), 0.3)}
+  mine, ref = opt_lib.adamw(1e-2, 0.05), optax.adamw(1e-2, weight_decay=0.05)
+  u1, _ = mine.update(grads, mine.init(params), params)
+  u2, _ = ref.update(grads, ref.init(params), params)
+  np.testing.assert_allclose(u1["k"], u2["k"], rtol=1e-6)
+
+
+def test_labels_frozen_no_decay_and_hold():
+  params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2)), "c": jnp.ones((2, 2)),
+            "d": jnp.ones((2, 2))}
+  labels = {"a": "default", "b": "frozen", "c": "no_decay", "d": "hold:2"}
+  config = _run_config("sgd", weight_decay=0.5)
+  tx = opt_lib.make_optimizer(config, lambda p: labels)[0]
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)          # only weight decay moves anything
+  moved = []
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    moved.append({k: bool(jnp.any(v != 0)) for k, v in updates.items()})
+  assert [m["a"] for m in moved] == [True, True, True]
+  assert [m["b"] for m in moved] == [False, False, False]
+  assert [m["c"] for m in moved] == [False, False, False]
+  assert [m["d"] for m in moved] == [False, False, True]      # held for 2 steps
+  # After the hold: a fresh momentum buffer, and the schedule at the global step (2).
+  schedule = opt_lib.make_optimizer(config, lambda p: labels)[1]
+  np.testing.assert_allclose(updates["d"], -schedule(2) * 0.5 * params["d"], rtol=1e-6)
+  with pytest.raises(ValueError, match="Unknown optimiser label"):
+    opt_lib.make_optimizer(config, lambda p: {k: "nope" for k in p})[0].init(params)
+  with pytest.raises(ValueError, match="config.optimizer.name"):
+    opt_lib.make_optimizer(_run_config("rmsprop"))

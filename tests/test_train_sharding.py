@@ -14,7 +14,6 @@ import pytest
 
 from data_pipelines import batch as B
 from detcon_jax.train import checkpointing, loop, sharding
-from detcon_jax.train import optimizer as opt_lib
 from detcon_jax.train import state as state_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -24,8 +23,8 @@ ROOT = os.path.dirname(TESTS)
 def one_step(objective, config, out_path: str) -> None:
   """Init, one sharded train step, then save loss + params (before and after)."""
   mesh = sharding.make_mesh()
-  host = B.synthetic_train_batch(config.batch_size, config.image_size, config.loss.num_masks,
-                                 seed=7)
+  host = B.synthetic_train_batch(config.batch_size, num_masks=config.loss.num_masks, seed=7,
+                                 specs=objective.views(config))
   batch = sharding.host_batch_to_global(host, mesh)
   tx, schedule = state_lib.make_optimizer(objective, config)
   rep = sharding.replicated(mesh)

@@ -110,8 +110,9 @@ def synthetic_batches(nan_at=None, on_step=None):
     while True:
       if on_step is not None:
         on_step(step)
-      b = B.synthetic_train_batch(config.batch_size, config.image_size, config.loss.num_masks,
-                                  seed=config.seed * 100_003 + step)
+      b = B.synthetic_train_batch(config.batch_size, num_masks=config.loss.num_masks,
+                                  seed=config.seed * 100_003 + step,
+                                  specs=views_lib.standard_views(config, masks=True))
       per_host = config.batch_size // host_count
       b = {k: v[host_index * per_host:(host_index + 1) * per_host] for k, v in b.items()}
       if step == nan_at:

@@ -3,7 +3,7 @@
 People judge masks and segmentations faster by eye than from a number. All
 functions are numpy in, uint8 [N, H, W, 3] out (what tf.summary.image takes).
 Colours come from a fixed hash of the id, so the same mask id has the same
-colour in both views of an image, and the same class the same colour in every
+colour in every view of an image, and the same class the same colour in every
 panel; id/class 0 (background) is black in label maps.
 """
 from __future__ import annotations
@@ -57,28 +57,40 @@ def overlay(images: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarr
 
 
 def side_by_side(*panels: np.ndarray) -> np.ndarray:
-  """Concatenate uint8 [N, H, W, 3] panels along width with white separators."""
-  n, h = panels[0].shape[:2]
+  """Concatenate uint8 [N, H, W, 3] panels along width with white separators.
+
+  Shorter panels (multi-crop small views) are padded below with white to the
+  tallest panel's height.
+  """
+  n, h = panels[0].shape[0], max(p.shape[1] for p in panels)
   gap = np.full((n, h, SEPARATOR, 3), 255, np.uint8)
   parts = []
   for i, p in enumerate(panels):
-    parts += ([gap] if i else []) + [p]
+    pad = np.full((n, h - p.shape[1], p.shape[2], 3), 255, np.uint8)
+    parts += ([gap] if i else []) + [np.concatenate([p, pad], axis=1)]
   return np.concatenate(parts, axis=2)
 
 
-def view_mask_overlay_images(batch: dict, max_images: int = 4) -> np.ndarray:
-  """Sampled training views with their mask id maps overlaid: uint8 [n, H, 2W + gap, 3].
+def masked_views(batch: dict) -> list[str]:
+  """Names of the views in a training batch that carry a mask-id map, in batch order."""
+  return [k for k in batch if B.key(k, "masks") in batch]
 
-  Left view 1, right view 2; a region has the same colour in both views
-  because mask ids are global to the source image. For the trainer to log at
-  the start of training.
+
+def view_mask_overlay_images(batch: dict, max_images: int = 4) -> np.ndarray:
+  """Sampled training views with their mask id maps overlaid, one panel per masked view.
+
+  uint8 [n, H, sum of widths + gaps, 3], panels in batch order (view1, view2,
+  then small crops, padded below to the global views' height); a region has
+  the same colour in every view because mask ids are global to the source
+  image. For the trainer to log at the start of training.
   """
-  missing = [k for k in (B.VIEW1, B.VIEW2, B.MASKS1, B.MASKS2) if k not in batch]
-  if missing:
-    raise KeyError(f"view_mask_overlay_images needs a training batch; missing {missing}.")
-  n = min(max_images, len(batch[B.VIEW1]))
-  return side_by_side(overlay(np.asarray(batch[B.VIEW1][:n]), np.asarray(batch[B.MASKS1][:n])),
-                      overlay(np.asarray(batch[B.VIEW2][:n]), np.asarray(batch[B.MASKS2][:n])))
+  names = masked_views(batch)
+  if not names:
+    raise KeyError("view_mask_overlay_images needs a training batch with at least one "
+                   f"'<view>/masks' map; got keys {sorted(batch)}.")
+  n = min(max_images, len(batch[names[0]]))
+  return side_by_side(*[overlay(np.asarray(batch[v][:n]),
+                                np.asarray(batch[B.key(v, "masks")][:n])) for v in names])
 
 
 def segmentation_panels(images: np.ndarray, ground_truth: np.ndarray,

@@ -27,9 +27,7 @@ import time
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from configs.common import ConfigError, validate
@@ -174,19 +172,6 @@ def check_corrupt(config, skipped: int, read: int, last_saved, final: bool = Fal
         f"more than config.data.max_corrupt_fraction={limit:g}; stopped (last checkpoint: "
         f"step {last_saved}). Rebuild the records (python -m data_pipelines.build), or raise "
         "--config.data.max_corrupt_fraction to train on the readable ones.")
-
-
-# --- Evaluation (integration point) -------------------------------------------
-
-def run_evaluations(config, workdir: str, step: int):
-  """detcon_jax.evaluate runs config.eval.evals on the checkpoint at `step`
-  (random-init baseline beside it) and prints the table.
-
-  Imported lazily so that training never pulls in the evaluation stack unless
-  config.eval.at_end / config.eval.every_steps ask for it.
-  """
-  from detcon_jax.evaluate.run import evaluate_workdir
-  return evaluate_workdir(workdir, evals=tuple(config.eval.evals), step=step)
 
 
 # --- The run -----------------------------------------------------------------
@@ -417,7 +402,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
       manager.wait_until_finished()
       try:
         with flag.abortable():   # saved: a signal need not wait for the evaluation
-          run_evaluations(config, workdir, step)
+          writers.run_evaluations(config, workdir, step)
       except checkpointing.Interrupted:
         status = "preempted"
         break
@@ -447,7 +432,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   if status == "done" and config.eval.at_end:
     try:
       with flag.abortable():
-        summary["eval"] = run_evaluations(config, workdir, step)
+        summary["eval"] = writers.run_evaluations(config, workdir, step)
     except checkpointing.Interrupted:
       summary["signal"] = flag.signum
       say(f"Evaluation stopped by {signal_name(flag.signum)}; the run is trained and saved. "
@@ -483,6 +468,6 @@ def summary_line(s: dict) -> str:
 # Errors a user can act on: the CLI prints them as one `error:` line.
 USER_ERRORS = (ConfigError, NonFiniteLossError, InputError, checkpointing.WorkdirError)
 
-__all__ = ["train", "init_train_state", "make_train_step", "run_evaluations",
+__all__ = ["train", "init_train_state", "make_train_step",
            "NonFiniteLossError", "InputError", "ConfigError", "USER_ERRORS", "records_batches",
            "summary_line", "exit_status"]

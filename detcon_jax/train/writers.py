@@ -1,4 +1,5 @@
-"""Metric writers: TensorBoard on the first host, nothing elsewhere."""
+"""Where a run's results go: TensorBoard on the first host (nothing elsewhere), and the
+evaluation table at checkpoints and at the end of the run."""
 from __future__ import annotations
 
 import os
@@ -42,3 +43,15 @@ class NoWriter:
 
 def make_writer(workdir: str, primary: bool):
   return TensorBoard(workdir) if primary else NoWriter()
+
+
+def run_evaluations(config, workdir: str, step: int):
+  """detcon_jax.evaluate runs config.eval.evals on the checkpoint at `step`
+  (random-init baseline beside it) and prints the table.
+
+  Imported lazily so that training never pulls in the evaluation stack unless
+  config.eval.at_end / config.eval.every_steps ask for it (and so that the
+  evaluation, which loads checkpoints, never imports the trainer back).
+  """
+  from detcon_jax.evaluate.run import evaluate_workdir
+  return evaluate_workdir(workdir, evals=tuple(config.eval.evals), step=step)
