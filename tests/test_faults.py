@@ -184,6 +184,36 @@ def test_a_deleted_shard_is_a_clear_error_within_seconds(tmp_path):
   assert not (tmp_path / "run" / "config.json").exists()
 
 
+# --- Ctrl-C on the command line ---------------------------------------------------
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_cli_saves_and_exits_130_and_the_rerun_resumes(tmp_path):
+  data = _records(tmp_path / "records", n=40)
+  argv = TRAIN + [f"--workdir={tmp_path / 'run'}", "--config.steps=400", "--config.batch_size=8",
+                  "--config.image_size=32", "--config.model.width=0.125",
+                  "--config.head.hidden_dim=32", "--config.head.output_dim=16",
+                  "--config.loss.num_masks=4", "--config.log_every_steps=1",
+                  f"--config.data.records_dir={data}", "--config.data.mask_source=grid",
+                  "--config.data.build_demo=False", "--config.eval.at_end=False"]
+  proc = subprocess.Popen([sys.executable, *argv], env=ENV, cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  for line in proc.stdout:                   # training has started
+    if "compiled in" in line:
+      break
+  time.sleep(2)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  stopped = int(err.split("Stopped at step ")[1].split(";")[0])
+  assert 0 <= stopped < 400 and latest_step(str(tmp_path / "run")) == stopped
+  assert not (tmp_path / "run" / checkpointing.LOCK_FILE).exists()
+  rerun = subprocess.run([sys.executable, *argv], env=ENV, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"at step {stopped}." in rerun.stdout and latest_step(str(tmp_path / "run")) == 400
+  print(f"Ctrl-C at step {stopped}: saved, exit 130; the rerun resumed there and finished")
+
+
 # --- Malformed command lines ----------------------------------------------------
 
 TRAIN = ["-m", "detcon_jax.train", "--config=configs/detcon_b.py:demo"]
