@@ -172,6 +172,8 @@ def test_5_percent_corrupt_records_are_skipped_counted_and_the_run_goes_on(tmp_p
   assert f"{skipped} of {read} records read were unreadable" in capsys.readouterr().out
   counted = _scalars(tmp_path / "run", "data/corrupt_skipped")
   assert counted and max(counted.values()) > 0
+  print(f"5% corrupt records: {skipped} of {read} read skipped ({skipped / read:.1%}), "
+        "the run finished")
 
 
 def test_a_deleted_shard_is_a_clear_error_within_seconds(tmp_path):
@@ -182,6 +184,7 @@ def test_a_deleted_shard_is_a_clear_error_within_seconds(tmp_path):
     loop.train(_real_config(data), str(tmp_path / "run"), objective=TinyObjective())
   assert time.time() - t < 20
   assert not (tmp_path / "run" / "config.json").exists()
+  print(f"deleted shard: named error after {time.time() - t:.1f}s")
 
 
 # --- Ctrl-C on the command line ---------------------------------------------------

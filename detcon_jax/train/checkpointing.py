@@ -159,7 +159,12 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
 
 def set_aside(manager: ocp.CheckpointManager, workdir: str, steps) -> list[str]:
   """Move checkpoints that do not restore to WORKDIR/checkpoints_unrestorable/, so the
-  resumed run can save those steps again; kept for inspection, never deleted."""
+  resumed run can save those steps again; kept for inspection, never deleted.
+  Object stores have no folder rename: there the user is asked to move them."""
+  if "://" in workdir:
+    raise WorkdirError(f"Checkpoint step(s) {list(steps)} in {manager.directory} do not "
+                       "restore (see the warnings above); move them out of that folder and "
+                       "rerun to resume from the newest one that does.")
   moved = []
   for step in steps:
     target = os.path.join(workdir, SET_ASIDE_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
