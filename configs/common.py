@@ -46,13 +46,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1, local_negatives=False,
                                           num_masks=16, detcon_form="reference",
                                           detcon_same_image_negatives=True))
+  # Warmup: warmup_fraction of config.steps, so that any --config.steps works; an
+  # explicit warmup_steps overrides it (optimizer.warmup_steps(): the resolved value).
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9, eta=1e-3, warmup_steps=10,
+      name="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9, eta=1e-3,
+      warmup_steps=ml_collections.config_dict.placeholder(int), warmup_fraction=0.1,
       schedule="cosine", exclude_1d=True))  # exclude_1d: no decay on biases and BN
   c.ema = ml_collections.ConfigDict(dict(tau0=0.99))  # used by methods with a target net
+  # build_demo: build the embedded demo records if missing. timeout_s: longest wait
+  # for a batch before the run stops with an error. max_corrupt_fraction: the run
+  # stops when more of the records read are unreadable. verify_checksums: check the
+  # shards' sha256 against manifest.json at start-up (when the build stored them).
   c.data = ml_collections.ConfigDict(dict(
       records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
-      build_demo=False))  # build_demo: build the embedded demo records if missing
+      build_demo=False, timeout_s=300.0, max_corrupt_fraction=0.01, verify_checksums=True))
   # Views (data_pipelines/views.py standard_views): two global crops of image_size px
   # with crop area in global_area, then small_crops multi-crop views of small_size px.
   c.views = ml_collections.ConfigDict(dict(global_area=(0.08, 1.0), small_crops=0,
@@ -93,15 +100,20 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     objective = registry.get_objective(c.method)
   if c.steps <= 0:
     _fail("steps", c.steps, "must be > 0 (e.g. --config.steps=300).")
-  if not 0 <= c.optimizer.warmup_steps < c.steps:
+  from detcon_jax.train.optimizer import warmup_steps  # lazy: configs load without jax
+  warmup_key = ("warmup_steps" if c.optimizer.warmup_steps is not None else "warmup_fraction")
+  if warmup_key == "warmup_steps" and not 0 <= c.optimizer.warmup_steps < c.steps:
     _fail("optimizer.warmup_steps", c.optimizer.warmup_steps,
           f"must be in [0, steps={c.steps}); lower it or raise --config.steps.")
+  if warmup_key == "warmup_fraction" and not 0 <= c.optimizer.warmup_fraction < 1:
+    _fail("optimizer.warmup_fraction", c.optimizer.warmup_fraction,
+          "must be in [0, 1) (a fraction of config.steps).")
   if c.optimizer.get("name", "lars") not in OPTIMIZERS:
     _fail("optimizer.name", c.optimizer.name, f"choose one of {list(OPTIMIZERS)}.")
   if c.optimizer.schedule not in SCHEDULES:
     _fail("optimizer.schedule", c.optimizer.schedule, f"choose one of {list(SCHEDULES)}.")
-  if c.optimizer.schedule == "piecewise" and c.optimizer.warmup_steps > 0.96 * c.steps:
-    _fail("optimizer.warmup_steps", c.optimizer.warmup_steps,
+  if c.optimizer.schedule == "piecewise" and warmup_steps(c.optimizer, c.steps) > 0.96 * c.steps:
+    _fail(f"optimizer.{warmup_key}", c.optimizer[warmup_key],
           "the piecewise schedule drops the rate at 96% of steps; warmup must end before.")
   if c.batch_size <= 0:
     _fail("batch_size", c.batch_size, "must be > 0 (global batch over all devices).")
@@ -137,6 +149,11 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         _fail(f"views.{key}", tuple(views[key]), "must satisfy 0 < low <= high <= 1.")
   if c.data.augment not in AUGMENTS:
     _fail("data.augment", c.data.augment, f"choose one of {list(AUGMENTS)}.")
+  if c.data.timeout_s <= 0:
+    _fail("data.timeout_s", c.data.timeout_s, "must be > 0 seconds (e.g. 300).")
+  if not 0 <= c.data.max_corrupt_fraction < 1:
+    _fail("data.max_corrupt_fraction", c.data.max_corrupt_fraction,
+          "must be in [0, 1) (0.01: stop when over 1% of the records read are unreadable).")
   if c.checkpoint.every_steps < 0:
     _fail("checkpoint.every_steps", c.checkpoint.every_steps, "must be >= 0 (0: only at the end).")
   if c.checkpoint.keep < 1:
@@ -228,8 +245,10 @@ def paper_config(method: str, family: str, dataset: str, epochs: int | None = No
   c.image_size = 224
   c.steps = steps_for_epochs(epochs, d["images"], batch_size)
   c.model.update(depth=50, width=1.0, dtype="bfloat16")
-  c.optimizer.update(schedule=d["schedule"],
-                     warmup_steps=steps_for_epochs(WARMUP_EPOCHS, d["images"], batch_size))
+  # Warmup: 10 epochs, as a fraction of the run, so that an overridden config.steps
+  # scales it (3127 of 312,784 steps at ImageNet 1000 epochs).
+  warmup = steps_for_epochs(WARMUP_EPOCHS, d["images"], batch_size)
+  c.optimizer.update(schedule=d["schedule"], warmup_fraction=warmup / c.steps)
   if family == "byol":
     imagenet_epochs = epochs * d["images"] / IMAGENET_TRAIN_IMAGES
     long_run = imagenet_epochs >= BYOL_LONG["min_imagenet_epochs"]
@@ -269,7 +288,7 @@ def demo_config(method: str, family: str) -> ml_collections.ConfigDict:
   c.image_size = 64
   c.model.update(depth=18, width=0.25, dtype="float32", stem_pool=False)
   c.head.update(hidden_dim=256, output_dim=64)
-  c.optimizer.update(warmup_steps=40, schedule="cosine", weight_decay=1e-6,
+  c.optimizer.update(warmup_fraction=0.1, schedule="cosine", weight_decay=1e-6,
                      base_lr=DEMO_PEAK_LR * 256 / c.batch_size)
   c.ema.tau0 = 0.99
   c.data.update(records_dir="data/demo", shuffle_buffer=1024, build_demo=True)

@@ -20,9 +20,11 @@ why. TensorFlow is imported lazily so spawned build workers stay light.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import struct
 
 import numpy as np
 from PIL import Image
@@ -136,3 +138,69 @@ def shard_paths(records_dir: str, manifest: dict, split: str) -> list[str]:
     raise ValueError(f"Split {split!r} not in {records_dir!r}; available: "
                      f"{sorted(manifest['splits'])}.")
   return [os.path.join(records_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+class ShardError(ValueError):
+  """A shard is missing or differs from what manifest.json says the build wrote."""
+
+
+def count_records(path: str) -> int:
+  """Records in a TFRecord file, from its framing alone (length headers, payloads
+  skipped): a file that ends inside a record raises ShardError."""
+  import tensorflow as tf
+  size, n, pos = tf.io.gfile.stat(path).length, 0, 0
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while pos < size:
+      header = f.read(8)
+      length = struct.unpack("<Q", header)[0] if len(header) == 8 else size
+      pos += 8 + 4 + length + 4          # length, its crc, payload, payload crc
+      if pos > size:
+        raise ShardError(f"{path} ends inside record {n} (truncated or corrupt).")
+      f.seek(pos)
+      n += 1
+  return n
+
+
+def _sha256(path: str) -> str:
+  import tensorflow as tf
+  digest = hashlib.sha256()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def verify_shards(records_dir: str, manifest: dict, split: str, paths=None,
+                  checksums: bool = True) -> None:
+  """Check shards of `split` (default all; `paths` limits it to one host's) against
+  the manifest before reading them: tf.data would skip a missing or short shard
+  silently, or retry it forever.
+
+  Every shard must exist; with 'bytes' in its manifest entry it must have that
+  size, otherwise its framing must hold 'count' records; with 'sha256' (and
+  `checksums`) its content must hash to it. Raises ShardError naming the shard.
+  """
+  import tensorflow as tf
+  entries = {os.path.join(records_dir, s["file"]): s for s in manifest["splits"][split]["shards"]}
+  rebuild = "restore it, or rebuild the records (python -m data_pipelines.build ...)."
+  for path in (entries if paths is None else paths):
+    s = entries[path]
+    shard = f"Shard {s['file']} of {records_dir!r}"
+    if not tf.io.gfile.exists(path):
+      raise ShardError(f"{shard} is listed in {MANIFEST} but missing; {rebuild}")
+    if "bytes" in s:
+      size = tf.io.gfile.stat(path).length
+      if size != s["bytes"]:
+        raise ShardError(f"{shard} has {size} bytes, {MANIFEST} says {s['bytes']} "
+                         f"(truncated or replaced); {rebuild}")
+    else:
+      try:
+        n = count_records(path)
+      except ShardError:
+        raise ShardError(f"{shard} ends inside a record (truncated or corrupt); "
+                         f"{rebuild}") from None
+      if n != s["count"]:
+        raise ShardError(f"{shard} holds {n} records, {MANIFEST} says {s['count']}; {rebuild}")
+    if checksums and "sha256" in s and _sha256(path) != s["sha256"]:
+      raise ShardError(f"{shard} does not match its sha256 in {MANIFEST} (corrupt or "
+                       f"replaced); {rebuild}")

@@ -4,6 +4,7 @@ import importlib
 import pytest
 
 from configs import common
+from detcon_jax.train.optimizer import warmup_steps
 
 METHODS = ("simclr", "byol", "detcon_s", "detcon_b")
 PRESETS = ("demo", "imagenet", "imagenet-300", "coco", "coco-324")
@@ -24,10 +25,11 @@ def test_paper_numbers():
   b = importlib.import_module("configs.detcon_b")
   long_run, short_run = b.get_config("imagenet"), b.get_config("imagenet-300")
   assert long_run.steps == 1000 * 1_281_167 // 4096 == 312_784
-  assert long_run.optimizer.warmup_steps == 3127
+  assert warmup_steps(long_run.optimizer, long_run.steps) == 3127
   assert (long_run.optimizer.base_lr, long_run.optimizer.weight_decay, long_run.ema.tau0) == (
       0.2, 1.5e-6, 0.996)
   assert short_run.steps == 93_835
+  assert warmup_steps(short_run.optimizer, short_run.steps) == 3127
   assert (short_run.optimizer.base_lr, short_run.optimizer.weight_decay, short_run.ema.tau0) == (
       0.3, 1e-6, 0.99)
   assert (long_run.head.hidden_dim, long_run.head.output_dim) == (4096, 256)
@@ -36,6 +38,28 @@ def test_paper_numbers():
   assert (s.optimizer.base_lr, s.optimizer.weight_decay) == (0.3, 1e-6)
   assert (s.head.hidden_dim, s.head.output_dim, s.loss.temperature) == (2048, 128, 0.1)
   assert s.data.augment == "simclr" and long_run.data.augment == "byol"
+
+
+@pytest.mark.parametrize("method", METHODS + ("moco_v2", "swav"))
+def test_overriding_steps_alone_keeps_every_preset_valid(method):
+  """Warmups are fractions of the run: --config.steps=N works for any N >= 1, and the
+  presets' own warmups are what 10 epochs (demo: 40 of 400 steps) always gave."""
+  module = importlib.import_module(f"configs.{method}")
+  for preset in PRESETS:
+    config = module.get_config(preset)
+    if method != "moco_v2":        # MoCo v2 has no warmup
+      want = 40 if preset == "demo" else common.steps_for_epochs(
+          common.WARMUP_EPOCHS, common.DATASETS[preset.partition("-")[0]]["images"],
+          config.batch_size)
+      assert warmup_steps(config.optimizer, config.steps) == want, preset
+    for steps in (1, 2, 12, 39):
+      config.steps = steps
+      common.validate(config)
+      assert 0 <= warmup_steps(config.optimizer, steps) < steps
+  config = module.get_config("demo")
+  config.steps, config.optimizer.warmup_steps = 12, 12      # explicit: still an error
+  with pytest.raises(common.ConfigError, match="config.optimizer.warmup_steps=12"):
+    common.validate(config)
 
 
 def test_unknown_preset_lists_the_choices():
@@ -56,6 +80,9 @@ def _demo():
     ("model.dtype", "float16", ["config.model.dtype", "bfloat16"]),
     ("data.augment", "autoaug", ["config.data.augment", "byol"]),
     ("ema.tau0", 1.5, ["config.ema.tau0"]),
+    ("optimizer.warmup_fraction", 1.0, ["config.optimizer.warmup_fraction", "[0, 1)"]),
+    ("data.timeout_s", 0, ["config.data.timeout_s"]),
+    ("data.max_corrupt_fraction", 1.5, ["config.data.max_corrupt_fraction"]),
     ("loss.num_masks", 0, ["config.loss.num_masks"]),
     ("loss.detcon_form", "paper", ["config.loss.detcon_form", "reference", "dedup"]),
 ])

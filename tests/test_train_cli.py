@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from detcon_jax.train import loop
 from test_train_tiny_objective import TinyObjective, tiny_config
@@ -30,6 +31,8 @@ def test_missing_mask_source_fails_before_compiling(tmp_path):
   (records / "manifest.json").write_text(json.dumps({
       "schema_version": 1, "complete": True, "masks": {"grid_4": {"kind": "grid", "n": 4}},
       "splits": {"train": {"count": 1, "shards": [{"file": "x.tfrecord", "count": 1}]}}}))
+  with tf.io.TFRecordWriter(str(records / "x.tfrecord")) as w:   # present: verified first
+    w.write(b"")
   config = tiny_config()
   config.data.update(records_dir=str(records), mask_source="fh")
   with pytest.raises(loop.ConfigError, match=r"config.data.*'fh'.*grid_4"):

@@ -23,8 +23,8 @@ def test_preempted_and_resumed_run_matches_uninterrupted(tmp_path):
   """With an EMA target, so the whole state (params, stats, target, momentum) must resume."""
   config, ema = tiny_config(steps=8), True
   full = run(config, tmp_path / "full", ema=ema)
-  # SIGTERM arrives while the input pipeline produces batch 3 (it runs ahead).
-  first = run(config, tmp_path / "cut", ema=ema, on_step=_sigterm_at(3))
+  # SIGTERM arrives while the input produces batch 6 (it runs up to 4 batches ahead).
+  first = run(config, tmp_path / "cut", ema=ema, on_step=_sigterm_at(6))
   assert first["status"] == "preempted" and 0 < first["step"] < 8
   resumed = run(config, tmp_path / "cut", ema=ema)
   assert resumed["start_step"] == first["step"] and resumed["step"] == 8

@@ -2,20 +2,22 @@
 
 Prints kNN, linear-probe and segment-retrieval numbers for the latest (or
 --step) checkpoint beside a random-init baseline of the same architecture, and
-the mask quality (ABO) of every mask source in the records; writes
-WORKDIR/eval/step_N.json and TensorBoard output under WORKDIR/tb/eval.
+the mask quality (ABO) of every mask source in the records; then writes
+WORKDIR/eval/step_N.json and TensorBoard output under WORKDIR/tb/eval. Mistakes
+(a missing workdir, an unknown evaluation, a read-only workdir) end in one
+`error:` line.
 """
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
+from detcon_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (checkpoints/, config.json).")
 _EVALS = flags.DEFINE_string("evals", "knn,linear,retrieval,masks",
                              "Comma list of evaluations: knn, linear, retrieval, masks.")
 _DATA = flags.DEFINE_string("data", None, "Records directory (default: the run's config.data.records_dir).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest that restores).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per feature-extraction batch (all devices).")
 _SIZE = flags.DEFINE_integer("image_size", None, "Evaluation image size, a multiple of the "
                              "model's output stride (32; 16 with model.stem_pool=False) "
@@ -30,18 +32,18 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   from detcon_jax.evaluate import run
+  from detcon_jax.train import checkpointing
   sweep = int(_SWEEP.value) if _SWEEP.value.isdigit() else _SWEEP.value
   settings = run.Settings(batch_size=_BATCH.value, image_size=_SIZE.value, linear_sweep=sweep,
                           retrieval_resolution=_RES.value)
   try:
     run.evaluate_workdir(_WORKDIR.value, evals=_EVALS.value, data_dir=_DATA.value,
                          step=_STEP.value, settings=settings, baseline=_BASELINE.value)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    sys.exit(f"error: {e}")
+  except (ValueError, OSError, KeyError, checkpointing.WorkdirError) as e:
+    cli.fail(e)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

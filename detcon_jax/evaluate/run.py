@@ -190,6 +190,9 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
   evals = parse_evals(evals)
   manifest = records.read_manifest(records_dir)
   _check_data(evals, manifest, records_dir)
+  for split in ("train", "test"):   # tf.data would skip a missing or short shard silently
+    if split in manifest["splits"]:
+      records.verify_shards(records_dir, manifest, split)
   settings = resolve_settings(settings, manifest, stride=output_stride(model.stem_pool))
   model_evals = [e for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)]
   results = {"rows": {n: {} for n in variables_by_name},
@@ -305,19 +308,6 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
 
 # --- Workdir entry point ------------------------------------------------------
 
-def _latest_step(workdir: str) -> int:
-  from detcon_jax.train import checkpointing
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    step = manager.latest_step()
-  finally:
-    manager.close()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, checkpointing.CHECKPOINT_DIR)}; "
-                            "train first (python -m detcon_jax.train --workdir=...).")
-  return int(step)
-
-
 def _cached_baseline(path: str, key: dict, evals) -> dict | None:
   """The cached random-init rows when they were made with the same key and cover evals."""
   if not os.path.exists(path):
@@ -334,17 +324,19 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
                      baseline: bool = True, write: bool = True, verbose: bool = True) -> dict:
   """Evaluate the checkpoint at `step` (default: latest) of a training workdir.
 
-  Prints the table, writes WORKDIR/eval/step_N.json and TensorBoard output
-  (first host only) and returns the results dict. data_dir defaults to the
-  run's config.data.records_dir. The random-init row is cached in
-  WORKDIR/eval/random_init.json, keyed by model, settings and data.
+  Prints the table, then writes WORKDIR/eval/step_N.json and TensorBoard
+  output (first host only; a write error comes after the table, so no result
+  is lost) and returns the results dict. The default step is the newest
+  checkpoint that restores (a damaged one is skipped with a warning). data_dir
+  defaults to the run's config.data.records_dir. The random-init row is cached
+  in WORKDIR/eval/random_init.json, keyed by model, settings and data.
   """
   from data_pipelines import records
   from detcon_jax.train import checkpointing
 
   evals = parse_evals(evals)
-  step = _latest_step(workdir) if step is None else int(step)
-  config, model, variables = checkpointing.load_encoder(workdir, step)
+  config, model, variables, step = checkpointing.restore_encoder(
+      workdir, None if step is None else int(step))
   data_dir = data_dir or config.data.records_dir
   manifest = records.read_manifest(data_dir)
   settings = resolve_settings(settings, manifest, fallback_size=config.image_size,
@@ -369,15 +361,25 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
       results[part] = {BASELINE: {e: cached[part][BASELINE][e] for e in model_evals},
                        **results[part]}
     results["baseline_cached"] = baseline_path
-  elif baseline and model_evals and primary:
-    write_json(baseline_path, {"key": key, "rows": {BASELINE: results["rows"][BASELINE]},
-                               "details": {BASELINE: results["details"][BASELINE]}})
-  if primary and write:
-    write_json(os.path.join(workdir, EVAL_DIR, f"step_{step}.json"), results)
-    write_tensorboard(workdir, step, results, pictures)
-  if primary and verbose:
+  if primary and verbose:   # before any file is written: a write error loses no result
     counts = results["data"]["counts"]
     print(format_table(results, f"evaluation of {workdir} at step {step} on {data_dir} "
                                 f"({', '.join(f'{v} {k}' for k, v in counts.items())} images, "
                                 f"{settings.image_size} px)"), flush=True)
+  if not primary:
+    return results
+  import tensorflow as tf
+  try:
+    if cached is None and baseline and model_evals:
+      write_json(baseline_path, {"key": key, "rows": {BASELINE: results["rows"][BASELINE]},
+                                 "details": {BASELINE: results["details"][BASELINE]}})
+    if write:
+      write_json(os.path.join(workdir, EVAL_DIR, f"step_{step}.json"), results)
+      write_tensorboard(workdir, step, results, pictures)
+  except (OSError, tf.errors.OpError) as e:   # TensorBoard's writer raises the latter
+    reason = getattr(e, "strerror", None) or getattr(e, "message", None) or e
+    raise checkpointing.WorkdirError(
+        f"Cannot write the results into {os.path.join(workdir, EVAL_DIR)} ({reason})"
+        + ("; the table above holds them" if verbose else "") + ". Make the workdir "
+        "writable to keep them there.") from e
   return results

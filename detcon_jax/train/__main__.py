@@ -2,16 +2,19 @@
 
 Every config key can be overridden, e.g. --config.steps=200
 --config.batch_size=64. Rerunning with the same --workdir resumes from its
-latest checkpoint. Multi-host runs call jax.distributed.initialize() first
-(see detcon_jax.train.sharding.maybe_initialize_distributed).
+latest checkpoint (one run per workdir at a time: it is locked). SIGTERM and
+SIGINT (Ctrl-C) save a checkpoint and exit with 143 and 130. Multi-host runs
+call jax.distributed.initialize() first (see
+detcon_jax.train.sharding.maybe_initialize_distributed).
 """
 from __future__ import annotations
 
-import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from detcon_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<method>.py:<preset>, preset one of demo | imagenet[-EPOCHS] | "
@@ -21,23 +24,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:   # orbax/jax INFO lines drown the progress bar
-    logging.set_verbosity(logging.WARNING)
+  del argv
   from detcon_jax.train import loop, sharding
   sharding.maybe_initialize_distributed()   # before anything touches jax devices
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value)
-  except (loop.ConfigError, loop.NonFiniteLossError) as e:
-    sys.exit(f"error: {e}")
-  if summary["status"] == "preempted":
-    # Checkpoint saved; exit as a SIGTERM-killed process would (143), so schedulers
-    # that restart failed jobs rerun the same command, which resumes.
-    print(f"Preempted at step {summary['step']}; rerun the same command to resume.",
-          file=sys.stderr)
-    sys.exit(128 + signal.SIGTERM)
+  except loop.USER_ERRORS as e:
+    cli.fail(e)
+  status = loop.exit_status(summary)
+  if status is not None:
+    if summary["status"] == "preempted":
+      print(f"Stopped at step {summary['step']}; rerun the same command to resume.",
+            file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

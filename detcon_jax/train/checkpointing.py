@@ -1,17 +1,26 @@
-"""Orbax checkpoints in WORKDIR/checkpoints, the run's config as JSON, and
-loading a trained encoder back for evaluation and export.
+"""Orbax checkpoints in WORKDIR/checkpoints, the run's config as JSON, the
+workdir lock, and loading a trained encoder back for evaluation and export.
 
 The train state is a plain dict {'step', 'params', 'state', 'opt_state'}
 (see detcon_jax.train.state.init_train_state) saved whole, so a resumed run
-continues bit for bit. A SIGTERM (TPU preemption) only sets a flag; the loop
-saves at the next step boundary and exits.
+continues bit for bit. A checkpoint that does not restore (truncated, files
+missing) is skipped for the newest one that does, with a warning naming it.
+SIGTERM (TPU preemption) and SIGINT (Ctrl-C) only set a flag; the loop saves
+at the next step boundary and exits.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +30,87 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+SET_ASIDE_DIR = "checkpoints_unrestorable"   # where train moves checkpoints that do not restore
 CONFIG_FILE = "config.json"
+LOCK_FILE = "lock"
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: not writable, held by another run, or no checkpoint restores."""
 
 
 def resolve_workdir(workdir: str) -> str:
   """Local paths made absolute; URLs (gs://... on TPU pods) kept as they are."""
   return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+def ensure_writable(workdir: str) -> None:
+  """Create a local workdir and prove it takes files, or raise WorkdirError saying so."""
+  if "://" in workdir:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"Cannot write to the workdir {workdir!r} ({e.strerror or e}); "
+                       "choose a writable --workdir.") from None
+
+
+# --- One run per workdir ------------------------------------------------------
+
+def _holder(fd) -> dict:
+  os.lseek(fd, 0, os.SEEK_SET)
+  try:
+    return json.loads(os.read(fd, 4096) or b"{}")
+  except ValueError:
+    return {}
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Hold WORKDIR/lock for the run: an flock, and the holder's pid and host in the file.
+
+  A second run on the workdir refuses, naming the holder. The kernel drops the
+  flock when its process dies (even by kill -9), so a lock file nobody holds is
+  stale and taken over, with a warning. Released on exit, errors included. Object
+  stores (gs://) have no locks: not locked there.
+  """
+  if "://" in workdir:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      h = _holder(fd)
+      os.close(fd)
+      raise WorkdirError(
+          f"{workdir} is in use by another run (pid {h.get('pid', '?')} on host "
+          f"{h.get('host', '?')}, since {h.get('since', '?')}); wait for it to finish or stop "
+          "it, or use another --workdir.") from None
+    try:
+      same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:   # the previous holder removed it between our open and flock
+      same_file = False
+    if same_file:
+      break
+    os.close(fd)
+  stale = _holder(fd)
+  if stale:
+    logging.warning("Taking over the lock of a run that ended without releasing it (pid %s on "
+                    "host %s, since %s).", stale.get("pid"), stale.get("host"), stale.get("since"))
+  me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, json.dumps(me).encode(), 0)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)    # while still holding the flock, so no other run loses its own
+    os.close(fd)
 
 
 def make_manager(workdir: str, keep: int | None = None,
@@ -50,15 +134,45 @@ def save(manager: ocp.CheckpointManager, step: int, train_state) -> None:
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  """Restore `step` (default: latest) into the shapes/shardings of abstract_state.
+  """Restore `step` (default: the newest that restores) into the shapes/shardings of
+  abstract_state.
 
-  Returns (train_state, step), or (None, 0) when there is no checkpoint.
+  Returns (train_state, step, skipped): skipped lists the newer steps that did
+  not restore, each named in a warning. (None, 0, skipped) when none restores
+  (or there is none). An explicit `step` that fails raises WorkdirError.
   """
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None, 0
-  state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  return state, int(step)
+  steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  skipped = []
+  for s in steps:
+    try:
+      return manager.restore(s, args=ocp.args.StandardRestore(abstract_state)), int(s), skipped
+    except Exception as e:   # orbax/tensorstore raise many kinds for a damaged checkpoint
+      problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+      if step is not None:
+        raise WorkdirError(f"Checkpoint step {s} in {manager.directory} does not restore "
+                           f"({problem}).") from None
+      logging.warning("Checkpoint step %d in %s does not restore (%s); trying the one before.",
+                      s, manager.directory, problem)
+      skipped.append(int(s))
+  return None, 0, skipped
+
+
+def set_aside(manager: ocp.CheckpointManager, workdir: str, steps) -> list[str]:
+  """Move checkpoints that do not restore to WORKDIR/checkpoints_unrestorable/, so the
+  resumed run can save those steps again; kept for inspection, never deleted.
+  Object stores have no folder rename: there the user is asked to move them."""
+  if "://" in workdir:
+    raise WorkdirError(f"Checkpoint step(s) {list(steps)} in {manager.directory} do not "
+                       "restore (see the warnings above); move them out of that folder and "
+                       "rerun to resume from the newest one that does.")
+  moved = []
+  for step in steps:
+    target = os.path.join(workdir, SET_ASIDE_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(str(manager.directory), str(step)), target)
+    moved.append(target)
+  manager.reload()
+  return moved
 
 
 def abstract_with_sharding(tree, sharding):
@@ -90,9 +204,16 @@ def load_encoder(workdir: str, step: int | None = None):
   """-> (config, model, variables): the run's backbone and its trained variables.
 
   The config is rebuilt from WORKDIR/config.json, the objective from
-  config.method, and the checkpoint (default: latest) is restored onto this
-  host's first device. `model.apply(variables, images, train=False)` runs it.
+  config.method, and the checkpoint (default: the newest that restores) is
+  restored onto this host's first device. `model.apply(variables, images,
+  train=False)` runs it.
   """
+  config, model, variables, _ = restore_encoder(workdir, step)
+  return config, model, variables
+
+
+def restore_encoder(workdir: str, step: int | None = None):
+  """load_encoder, also returning the step restored: (config, model, variables, step)."""
   from data_pipelines import batch as B
   from detcon_jax.models.resnet import encoder_from_config
   from detcon_jax.objectives import registry
@@ -109,46 +230,75 @@ def load_encoder(workdir: str, step: int | None = None):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   manager = make_manager(workdir, read_only=True)
   try:
-    state, step = restore(manager, abstract_with_sharding(abstract, device), step)
+    state, step, skipped = restore(manager, abstract_with_sharding(abstract, device), step)
   finally:
     manager.close()
+  if state is None and skipped:
+    raise WorkdirError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} restores "
+                       f"(steps {skipped}, see the warnings above).")
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}; "
                             "train first (python -m detcon_jax.train --workdir=...).")
   variables = registry.encoder_variables(state["params"], state["state"])
-  return config, encoder_from_config(config), variables
+  return config, encoder_from_config(config), variables, step
 
 
 # --- Preemption --------------------------------------------------------------
 
-class PreemptionFlag:
-  """SIGTERM -> flag; the loop saves and exits at the next step boundary.
+class Interrupted(Exception):
+  """A stop signal arrived while nothing was left to save (see PreemptionFlag.abortable)."""
 
+
+class PreemptionFlag:
+  """SIGTERM or SIGINT -> flag; the loop saves and exits at the next step boundary
+  (exit status 128 + signum: 143, 130). A second Ctrl-C stops at once, unsaved.
+
+  Inside `abortable()` (everything already saved: an evaluation) a signal raises
+  Interrupted instead, so the run does not wait for the evaluation to end.
   Installed only for single-process runs: with jax.distributed, JAX's own
   preemption notifier handles SIGTERM and the hosts agree on a sync step
-  through CheckpointManager.reached_preemption (see loop.should_stop).
+  through CheckpointManager.reached_preemption (see loop._stop_requested).
   """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, install: bool = True):
     self._event = threading.Event()
-    self._previous = None
+    self._previous = {}
     self._install = install
+    self._abortable = False
+    self.signum = None
 
   def __enter__(self):
     if self._install and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self._event.is_set():
+      raise KeyboardInterrupt
+    self.signum = signum
     self._event.set()
+    if self._abortable:
+      raise Interrupted(signal.Signals(signum).name)
+
+  @contextlib.contextmanager
+  def abortable(self):
+    """A signal inside (or already received) raises Interrupted."""
+    self._abortable = True
+    try:
+      if self._event.is_set():
+        raise Interrupted(signal.Signals(self.signum).name)
+      yield
+    finally:
+      self._abortable = False
 
   def is_set(self) -> bool:
     return self._event.is_set()
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def to_host(tree):

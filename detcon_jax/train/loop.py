@@ -1,8 +1,11 @@
 """The method-agnostic training loop.
 
-Sections, in order: validate -> data -> objective and optimiser -> init or
-resume -> compile -> loop (step, log, checkpoint, preemption) -> summary ->
-evaluation. The objective is looked up by config.method and the trainer knows
+Sections, in order: validate -> workdir (writable, locked) -> resume checks ->
+data (shards verified, first batch) -> init or resume (falling back past
+checkpoints that do not restore) -> config.json -> compile -> loop (step, log,
+checkpoint, preemption) -> summary -> evaluation. Nothing but the lock (and
+empty folders) is written before the config, the data and the resume are
+checked. The objective is looked up by config.method and the trainer knows
 nothing method-specific: the train state and step are in state.py, the
 writers in writers.py.
 
@@ -13,9 +16,13 @@ restarted at the checkpoint's step (the input pipeline is deterministic in
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
-import itertools
+import json
 import os
+import queue
+import signal
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -27,6 +34,7 @@ from configs.common import ConfigError, validate
 from data_pipelines import batch as B
 from detcon_jax.objectives import registry
 from detcon_jax.train import checkpointing, sharding, writers
+from detcon_jax.train.optimizer import warmup_steps
 from detcon_jax.train.state import init_train_state, make_optimizer, make_train_step
 
 TB_DIR = writers.TB_DIR
@@ -38,12 +46,26 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/inf; the run stopped without writing a checkpoint."""
 
 
+class InputError(RuntimeError):
+  """The input stalled, ended, or read more unreadable records than allowed."""
+
+
 # --- Data ------------------------------------------------------------------
 
 def records_batches(config, start_step: int, host_index: int, host_count: int, views=None):
   """The real input: this host's slice of the global batch from config.data.records_dir,
-  with the views the objective asks for (default: config.method's)."""
+  with the views the objective asks for (default: config.method's).
+
+  This host's shards are first checked against manifest.json (present, size or
+  record count, sha256), since tf.data skips or retries a bad shard silently.
+  """
   from data_pipelines import input as data_input
+  from data_pipelines import records
+  manifest = records.read_manifest(config.data.records_dir)
+  paths, _ = data_input.host_shards(config.data.records_dir, manifest, "train", host_index,
+                                    host_count)
+  records.verify_shards(config.data.records_dir, manifest, "train", paths,
+                        checksums=config.data.verify_checksums)
   views = registry.get_objective(config.method).views(config) if views is None else views
   return data_input.train_iterator(
       config.data.records_dir, batch_size=config.batch_size // host_count, views=views,
@@ -59,16 +81,97 @@ def ensure_records(config) -> None:
     build.ensure_demo_records(config.data.records_dir)
 
 
-def _on_mesh(host_batches: Iterator[dict], mesh, prefetch: int = 2):
-  """Host batches -> global arrays, `prefetch` batches ahead of the step."""
-  queue = collections.deque()
+class HostBatches:
+  """Host batches pulled on a thread, so that the loop never waits without bound.
+
+  get() waits at most timeout_s for a batch (then InputError: a stalled input,
+  e.g. tf.data retrying a vanished shard forever, is an error, not a hang) and
+  returns None as soon as `stop` is set (SIGTERM/SIGINT while waiting).
+  """
+
+  def __init__(self, batches: Iterator[dict], timeout_s: float, stop):
+    self._queue = queue.Queue(1)
+    self._closed = threading.Event()
+    self._timeout_s, self._stop = timeout_s, stop
+    threading.Thread(target=self._pull, args=(iter(batches),), daemon=True,
+                     name="host-batches").start()
+
+  def _pull(self, it):
+    while not self._closed.is_set():
+      try:
+        item = (next(it), None)
+      except BaseException as e:   # StopIteration too: handed over to get()
+        item = (None, e)
+      while not self._closed.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if item[1] is not None:
+        return
+
+  def get(self) -> dict | None:
+    deadline = time.monotonic() + self._timeout_s
+    while not self._stop.is_set():
+      try:
+        batch, error = self._queue.get(timeout=0.1)
+      except queue.Empty:
+        if time.monotonic() > deadline:
+          raise InputError(
+              f"No batch from the input pipeline in {self._timeout_s:g}s "
+              "(config.data.timeout_s): it is stalled (unreadable storage, a shard gone "
+              "since start-up?). Check config.data.records_dir, or raise "
+              "--config.data.timeout_s for slow storage.") from None
+        continue
+      if isinstance(error, StopIteration):
+        raise InputError("The input pipeline ended; it should repeat forever.")
+      if error is not None:
+        raise error
+      return batch
+    return None
+
+  def close(self):
+    self._closed.set()
+
+
+def _on_mesh(first_host: dict, host_batches: HostBatches, mesh, prefetch: int = 2):
+  """Host batches -> global arrays, `prefetch` batches ahead of the step; ends
+  early when a stop is requested while waiting for input."""
+  ahead = collections.deque([sharding.host_batch_to_global(first_host, mesh)])
   def fill(n):
-    for b in itertools.islice(host_batches, n):
-      queue.append(sharding.host_batch_to_global(b, mesh))
-  fill(prefetch)
-  while queue:
-    yield queue.popleft()
+    for _ in range(n):
+      b = host_batches.get()
+      if b is None:
+        return
+      ahead.append(sharding.host_batch_to_global(b, mesh))
+  fill(prefetch - 1)
+  while ahead:
+    yield ahead.popleft()
     fill(1)
+
+
+def data_counts(source, host_batch: int) -> tuple[int, int]:
+  """(unreadable records skipped, records read) by this host's input so far."""
+  stats = getattr(source, "stats", {})
+  skipped = int(stats.get("corrupt_skipped", 0))
+  return skipped, skipped + int(stats.get("batches", 0)) * host_batch
+
+
+# Records read before the unreadable fraction is judged during a run (the end of a run
+# judges whatever was read): the first few windows of a shuffled stream vary a lot.
+MIN_RECORDS_JUDGED = 1000
+
+
+def check_corrupt(config, skipped: int, read: int, last_saved, final: bool = False) -> None:
+  """Stop when more than config.data.max_corrupt_fraction of the records read were unreadable."""
+  limit = config.data.max_corrupt_fraction
+  if (final or read >= MIN_RECORDS_JUDGED) and read and skipped > limit * read:
+    raise InputError(
+        f"{skipped} of the {read} records read so far ({skipped / read:.1%}) were unreadable, "
+        f"more than config.data.max_corrupt_fraction={limit:g}; stopped (last checkpoint: "
+        f"step {last_saved}). Rebuild the records (python -m data_pipelines.build), or raise "
+        "--config.data.max_corrupt_fraction to train on the readable ones.")
 
 
 # --- The run -----------------------------------------------------------------
@@ -86,74 +189,122 @@ def _stop_requested(flag, manager, step: int) -> bool:
   return flag.is_set()
 
 
-# Keys that fix the shapes of the checkpointed state: a resumed run must match.
-STATE_KEYS = ("method", "model", "head")
+# Keys a resumed run may change: they do not alter what the steps compute. config.steps
+# may be raised (to train further); every other key must match the stored run.
+RESUME_FREE = ("log_every_steps", "checkpoint.", "eval.", "data.timeout_s",
+               "data.max_corrupt_fraction", "data.build_demo", "data.verify_checksums")
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
 
 
 def check_resumable(config, stored, workdir: str) -> None:
-  """A clear error instead of a shape mismatch deep inside the checkpoint restore."""
-  for key in STATE_KEYS:
-    new, old = config[key], stored[key]
-    new, old = (x.to_dict() if hasattr(x, "to_dict") else x for x in (new, old))
-    if new != old:
-      raise ConfigError(f"{workdir} holds a run with config.{key}={old!r}, but this run has "
-                        f"{new!r}; use a new --workdir, or the same config.{key} to resume.")
+  """One clear error, before anything is written, when this run would not continue
+  the stored one exactly (model, method, batch, data, seed, views, loss, optimizer...)."""
+  new, old = (_flat(json.loads(c.to_json_best_effort())) for c in (config, stored))
+  for flat, c in ((new, config), (old, stored)):   # warmup as steps at the stored length:
+    flat.pop("optimizer.warmup_fraction", None)     # a count and a fraction giving it agree
+    flat["optimizer.warmup_steps"] = warmup_steps(c.optimizer, stored.steps)
+  changed = [k for k in sorted(new.keys() & old.keys())
+             if new[k] != old[k] and not k.startswith(RESUME_FREE)
+             and not (k == "steps" and new[k] > old[k])]
+  if changed:
+    raise ConfigError(
+        f"{workdir} holds a run made with "
+        + ", ".join(f"config.{k}={old[k]!r} (this run: {new[k]!r})" for k in changed)
+        + "; resuming with other values would not continue it exactly (only config.steps "
+        "may be raised). Pass the stored values, or use a new --workdir.")
 
 
 def train(config, workdir: str, *, objective=None, batches: BatchSource | None = None) -> dict:
   """Train (or resume) config in workdir; returns a summary dict.
 
   objective / batches default to the registry entry for config.method and the
-  TFRecord input pipeline; tests pass small ones.
+  TFRecord input pipeline; tests pass small ones. The workdir is locked for the
+  run (a second run on it refuses); SIGTERM and SIGINT save and stop.
   """
   t_start = time.time()
   # Validate before touching data or compiling anything.
   objective = registry.get_objective(config.method) if objective is None else objective
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
            objective=objective)
-  primary = jax.process_index() == 0
   workdir = checkpointing.resolve_workdir(workdir)
-  manager = checkpointing.make_manager(workdir, config.checkpoint.keep)
-  start_step = manager.latest_step() or 0
-  if start_step:
-    check_resumable(config, checkpointing.load_config(workdir), workdir)
+  primary = jax.process_index() == 0
   if primary:
-    checkpointing.save_config(workdir, config)
+    checkpointing.ensure_writable(workdir)
+  lock = checkpointing.workdir_lock(workdir) if primary else contextlib.nullcontext()
+  with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as flag, lock, \
+       contextlib.ExitStack() as cleanup:
+    manager = checkpointing.make_manager(workdir, config.checkpoint.keep)
+    cleanup.callback(manager.close)
+    return _run(config, workdir, objective, batches, flag, manager, cleanup, t_start)
 
+
+def abstract_batch(objective, config) -> dict:
+  """Shapes of the global batch the objective's views make (restore targets need no data)."""
+  shapes = B.train_batch_shapes(config.batch_size, num_masks=config.loss.num_masks,
+                                specs=objective.views(config))
+  return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -> dict:
+  primary = jax.process_index() == 0
   mesh = sharding.make_mesh()
   tx, schedule = make_optimizer(objective, config)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  if start_step >= config.steps:
-    manager.close()
-    say(f"{workdir} is already trained to step {start_step} (config.steps={config.steps}); "
-        "nothing to do. Raise --config.steps to train further.")
-    return dict(method=config.method, status="done", start_step=start_step, step=start_step,
-                losses={}, checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR,
-                                                   str(start_step)))
-
-  # Data first: a missing mask field or records dir fails here, before compiling.
-  if batches is None:
-    ensure_records(config)
-    batches = functools.partial(records_batches, views=objective.views(config))
-  try:   # checks the records against the config: manifest, mask source, shards per host
-    host_batches = batches(config, start_step, jax.process_index(), jax.process_count())
-  except (FileNotFoundError, ValueError) as e:
-    raise ConfigError(f"config.data (records_dir={config.data.records_dir!r}): {e}") from e
-  host_iter = iter(host_batches)
-  first_host = next(host_iter)
-  global_batches = _on_mesh(itertools.chain([first_host], host_iter), mesh)
-  first = next(global_batches)
-
   replicated = sharding.replicated(mesh)
   init = jax.jit(lambda rng, b: init_train_state(objective, tx, config, rng, b),
                  out_shardings=replicated)
+
+  # Resume: the newest checkpoint that restores, the ones after it set aside.
+  ts, start_step = None, manager.latest_step() or 0
   if start_step:
-    abstract = checkpointing.abstract_with_sharding(jax.eval_shape(init, init_rng, first),
-                                                    replicated)
-    ts, _ = checkpointing.restore(manager, abstract, start_step)
-    say(f"Resumed from {manager.directory} at step {start_step}.")
-  else:
+    check_resumable(config, checkpointing.load_config(workdir), workdir)
+    abstract = checkpointing.abstract_with_sharding(
+        jax.eval_shape(init, init_rng, abstract_batch(objective, config)), replicated)
+    ts, start_step, skipped = checkpointing.restore(manager, abstract)
+    if ts is None:
+      raise checkpointing.WorkdirError(
+          f"No checkpoint in {manager.directory} restores (steps {skipped}, see the warnings "
+          "above); move them away to start over, or use a new --workdir.")
+    if skipped:
+      moved = checkpointing.set_aside(manager, workdir, skipped) if primary else []
+      say(f"warning: checkpoint step(s) {skipped} do not restore; resuming from step "
+          f"{start_step} instead (moved to {', '.join(moved)}).")
+  if start_step >= config.steps:
+    say(f"{workdir} is already trained to step {start_step} (config.steps={config.steps}); "
+        "nothing to do. Raise --config.steps to train further.")
+    return dict(method=config.method, status="done", start_step=start_step, step=start_step,
+                losses={}, signal=None,
+                checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(start_step)))
+
+  # Data: a missing shard, mask field or records dir fails here, before compiling.
+  if batches is None:
+    ensure_records(config)
+    batches = functools.partial(records_batches, views=objective.views(config))
+  try:   # checks the records against the config: manifest, shards, mask source, hosts
+    source = batches(config, start_step, jax.process_index(), jax.process_count())
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.data (records_dir={config.data.records_dir!r}): {e}") from e
+  host_input = HostBatches(source, config.data.timeout_s, flag)
+  cleanup.callback(host_input.close)
+  first_host = host_input.get()
+  if first_host is None:   # stopped while waiting for the first batch: nothing new to save
+    say(f"Stopped by {signal_name(flag.signum)} before step {start_step}; nothing new to save.")
+    return dict(method=config.method, status="preempted", start_step=start_step,
+                step=start_step, losses={}, signal=flag.signum, checkpoint=None)
+  global_batches = _on_mesh(first_host, host_input, mesh)
+  first = next(global_batches)
+  if ts is None:
     ts = init(init_rng, first)
+  else:
+    say(f"Resumed from {manager.directory} at step {start_step}.")
+  if primary:   # the config, data and resume are checked: now the run is written
+    checkpointing.save_config(workdir, config)
 
   setup_s = time.time() - t_start
   t = time.time()
@@ -168,9 +319,11 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
       f"TensorBoard: {os.path.join(workdir, TB_DIR)}")
 
   writer = writers.make_writer(workdir, primary)
+  cleanup.callback(writer.close)
   if not start_step and B.MASKS1 in first_host:   # what the masks look like after augmentation
     from detcon_jax.evaluate.visualize import view_mask_overlay_images
     writer.images(0, "input/views with masks", view_mask_overlay_images(first_host))
+  host_batch = config.batch_size // jax.process_count()
   losses: dict[int, float] = {}
   status, last_saved = "done", start_step if start_step else None
   pending = []   # (step, device metrics) dispatched but not yet read back
@@ -207,77 +360,114 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
   log_from = step
   bar = tqdm(total=config.steps, initial=start_step, disable=not primary, unit="step",
              desc=config.method, dynamic_ncols=True, mininterval=2.0)
-  try:
-    with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as flag:
-      batch = first
-      while step < config.steps:
-        if _stop_requested(flag, manager, step):
-          status = "preempted"
-          break
-        if batch is None:
-          batch = next(global_batches)
-        ts, metrics = step_fn(ts, batch)
-        batch = None
-        if len(pending) == 1:
-          drain()                 # the previous step; this one keeps the device busy
-        pending.append((step, metrics))
-        step += 1
-        bar.update(1)
-        if step % config.log_every_steps == 0 or step == config.steps:
-          values = drain()
-          now = time.time()
-          step_s = (now - t_log) / (step - log_from)
-          values = {k: float(v) for k, v in values.items()}
-          values["loss"] = float(np.mean([losses[s] for s in range(log_from, step)]))
-          values.update(step_time_s=step_s,
-                        img_per_s_per_device=config.batch_size / step_s / devices)
-          values.update({f"data/{k}": v for k, v in getattr(host_batches, "stats", {}).items()})
-          writer.scalars(step, values)
-          bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}")
-          t_log, log_from = now, step
-        every = config.checkpoint.every_steps
-        eval_every = config.eval.every_steps
-        if (every and step % every == 0) or (eval_every and step % eval_every == 0):
-          save(step)
-        if eval_every and step % eval_every == 0 and step < config.steps:
-          t_eval = time.time()
-          manager.wait_until_finished()
-          writers.run_evaluations(config, workdir, step)
-          paused = time.time() - t_eval     # kept out of step time and img/s
-          t_log, eval_s = t_log + paused, eval_s + paused
-      if last_saved != step:
-        save(step)
+  cleanup.callback(bar.close)
+  batch = first
+  while step < config.steps:
+    if _stop_requested(flag, manager, step):
+      status = "preempted"
+      break
+    if batch is None:
+      batch = next(global_batches, None)
+      if batch is None:          # a stop arrived while waiting for input
+        status = "preempted"
+        break
+    ts, metrics = step_fn(ts, batch)
+    batch = None
+    if len(pending) == 1:
+      drain()                 # the previous step; this one keeps the device busy
+    pending.append((step, metrics))
+    step += 1
+    bar.update(1)
+    if step % config.log_every_steps == 0 or step == config.steps:
+      values = drain()
+      now = time.time()
+      step_s = (now - t_log) / (step - log_from)
+      values = {k: float(v) for k, v in values.items()}
+      values["loss"] = float(np.mean([losses[s] for s in range(log_from, step)]))
+      values.update(step_time_s=step_s,
+                    img_per_s_per_device=config.batch_size / step_s / devices)
+      skipped, read = data_counts(source, host_batch)
+      values.update({f"data/{k}": v for k, v in getattr(source, "stats", {}).items()})
+      values["data/corrupt_fraction"] = skipped / max(read, 1)
+      writer.scalars(step, values)
+      bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}")
+      t_log, log_from = now, step
+      check_corrupt(config, skipped, read, last_saved)
+    every = config.checkpoint.every_steps
+    eval_every = config.eval.every_steps
+    if (every and step % every == 0) or (eval_every and step % eval_every == 0):
+      save(step)
+    if eval_every and step % eval_every == 0 and step < config.steps:
+      t_eval = time.time()
       manager.wait_until_finished()
-  finally:
-    bar.close()
-    writer.close()
-    manager.close()
+      try:
+        with flag.abortable():   # saved: a signal need not wait for the evaluation
+          writers.run_evaluations(config, workdir, step)
+      except checkpointing.Interrupted:
+        status = "preempted"
+        break
+      paused = time.time() - t_eval     # kept out of step time and img/s
+      t_log, eval_s = t_log + paused, eval_s + paused
+  if last_saved != step:
+    save(step)
+  manager.wait_until_finished()
+  bar.close()
 
   wall = time.time() - t_run - eval_s
   ran = step - start_step
   ordered = [losses[k] for k in sorted(losses)]
   window = min(config.log_every_steps, len(ordered)) or 1
-  summary = dict(method=config.method, status=status, start_step=start_step, step=step,
+  skipped, read = data_counts(source, host_batch)
+  summary = dict(method=config.method, status=status, signal=flag.signum,
+                 start_step=start_step, step=step,
                  loss_first=float(np.mean(ordered[:window])) if ordered else None,
                  loss_last=float(np.mean(ordered[-window:])) if ordered else None,
                  losses=losses, setup_s=setup_s, compile_s=compile_s, wall_s=wall,
                  step_time_s=wall / max(ran, 1),
                  img_per_s_per_device=config.batch_size * ran / max(wall, 1e-9) / devices,
+                 records_read=read, records_skipped=skipped,
                  checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step)))
   say(summary_line(summary))
+  check_corrupt(config, skipped, read, last_saved, final=True)
   if status == "done" and config.eval.at_end:
-    summary["eval"] = writers.run_evaluations(config, workdir, step)
+    try:
+      with flag.abortable():
+        summary["eval"] = writers.run_evaluations(config, workdir, step)
+    except checkpointing.Interrupted:
+      summary["signal"] = flag.signum
+      say(f"Evaluation stopped by {signal_name(flag.signum)}; the run is trained and saved. "
+          f"Evaluate it with: python -m detcon_jax.evaluate --workdir={workdir}")
   return summary
+
+
+def signal_name(signum) -> str:
+  return signal.Signals(signum).name
+
+
+def exit_status(summary: dict) -> int | None:
+  """The CLI's exit status: 128 + the signal that stopped the run (143 SIGTERM, 130
+  SIGINT, as if it had killed the process, so that schedulers rerun the command,
+  which resumes); 143 for a multi-host preemption; None when the run just ended."""
+  if summary.get("signal"):
+    return 128 + summary["signal"]
+  return 128 + signal.SIGTERM if summary["status"] == "preempted" else None
 
 
 def summary_line(s: dict) -> str:
   """One line for the end of a run."""
   loss = (f"loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} (first/last log interval)"
           if s["loss_first"] is not None else "no steps run")
+  records = (f"{s['records_skipped']} of {s['records_read']} records read were unreadable "
+             "(skipped) | " if s.get("records_read") else "")
   return (f"[{s['method']}] {s['status']}: steps {s['start_step']}->{s['step']} in "
           f"{s['wall_s']:.1f}s (+{s['compile_s']:.1f}s compile) | {s['step_time_s']:.3f} s/step | "
-          f"{s['img_per_s_per_device']:.1f} img/s/device | {loss} | checkpoint {s['checkpoint']}")
+          f"{s['img_per_s_per_device']:.1f} img/s/device | {loss} | {records}"
+          f"checkpoint {s['checkpoint']}")
 
+
+# Errors a user can act on: the CLI prints them as one `error:` line.
+USER_ERRORS = (ConfigError, NonFiniteLossError, InputError, checkpointing.WorkdirError)
 
 __all__ = ["train", "init_train_state", "make_train_step",
-           "NonFiniteLossError", "ConfigError", "records_batches", "summary_line"]
+           "NonFiniteLossError", "InputError", "ConfigError", "USER_ERRORS", "records_batches",
+           "summary_line", "exit_status"]

@@ -48,10 +48,18 @@ def _warmup_piecewise(peak: float, warmup_steps: int, steps: int) -> Schedule:
 LR_SCHEDULES = {"cosine": _warmup_cosine, "piecewise": _warmup_piecewise}
 
 
+def warmup_steps(opt_config, steps: int) -> int:
+  """config.optimizer.warmup_steps when set, else warmup_fraction of the run's steps
+  (presets use the fraction, so that overriding config.steps alone keeps a valid run)."""
+  if opt_config.get("warmup_steps") is not None:
+    return int(opt_config.warmup_steps)
+  return int(opt_config.get("warmup_fraction", 0.0) * steps + 1e-9)
+
+
 def learning_rate_schedule(opt_config, batch_size: int, steps: int) -> Schedule:
   """config.optimizer -> step -> learning rate (peak = base_lr * batch/256)."""
   make = LR_SCHEDULES[opt_config.schedule]
-  return make(scaled_lr(opt_config.base_lr, batch_size), opt_config.warmup_steps, steps)
+  return make(scaled_lr(opt_config.base_lr, batch_size), warmup_steps(opt_config, steps), steps)
 
 
 def ema_decay(step, tau0: float, steps: int):
