@@ -7,8 +7,8 @@
   python -m data_pipelines.build --source=tfds:imagenet2012 --data_dir=gs://B/tfds \
       --out=gs://B/records/imagenet --masks=fh,grid --runner=beam \
       --beam_runner=DataflowRunner --project=P --region=us-central1 \
-      --temp_location=gs://B/tmp --setup_file=./setup_dataflow.py  (or --extra_package=dist/*.tar.gz)
-      --max_num_workers=64 --machine_type=n2-highcpu-16
+      --temp_location=gs://B/tmp --max_num_workers=8 --machine_type=n2-highcpu-16 \
+      --extra_package=dist/detcon_jax-0.1.0-py3-none-any.whl  # pip wheel --no-deps -w dist .
 
 The unit of work is one shard: Create(shard jobs) -> Reshuffle (spread them
 over workers) -> ParDo(read inputs, masks, encode, write the shard and its

@@ -325,12 +325,10 @@ def main(argv=None):
   import argparse
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="With --runner=beam, unknown flags are Beam pipeline "
-                              "options (e.g. --direct_num_workers=2 "
-                              "--direct_running_mode=multi_processing, or --runner=... is taken "
-                              "by this CLI, so pass Dataflow as --beam_runner=DataflowRunner "
-                              "--project=P --region=R --temp_location=gs://B/tmp "
-                              "--requirements_file=... ); see README.")
+                              epilog="With --runner=beam, flags this CLI does not know are Beam "
+                              "pipeline options, e.g. --direct_num_workers=2, or for Dataflow "
+                              "--beam_runner=DataflowRunner --project=P --region=R "
+                              "--temp_location=gs://B/tmp --extra_package=WHEEL (see README).")
   p.add_argument("--source", required=True, help="demo | folder:PATH | tfds:NAME")
   p.add_argument("--out", required=True,
                  help="output directory (local or gs://) for shards + manifest.json")
