@@ -103,9 +103,6 @@ def process_shard(job: dict) -> dict:
   return dict(records=recs, skipped=skipped)
 
 
-_process_shard = process_shard   # the name spawned workers of older builds pickled
-
-
 def payload(plan: dict, job: dict) -> dict:
   """The job with its inputs readable by a worker (tfds slices are decoded here)."""
   if plan["kind"] == "tfds" and job["items"]:
@@ -122,9 +119,6 @@ def write_shard(out_dir, fname, result, settings) -> dict:
               settings=settings, **digest)
   records.write_text(path + ".json", json.dumps(side))
   return side
-
-
-_write_shard = write_shard
 
 
 def _done(out_dir, fname, settings):
