@@ -7,9 +7,12 @@ Prints
     A.1 BYOL tables) with masks (views whose spec carries the 'masks' field:
     decode one FH map, crop/flip it with the views, sample 16 ids) and without,
     and their ratio (the cost of carrying masks);
-  * FH precompute images/s/core for each backend (skimage, opencv) at the demo
-    size with demo scales and at 224 px with the paper's scales, and with all
-    cores (a process pool, as the build uses);
+  * FH precompute images/s/core, three scales per image: the build's kernel
+    (masks/fh_kernel.py, numba; maps identical to scikit-image's) against
+    scikit-image's felzenszwalb called per scale, alternating image by image in
+    one run, with their ratio, on demo scenes at 96 px (demo scales) and 224 px
+    and on real photos at 224 px (paper scales); then the OpenCV backend, and
+    all cores (a process pool, as the build uses);
   * how closely OpenCV's graph segmentation matches scikit-image's (adjusted
     Rand index, average best overlap, segment counts): the OpenCV backend is
     only a drop-in replacement if these say the segmentations are the same.
@@ -70,15 +73,46 @@ def _images(n, size):
 def fh_rate(images, scales, backend):
   t = time.perf_counter()
   for img in images:
-    for s in scales:
-      fh.compute(img, s, backend=backend)
+    fh.compute_scales(img, scales, backend=backend)
   return len(images) / (time.perf_counter() - t)
+
+
+def photos_224(n):
+  """Real photos shipped inside installed packages, shorter side 224, centre crops."""
+  from data_pipelines.decode import resize_shorter
+  out = []
+  for _, photo in demo.photos():
+    img = resize_shorter(photo, 224)
+    h, w = img.shape[:2]
+    for k in range(3):            # three crops per photo (left/centre/right or top/mid/bottom)
+      y, x = (h - 224) * k // 2, (w - 224) * k // 2
+      out.append(np.ascontiguousarray(img[y:y + 224, x:x + 224]))
+  return (out * (n // len(out) + 1))[:n]
+
+
+def kernel_vs_skimage(images, scales, rounds=2):
+  """(kernel images/s, scikit-image images/s, identical maps) on one core, alternating
+  image by image so both see the same machine load; all maps are compared."""
+  from skimage.segmentation import felzenszwalb
+  fh.compute_scales(images[0], scales)                   # compile / load the kernel cache
+  tk = ts = 0.0
+  same = True
+  for _ in range(rounds):
+    for img in images:
+      t = time.perf_counter()
+      ours = fh.compute_scales(img, scales)
+      tk += time.perf_counter() - t
+      t = time.perf_counter()
+      ref = [felzenszwalb(img, scale=s, sigma=fh.PAPER_SIGMA, min_size=s) for s in scales]
+      ts += time.perf_counter() - t
+      same &= all(np.array_equal(a, b) for a, b in zip(ours, ref))
+  n = rounds * len(images)
+  return n / tk, n / ts, same
 
 
 def _fh_chunk(images):
   for img in images:
-    for s in fh.scales_for(96):
-      fh.compute(img, s)
+    fh.compute_scales(img, fh.scales_for(96))
   return len(images)
 
 
@@ -113,12 +147,18 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--fh_images", type=int, default=40)
+  p.add_argument("--fh_only", action="store_true", help="only the FH precompute figures")
   a = p.parse_args(argv)
-  records = a.records or os.path.join(tempfile.gettempdir(), "detcon_demo_records")
-  build.ensure_demo_records(records)
   cores = os.cpu_count() or 1
   print(f"# input pipeline benchmark ({cores} cores, load {os.getloadavg()[0]:.1f})")
+  if not a.fh_only:
+    records = a.records or os.path.join(tempfile.gettempdir(), "detcon_demo_records")
+    build.ensure_demo_records(records)
+    print_input_rates(records, a)
+  print_fh_rates(a, cores)
 
+
+def print_input_rates(records, a):
   wall, cpu = input_rates(records, a.batch_size, a.image_size, a.steps)
   print(f"two-view augmentation @{a.image_size}px, batch {a.batch_size} (median of 2 rounds):\n"
         f"  with masks    {wall[True]:.0f} ex/s wall, {cpu[True]:.2f} CPU ms/example\n"
@@ -126,6 +166,18 @@ def main(argv=None):
         f"  cost of carrying masks: CPU ratio with/without {cpu[True] / cpu[False]:.2f}, "
         f"wall ratio {wall[False] / wall[True]:.2f}")
 
+
+def print_fh_rates(a, cores):
+  if fh._kernel() is not None:
+    for images, scales, label in (
+        (_images(a.fh_images, 96), fh.scales_for(96), "demo scenes 96px"),
+        (_images(a.fh_images, 224), fh.PAPER_SCALES, "demo scenes 224px"),
+        (photos_224(a.fh_images), fh.PAPER_SCALES, "real photos 224px")):
+      k, r, same = kernel_vs_skimage(images, scales)
+      print(f"FH kernel vs scikit-image, {label}, scales {scales}, 1 core: {k:.1f} vs "
+            f"{r:.1f} images/s = x{k / r:.2f}; maps identical: {same}")
+  else:
+    print("FH kernel: numba not installed; the build uses scikit-image per scale")
   try:
     import cv2  # noqa: F401
     backends = list(fh.BACKENDS)
@@ -133,11 +185,12 @@ def main(argv=None):
     backends = ["skimage"]
   for size, scales, label in ((96, fh.scales_for(96), "demo 96px, scales"),
                               (224, fh.PAPER_SCALES, "224px, paper scales")):
+    if "opencv" not in backends:
+      break
     imgs = _images(a.fh_images, size)
     rates = {b: fh_rate(imgs, scales, b) for b in backends}
     txt = ", ".join(f"{b} {r:.1f}" for b, r in rates.items())
-    ratio = (f"; opencv/skimage {rates['opencv'] / rates['skimage']:.1f}x"
-             if "opencv" in rates else "")
+    ratio = f"; opencv/skimage(kernel) {rates['opencv'] / rates['skimage']:.1f}x"
     print(f"FH precompute, {label} {scales} (3 maps/image), 1 core: {txt} images/s{ratio}")
     if "opencv" in backends:
       for s, ari, ab, ns, no, same in agreement(imgs[:20], scales):
@@ -152,7 +205,7 @@ def main(argv=None):
     t = time.perf_counter()
     list(pool.map(_fh_chunk, chunks))
     all_cores = len(imgs) / (time.perf_counter() - t)
-  print(f"FH precompute, demo 96px, skimage, all {cores} cores (process pool): "
+  print(f"FH precompute, demo 96px, build's FH, all {cores} cores (process pool): "
         f"{all_cores:.1f} images/s = {all_cores / cores:.1f} images/s/core")
 
 if __name__ == "__main__":

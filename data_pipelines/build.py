@@ -1,17 +1,27 @@
 """Build sharded TFRecords with precomputed masks, plus manifest.json.
 
   python -m data_pipelines.build --source=demo|folder:PATH|tfds:NAME --out=DIR \
-      --masks=fh,grid[,gt] [--workers=N] [--image_size=S] [--shard_size=N]
+      --masks=fh,grid[,gt] [--workers=N] [--image_size=S] [--shard_size=N] \
+      [--runner=local|beam [Beam pipeline options, e.g. --direct_num_workers=2]]
 
-The expensive segmentation runs here once, in parallel worker processes, never
-in the training input loop. Each shard is written to a temporary file, renamed
-when complete, and described by a sidecar `<shard>.json`; a rerun skips shards
-whose sidecar matches the current settings, so an interrupted build resumes.
-Inputs that cannot be used (unreadable, truncated, too small) are skipped,
-counted and listed with the reason in the manifest; the build goes on.
+The expensive segmentation runs here once, never in the training input loop.
+Sources (sources.py) say what to build; decode.py turns each input into uint8
+RGB at the stored size; this module computes masks, encodes and writes shards.
 
-Workers are spawned (not forked) and import only numpy/PIL/skimage; the main
-process serializes tf.train.Examples and writes the shards.
+Runners: 'local' (default) uses worker processes on this machine; 'beam' runs
+the same per-shard function as an Apache Beam pipeline (beam.py: the
+DirectRunner locally, Dataflow with the usual pipeline options). Both write
+byte-identical shards (records.py serializes deterministically).
+
+Each shard is written to a temporary file, moved into place when complete, and
+described by a sidecar `<shard>.json` (count, size, sha256, settings); a rerun
+skips shards whose sidecar matches the current settings, so an interrupted
+build resumes. Inputs that cannot be used (unreadable, truncated, too small)
+are skipped, counted and listed with the reason in the manifest; the build
+goes on. OUT may be a local directory or a gs:// URL.
+
+Workers are spawned (not forked) and import only numpy/PIL/skimage(/numba);
+the main process serializes tf.train.Examples and writes the shards.
 """
 from __future__ import annotations
 
@@ -22,137 +32,18 @@ import multiprocessing
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
-from PIL import Image
 
 from data_pipelines import demo as demo_lib
 from data_pipelines import masks as masks_lib
-from data_pipelines import records
+from data_pipelines import records, sources
+from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MIN_SIDE,  # noqa: F401 (API)
+                                   load_image_file, prepare, resize_shorter, to_rgb_uint8)
 from data_pipelines.masks import fh
+from data_pipelines.sources import IMAGE_SUFFIXES  # noqa: F401 (API)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEFAULT_IMAGE_SIZE = 224          # shorter side of stored real images (paper FH scale)
-DEFAULT_MIN_SIDE = 32             # smaller inputs are skipped and reported
-
-
-# ----------------------------------------------------------------- decoding
-def to_rgb_uint8(img: Image.Image) -> np.ndarray:
-  """Any PIL image -> uint8 RGB: grayscale, palette, RGBA (over white), CMYK, 16-bit."""
-  mode = img.mode
-  if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-    arr = np.asarray(img).astype(np.float64)
-    top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-    arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return np.repeat(arr[..., None], 3, axis=2)
-  if mode in ("RGBA", "LA", "PA", "P"):
-    img = img.convert("RGBA")
-    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    img = Image.alpha_composite(white, img)
-  return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def load_image_file(path: str) -> np.ndarray:
-  """Decode a file fully (truncated files raise here, not later)."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    with Image.open(path) as img:
-      img.load()
-      return to_rgb_uint8(img)
-
-
-def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
-  """Resize so the shorter side is `size`, keeping the aspect ratio."""
-  h, w = image.shape[:2]
-  if min(h, w) == size:
-    return image
-  scale = size / min(h, w)
-  new = (max(1, round(w * scale)), max(1, round(h * scale)))
-  return np.asarray(Image.fromarray(image).resize(new, Image.BICUBIC))
-
-
-# ----------------------------------------------------------------- sources
-def _plan(source: str, opts: dict) -> dict:
-  """What to build: per split a list of items, plus dataset-level facts."""
-  if source == "demo":
-    d = {k: opts.get(k, v) for k, v in demo_lib.DEFAULTS.items()}
-    d["size"] = opts.get("image_size") or d["size"]
-    return dict(kind="demo", demo=d, demo_version=demo_lib.VERSION, image_size=d["size"],
-                has_gt=True,
-                num_classes=demo_lib.NUM_CLASSES, class_names=list(demo_lib.CLASSES),
-                splits={"train": list(range(d["num_train"])),
-                        "test": list(range(d["num_test"]))},
-                photos=[n for n, _ in demo_lib.photos()])
-  if source.startswith("folder:"):
-    return _plan_folder(source[len("folder:"):])
-  if source.startswith("tfds:"):
-    return _plan_tfds(source[len("tfds:"):], opts)
-  raise ValueError(f"Unknown --source={source!r}; use demo, folder:PATH or tfds:NAME.")
-
-
-def _images_under(path: str) -> list[str]:
-  out = []
-  for root, _, files in os.walk(path):
-    out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-  return sorted(out)
-
-
-def _plan_folder(path: str) -> dict:
-  """Splits from train/test/val subfolders if present; labels from class subfolders."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"--source=folder:{path}: no such directory.")
-  subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-  split_dirs = {s: os.path.join(path, s) for s in ("train", "test", "val") if s in subdirs}
-  if not split_dirs:
-    split_dirs = {"train": path}
-  class_names = sorted({d for sd in split_dirs.values() for d in os.listdir(sd)
-                        if os.path.isdir(os.path.join(sd, d))})
-  splits = {}
-  for split, sd in split_dirs.items():
-    items = []
-    for f in _images_under(sd):
-      top = os.path.relpath(f, sd).split(os.sep)[0]
-      items.append((f, class_names.index(top) if top in class_names and top != os.path.basename(f)
-                    else -1))
-    splits[split] = items
-  if not any(splits.values()):
-    raise ValueError(f"--source=folder:{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
-  return dict(kind="folder", path=path, has_gt=False, num_classes=len(class_names),
-              class_names=class_names, splits=splits)
-
-
-def _plan_tfds(name: str, opts: dict) -> dict:
-  import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=opts.get("data_dir"))
-  info = builder.info
-  if "image" not in info.features:
-    raise ValueError(f"tfds:{name} has no 'image' feature; features: {list(info.features)}.")
-  label = info.features["label"] if "label" in info.features else None
-  names = list(getattr(label, "names", []) or [])
-  counts = {s: info.splits[s].num_examples for s in info.splits}
-  if not counts:            # no split metadata (e.g. tfds.testing.mock_data): count them
-    for s in ("train", "validation", "test"):
-      try:
-        counts[s] = int(builder.as_dataset(split=s).reduce(0, lambda n, _: n + 1))
-      except Exception:
-        continue
-  if not counts:
-    raise ValueError(f"tfds:{name} has no readable splits; is it prepared in data_dir?")
-  return dict(kind="tfds", name=name, data_dir=opts.get("data_dir"), has_gt=False,
-              num_classes=len(names) if names else 0, class_names=names,
-              splits={s: list(range(n)) for s, n in counts.items()})
-
-
-def _tfds_payload(plan, split, items) -> list:
-  """Read a tfds slice in the main process (mock_data and data_dir apply here)."""
-  import tensorflow_datasets as tfds
-  builder = tfds.builder(plan["name"], data_dir=plan["data_dir"])
-  ds = builder.as_dataset(split=f"{split}[{items[0]}:{items[-1] + 1}]", shuffle_files=False)
-  out = []
-  for i, ex in zip(items, tfds.as_numpy(ds)):
-    out.append((i, ex["image"], int(ex.get("label", -1))))
-  return out
+RUNNERS = ("local", "beam")
 
 
 # ----------------------------------------------------------------- worker side
@@ -173,22 +64,14 @@ def _finish(image, index, example_id, label, specs, opts, instances=None, classe
 
 def _prepare(image, opts):
   """Check size and resize a decoded real image; returns (image, None) or (None, reason)."""
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=2)
-  if image.shape[2] == 1:
-    image = np.repeat(image, 3, axis=2)
-  image = image[..., :3]
-  if image.dtype != np.uint8:
-    top = 65535.0 if image.max() > 255 else 255.0
-    image = np.clip(image.astype(np.float64) / top * 255 + 0.5, 0, 255).astype(np.uint8)
-  h, w = image.shape[:2]
-  if min(h, w) < opts["min_side"]:
-    return None, f"too small: {w}x{h} px, shorter side < --min_side={opts['min_side']}"
-  return resize_shorter(image, opts["image_size"]), None
+  return prepare(image, opts["image_size"], opts["min_side"])
 
 
-def _process_shard(job: dict) -> dict:
-  """Runs in a worker: decode/generate, mask and encode one shard's inputs."""
+def process_shard(job: dict) -> dict:
+  """Decode/generate, mask and encode one shard's inputs (a worker's whole job).
+
+  Returns {'records': [record dicts for records.example_bytes], 'skipped': [...]}.
+  """
   opts, specs, split = job["opts"], job["specs"], job["split"]
   recs, skipped = [], []
   for item in job["items"]:
@@ -206,7 +89,7 @@ def _process_shard(job: dict) -> dict:
       except Exception as e:                 # unreadable / truncated / not an image
         skipped.append(dict(split=split, input=path, reason=f"{type(e).__name__}: {e}"))
         continue
-    else:                                    # tfds: already decoded in the main process
+    else:                                    # tfds: decoded by payload()
       index, image, label = item
       example_id = f"{split}/{index}"
     image, reason = _prepare(np.asarray(image), opts)
@@ -220,45 +103,43 @@ def _process_shard(job: dict) -> dict:
   return dict(records=recs, skipped=skipped)
 
 
-# ----------------------------------------------------------------- main side
-def _write_shard(out_dir, fname, result, settings):
-  import tensorflow as tf
-  path = os.path.join(out_dir, fname)
-  with tf.io.TFRecordWriter(path + ".tmp") as w:
-    for rec in result["records"]:
-      w.write(records.example_bytes(**rec))
-  os.replace(path + ".tmp", path)
+def payload(plan: dict, job: dict) -> dict:
+  """The job with its inputs readable by a worker (tfds slices are decoded here)."""
+  if plan["kind"] == "tfds" and job["items"]:
+    return dict(job, items=sources.tfds_payload(plan, job["split"], job["items"]))
+  return job
+
+
+# ----------------------------------------------------------------- writing
+def write_shard(out_dir, fname, result, settings) -> dict:
+  """Shard file + its sidecar; returns the sidecar (count, bytes, sha256, skipped)."""
+  path = records.join(out_dir, fname)
+  digest = records.write_shard(path, (records.example_bytes(**r) for r in result["records"]))
   side = dict(file=fname, count=len(result["records"]), skipped=result["skipped"],
-              settings=settings)
-  with open(path + ".json.tmp", "w") as f:
-    json.dump(side, f)
-  os.replace(path + ".json.tmp", path + ".json")
+              settings=settings, **digest)
+  records.write_text(path + ".json", json.dumps(side))
   return side
 
 
 def _done(out_dir, fname, settings):
   """The sidecar of a complete shard built with the same settings and inputs, else None."""
-  path = os.path.join(out_dir, fname)
+  path = records.join(out_dir, fname)
   try:
-    with open(path + ".json") as f:
-      side = json.load(f)
+    side = json.loads(records.read_text(path + ".json"))
   except (OSError, ValueError):
     return None
-  return side if side.get("settings") == settings and os.path.exists(path) else None
+  except Exception as e:                       # tf.errors.NotFoundError on gs://
+    if type(e).__name__ == "NotFoundError":
+      return None
+    raise
+  return side if side.get("settings") == settings and records.exists(path) else None
 
 
-def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | None = None,
-          **opts) -> dict:
-  """Build records for `source` into out_dir and return the manifest.
-
-  opts: image_size (demo side / real shorter side), shard_size, fh_scales,
-  fh_backend ('skimage'|'opencv'), grid_sizes, min_side, image_format,
-  progress, data_dir (tfds), and the demo's num_train, num_test, seed,
-  bg_correlation, max_objects. The demo defaults to FH scales rescaled to its
-  image size (fh.scales_for); real data defaults to the paper's scales.
-  """
-  t0 = time.time()
-  plan = _plan(source, opts)
+# ----------------------------------------------------------------- the build
+def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) -> dict:
+  """Everything a runner needs: the source plan, mask specs, and the shard jobs
+  still to do (complete shards with matching sidecars are kept in 'sides')."""
+  plan = sources.plan(source, opts)
   kinds = masks.split(",") if isinstance(masks, str) else list(masks)
   if "gt" in kinds and not plan["has_gt"]:
     raise ValueError(f"--masks includes 'gt' but {source} has no instance maps; "
@@ -274,7 +155,7 @@ def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | 
                demo=plan.get("demo"), demo_version=plan.get("demo_version"))
   shard_size = int(opts.get("shard_size") or (250 if plan["kind"] == "demo" else 1000))
   settings = dict(source=source, specs=specs, opts=wopts, shard_size=shard_size)
-  os.makedirs(out_dir, exist_ok=True)
+  records.makedirs(out_dir)
 
   jobs, sides = [], {}
   for split, items in plan["splits"].items():
@@ -291,24 +172,30 @@ def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | 
         jobs.append(dict(kind=plan["kind"], split=split, fname=fname, items=chunk,
                          first_index=s * shard_size, opts=wopts, specs=specs,
                          settings=shard_settings))
+  return dict(source=source, out_dir=out_dir, plan=plan, specs=specs, size=size,
+              fh_scales=tuple(fh_scales), jobs=jobs, sides=sides)
+
+
+def run_job(out_dir: str, plan: dict, job: dict) -> dict:
+  """payload -> process_shard -> write_shard, all in one place (a Beam worker's step)."""
+  return write_shard(out_dir, job["fname"], process_shard(payload(plan, job)), job["settings"])
+
+
+def _run_local(b: dict, workers: int | None, progress: bool) -> None:
+  jobs, out_dir, plan = b["jobs"], b["out_dir"], b["plan"]
   total = sum(len(j["items"]) for j in jobs)
   workers = max(1, int(workers or os.cpu_count() or 1))
   from tqdm import tqdm
-  bar = tqdm(total=total, desc=f"build {source}", unit="img", file=sys.stderr,
-             disable=not opts.get("progress", True) or total == 0)
-
-  def payload(job):
-    if plan["kind"] == "tfds" and job["items"]:
-      job = dict(job, items=_tfds_payload(plan, job["split"], job["items"]))
-    return job
+  bar = tqdm(total=total, desc=f"build {b['source']}", unit="img", file=sys.stderr,
+             disable=not progress or total == 0)
 
   def finish(job, result):
-    sides[job["fname"]] = _write_shard(out_dir, job["fname"], result, job["settings"])
+    b["sides"][job["fname"]] = write_shard(out_dir, job["fname"], result, job["settings"])
     bar.update(len(job["items"]))
 
   if workers == 1 or len(jobs) <= 1:
     for job in jobs:
-      finish(job, _process_shard(payload(job)))
+      finish(job, process_shard(payload(plan, job)))
   else:
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -316,31 +203,61 @@ def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | 
       while todo or pending:           # at most 2 shards per worker in flight (memory)
         while todo and len(pending) < 2 * workers:
           job = todo.pop(0)
-          pending[pool.submit(_process_shard, payload(job))] = job
+          pending[pool.submit(process_shard, payload(plan, job))] = job
         done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
         for fut in done:
           finish(pending.pop(fut), fut.result())
   bar.close()
 
+
+def finish_manifest(b: dict, seconds: float, **extra) -> dict:
+  """manifest.json from the shards' sidecars (written last: its presence means complete)."""
+  plan, sides, fh_scales = b["plan"], b["sides"], b["fh_scales"]
   splits, skipped = {}, []
   for split in plan["splits"]:
     names = sorted(f for f in sides if f.startswith(split + "-"))
-    shards = [dict(file=f, count=sides[f]["count"]) for f in names]
+    shards = [{k: sides[f][k] for k in ("file", "count", "bytes", "sha256") if k in sides[f]}
+              for f in names]
     splits[split] = dict(count=sum(s["count"] for s in shards), shards=shards)
     skipped += [x for f in names for x in sides[f]["skipped"]]
   manifest = dict(
-      schema_version=records.SCHEMA_VERSION, complete=True, source=source,
-      image_size=size, image_size_meaning=("square side" if plan["kind"] == "demo"
-                                           else "shorter side"),
+      schema_version=records.SCHEMA_VERSION, complete=True, source=b["source"],
+      image_size=b["size"], image_size_meaning=("square side" if plan["kind"] == "demo"
+                                                else "shorter side"),
       num_classes=plan["num_classes"], class_names=plan["class_names"],
-      has_gt=plan["has_gt"], splits=splits, masks=specs,
+      has_gt=plan["has_gt"], splits=splits, masks=b["specs"],
       fh_scale_rule=(f"paper scales x (image_size/224)^{fh.SCALE_EXPONENT} (fh.scales_for: "
                      "keeps the 224 px segment counts at smaller sizes)"
                      if tuple(fh_scales) != fh.PAPER_SCALES else "paper scales"),
       skipped=skipped, num_skipped=len(skipped), demo=plan.get("demo"),
-      demo_version=plan.get("demo_version"), demo_photos=plan.get("photos"), build_seconds=round(time.time() - t0, 1))
-  records.write_manifest(out_dir, manifest)
+      demo_version=plan.get("demo_version"), demo_photos=plan.get("photos"),
+      build_seconds=round(seconds, 1), **extra)
+  records.write_manifest(b["out_dir"], manifest)
   return manifest
+
+
+def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | None = None,
+          runner: str = "local", beam_options=(), **opts) -> dict:
+  """Build records for `source` into out_dir and return the manifest.
+
+  opts: image_size (demo side / real shorter side), shard_size, fh_scales,
+  fh_backend ('skimage'|'opencv'), grid_sizes, min_side, image_format,
+  progress, data_dir (tfds), and the demo's num_train, num_test, seed,
+  bg_correlation, max_objects. The demo defaults to FH scales rescaled to its
+  image size (fh.scales_for); real data defaults to the paper's scales.
+  runner: 'local' (processes, `workers` of them) or 'beam' (beam_options are
+  Beam pipeline flags, e.g. ['--direct_num_workers=2'] or Dataflow's).
+  """
+  if runner not in RUNNERS:
+    raise ValueError(f"Unknown runner {runner!r}; choose one of {RUNNERS}.")
+  t0 = time.time()
+  b = plan_build(source, out_dir, masks, **opts)
+  if runner == "beam":
+    from data_pipelines import beam
+    beam.run(b, list(beam_options))
+  else:
+    _run_local(b, workers, opts.get("progress", True))
+  return finish_manifest(b, time.time() - t0)
 
 
 def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_classes: int = 0,
@@ -351,7 +268,7 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
   instances=None, classes=None)]}; indices are positions in each list. Uses the
   same writer and manifest as `build`, so readers see no difference.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  records.makedirs(out_dir)
   splits, names, has_gt = {}, set(), True
   for split, exs in examples.items():
     n_shards = max(1, -(-len(exs) // shard_size))
@@ -370,8 +287,8 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
           rec.update(instances=records.encode_ids(ex["instances"]), classes=ex["classes"])
         recs.append(rec)
       fname = records.shard_name(split, s, n_shards)
-      side = _write_shard(out_dir, fname, dict(records=recs, skipped=[]), {"source": source})
-      shards.append(dict(file=fname, count=side["count"]))
+      side = write_shard(out_dir, fname, dict(records=recs, skipped=[]), {"source": source})
+      shards.append({k: side[k] for k in ("file", "count", "bytes", "sha256")})
     splits[split] = dict(count=sum(x["count"] for x in shards), shards=shards)
   manifest = dict(schema_version=records.SCHEMA_VERSION, complete=True, source=source,
                   image_size=None, num_classes=num_classes, class_names=list(class_names),
@@ -401,11 +318,22 @@ def ensure_demo_records(out_dir: str, **opts) -> dict:
 def main(argv=None):
   import argparse
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="With --runner=beam, flags this CLI does not know are Beam "
+                              "pipeline options, e.g. --direct_num_workers=2, or for Dataflow "
+                              "--beam_runner=DataflowRunner --project=P --region=R "
+                              "--temp_location=gs://B/tmp --extra_package=WHEEL (see README).")
   p.add_argument("--source", required=True, help="demo | folder:PATH | tfds:NAME")
-  p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+  p.add_argument("--out", required=True,
+                 help="output directory (local or gs://) for shards + manifest.json")
   p.add_argument("--masks", default="fh,grid", help="comma list of fh, grid, gt")
-  p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+  p.add_argument("--runner", default="local", choices=RUNNERS,
+                 help="local: worker processes here; beam: an Apache Beam pipeline")
+  p.add_argument("--beam_runner", default="DirectRunner",
+                 help="with --runner=beam: DirectRunner (local) or DataflowRunner")
+  p.add_argument("--workers", type=int, default=None,
+                 help="local runner: processes (default: all cores); beam DirectRunner: "
+                 "--direct_num_workers")
   p.add_argument("--image_size", type=int, default=None,
                  help="demo: square side (96); real images: shorter side (224)")
   p.add_argument("--shard_size", type=int, default=None,
@@ -421,13 +349,26 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=None, help="demo only")
   p.add_argument("--bg_correlation", type=float, default=None, help="demo only, in [0, 1]")
   p.add_argument("--data_dir", default=None, help="tfds data_dir")
-  a = p.parse_args(argv)
+  a, rest = p.parse_known_args(argv)
+  if rest and a.runner != "beam":
+    p.error(f"unrecognized arguments: {' '.join(rest)} (Beam options need --runner=beam)")
   opts = {k: v for k, v in vars(a).items()
-          if v is not None and k not in ("source", "out", "masks", "workers")}
+          if v is not None and k not in ("source", "out", "masks", "workers", "runner",
+                                         "beam_runner")}
   if "fh_scales" in opts:
     opts["fh_scales"] = tuple(int(s) for s in opts["fh_scales"].split(","))
   opts["grid_sizes"] = tuple(int(s) for s in a.grid_sizes.split(","))
-  m = build(a.source, a.out, masks=a.masks, workers=a.workers, **opts)
+  beam_options = []
+  if a.runner == "beam":
+    beam_options = [f"--runner={a.beam_runner}"] + rest
+    if a.workers and a.beam_runner == "DirectRunner" and not any(
+        r.startswith("--direct_num_workers") for r in rest):
+      beam_options.append(f"--direct_num_workers={a.workers}")
+  try:
+    m = build(a.source, a.out, masks=a.masks, workers=a.workers, runner=a.runner,
+              beam_options=beam_options, **opts)
+  except ImportError as e:
+    sys.exit(f"error: {e}")
   counts = ", ".join(f"{s}: {v['count']}" for s, v in m["splits"].items())
   print(f"Wrote {a.out}: {counts}; masks {', '.join(m['masks'])}; "
         f"{m['num_skipped']} inputs skipped (see manifest.json); {m['build_seconds']} s.")

@@ -15,8 +15,17 @@ The reference DetCon code stored FH ids as uint8, silently merging segments in
 images with >255 of them; 16-bit PNG keeps them apart and stays compact.
 
 manifest.json beside the shards: schema version, counts and shard files per
-split, image size, classes, mask names with their settings, skipped inputs and
-why. TensorFlow is imported lazily so spawned build workers stay light.
+split (each with its record count, size in bytes and sha256; manifests written
+before those two fields still read), image size, classes, mask names with their
+settings, skipped inputs and why.
+
+Reproducible bytes: features are serialized with deterministic=True (map keys
+sorted), and PNG/JPEG encoding is a pure function of the pixels, so two builds
+of the same inputs -- serial, parallel or on Beam -- write identical shards.
+
+Paths may be local or URLs (gs://...): every file operation here goes through
+tf.io.gfile, which is also what tf.data reads with. TensorFlow is imported
+lazily so spawned build workers stay light.
 """
 from __future__ import annotations
 
@@ -24,7 +33,9 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import struct
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -88,7 +99,8 @@ def example_bytes(*, image: bytes, fmt: str, height: int, width: int, index: int
     feats[SALIENCY] = b(saliency)
   if background is not None:
     feats[BACKGROUND] = b(background)
-  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+  example = tf.train.Example(features=tf.train.Features(feature=feats))
+  return example.SerializeToString(deterministic=True)
 
 
 def feature_spec(mask_names=(), gt=False) -> dict:
@@ -109,23 +121,109 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
   return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord"
 
 
+def is_remote(path: str) -> bool:
+  """gs://, s3://, ram://... (tf.io.gfile handles them); local paths otherwise."""
+  return "://" in str(path)
+
+
+def join(directory: str, name: str) -> str:
+  return posixpath.join(directory, name) if is_remote(directory) else os.path.join(directory, name)
+
+
+def _gfile():
+  import tensorflow as tf
+  return tf.io.gfile
+
+
+def makedirs(directory: str) -> None:
+  if is_remote(directory):
+    _gfile().makedirs(directory)
+  else:
+    os.makedirs(directory, exist_ok=True)
+
+
+def write_text(path: str, text: str) -> None:
+  """Atomic on local disks (temp + rename); a single object write on GCS (also atomic)."""
+  if is_remote(path):
+    gfile = _gfile()
+    if gfile.exists(path):       # some filesystems (ram://) append rather than replace
+      gfile.remove(path)
+    with gfile.GFile(path, "w") as f:
+      f.write(text)
+    return
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def read_text(path: str) -> str:
+  if is_remote(path):
+    with _gfile().GFile(path, "r") as f:
+      return f.read()
+  with open(path) as f:
+    return f.read()
+
+
+def exists(path: str) -> bool:
+  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def write_shard(path: str, serialized) -> dict:
+  """TFRecord file of serialized examples at path -> {'bytes', 'sha256'}.
+
+  Written to a local temporary file first (hashed there, so nothing is read
+  back from remote storage), then moved into place, so a shard is either
+  complete or absent.
+  """
+  import tensorflow as tf
+  local_dir = None if is_remote(path) else os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(suffix=".tfrecord.tmp", dir=local_dir)
+  os.close(fd)
+  try:
+    with tf.io.TFRecordWriter(tmp) as w:
+      for data in serialized:
+        w.write(data)
+    digest, size = hashlib.sha256(), 0
+    with open(tmp, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+        size += len(chunk)
+    if is_remote(path):
+      tf.io.gfile.copy(tmp, path, overwrite=True)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def file_digest(path: str) -> dict:
+  """{'bytes', 'sha256'} of a file (local or remote)."""
+  digest, size = hashlib.sha256(), 0
+  with _gfile().GFile(path, "rb") as f:
+    while True:
+      chunk = f.read(1 << 20)
+      if not chunk:
+        break
+      digest.update(chunk)
+      size += len(chunk)
+  return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def write_manifest(out_dir: str, manifest: dict) -> None:
   """Atomic write, so a half-written manifest never looks complete."""
-  tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(out_dir, MANIFEST))
+  write_text(join(out_dir, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def read_manifest(records_dir: str) -> dict:
   """The manifest of a records directory, with a message saying how to make one."""
-  path = os.path.join(records_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = join(records_dir, MANIFEST)
+  if not exists(path):
     raise FileNotFoundError(
         f"No {MANIFEST} in {records_dir!r}: build records first, e.g. "
         f"`python -m data_pipelines.build --source=demo --out={records_dir}`.")
-  with open(path) as f:
-    manifest = json.load(f)
+  manifest = json.loads(read_text(path))
   if manifest.get("schema_version") != SCHEMA_VERSION:
     raise ValueError(f"{path} has schema version {manifest.get('schema_version')}, this "
                      f"code reads {SCHEMA_VERSION}; rebuild the records.")
@@ -133,11 +231,12 @@ def read_manifest(records_dir: str) -> dict:
 
 
 def shard_paths(records_dir: str, manifest: dict, split: str) -> list[str]:
-  """Absolute shard paths of a split, in build order."""
+  """Shard paths of a split (absolute, or URLs), in build order."""
   if split not in manifest["splits"]:
     raise ValueError(f"Split {split!r} not in {records_dir!r}; available: "
                      f"{sorted(manifest['splits'])}.")
-  return [os.path.join(records_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
+  return [join(records_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
+
 
 
 class ShardError(ValueError):
@@ -181,7 +280,7 @@ def verify_shards(records_dir: str, manifest: dict, split: str, paths=None,
   `checksums`) its content must hash to it. Raises ShardError naming the shard.
   """
   import tensorflow as tf
-  entries = {os.path.join(records_dir, s["file"]): s for s in manifest["splits"][split]["shards"]}
+  entries = {join(records_dir, s["file"]): s for s in manifest["splits"][split]["shards"]}
   rebuild = "restore it, or rebuild the records (python -m data_pipelines.build ...)."
   for path in (entries if paths is None else paths):
     s = entries[path]
@@ -204,3 +303,26 @@ def verify_shards(records_dir: str, manifest: dict, split: str, paths=None,
     if checksums and "sha256" in s and _sha256(path) != s["sha256"]:
       raise ShardError(f"{shard} does not match its sha256 in {MANIFEST} (corrupt or "
                        f"replaced); {rebuild}")
+
+
+def verify(records_dir: str, manifest: dict | None = None) -> list[str]:
+  """Shards whose size or sha256 differ from the manifest (empty: all match).
+
+  Shards listed without a checksum (manifests written before it existed) are
+  only checked for presence.
+  """
+  manifest = read_manifest(records_dir) if manifest is None else manifest
+  bad = []
+  for split, info in manifest["splits"].items():
+    for shard in info["shards"]:
+      path = join(records_dir, shard["file"])
+      if not exists(path):
+        bad.append(f"{shard['file']}: missing")
+        continue
+      if "sha256" not in shard:
+        continue
+      got = file_digest(path)
+      if got["bytes"] != shard.get("bytes", got["bytes"]) or got["sha256"] != shard["sha256"]:
+        bad.append(f"{shard['file']}: {got['bytes']} bytes sha256 {got['sha256'][:12]}..., "
+                   f"manifest says {shard.get('bytes')} bytes {shard['sha256'][:12]}...")
+  return bad

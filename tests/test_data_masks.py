@@ -73,3 +73,47 @@ def test_opencv_backend_gives_a_valid_segmentation():
   ids = fh.compute(img, 180, backend="opencv")
   assert ids.shape == (96, 96) and ids.min() == 0
   np.testing.assert_array_equal(np.unique(ids), np.arange(ids.max() + 1))
+
+
+def _fh_test_images():
+  """Real photos, demo scenes, and flat/noisy synthetic images full of equal edge costs."""
+  import skimage.data
+  from data_pipelines import demo
+  rng = np.random.default_rng(0)
+  flat = np.zeros((64, 80, 3), np.uint8)
+  flat[10:30, 10:40] = 200
+  flat[40:60, 20:70] = (0, 100, 255)
+  checker = (np.indices((48, 48)).sum(0) // 6 % 2 * 255).astype(np.uint8)
+  return ([skimage.data.astronaut()[::2, ::2], skimage.data.coffee()[:224, :224]]
+          + [demo.example("train", i, size=224)["image"] for i in range(6)]
+          + [demo.example("test", i, size=96)["image"] for i in range(2)]
+          + [flat, np.dstack([checker] * 3), rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)])
+
+
+def test_fh_kernel_maps_equal_scikit_image_exactly():
+  """The compiled multi-scale kernel is scikit-image's felzenszwalb, map for map,
+  through both of its edge orders (the radix order, and np.argsort's where the
+  order of equal costs could matter)."""
+  pytest.importorskip("numba")
+  from skimage.segmentation import felzenszwalb
+  from data_pipelines.masks import fh_kernel
+  used_argsort = []
+  for img in _fh_test_images():
+    for scales in (fh.PAPER_SCALES, fh.scales_for(96), (3, 20)):
+      graph = fh_kernel.EdgeGraph(img, fh.PAPER_SIGMA)
+      for s in scales:
+        ours = fh_kernel.segment(graph, s, s)
+        np.testing.assert_array_equal(
+            ours, felzenszwalb(img, scale=s, sigma=fh.PAPER_SIGMA, min_size=s),
+            err_msg=f"image {img.shape}, scale {s}")
+      used_argsort.append(graph._numpy is not None)
+  assert any(used_argsort) and not all(used_argsort)      # both paths were exercised
+  img = _fh_test_images()[2]                              # the public entry points agree
+  maps = fh.compute_scales(img, fh.PAPER_SCALES)
+  for s, m in zip(fh.PAPER_SCALES, maps):
+    np.testing.assert_array_equal(m, fh.compute(img, s, _kernel_ok=False))
+    assert m.dtype == np.int32
+  specs = expand(["fh", "grid"], fh_scales=(150, 310))
+  maps = compute_all(img, specs)
+  assert list(maps) == ["fh_s150", "fh_s310", "grid_4"]
+  np.testing.assert_array_equal(maps["fh_s310"], fh.compute(img, 310, _kernel_ok=False))

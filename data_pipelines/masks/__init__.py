@@ -39,9 +39,27 @@ def expand(kinds, *, image_size: int | None = None, fh_scales=None, fh_sigma=fh.
 
 
 def compute_all(image, specs: dict[str, dict], instances=None) -> dict:
-  """Id maps for every named spec of `expand` on one uint8 RGB image."""
+  """Id maps for every named spec of `expand` on one uint8 RGB image (in spec order).
+
+  FH specs with the same sigma and backend are computed together
+  (fh.compute_scales shares smoothing, edge graph and sort between scales).
+  """
   out = {}
+  groups = {}
   for nm, spec in specs.items():
+    if spec["kind"] == "fh":
+      groups.setdefault((spec.get("sigma", fh.PAPER_SIGMA), spec.get("backend", "skimage")),
+                        []).append(nm)
+  fh_maps = {}
+  for (sigma, backend), names in groups.items():
+    maps = fh.compute_scales(image, [specs[n]["scale"] for n in names], sigma=sigma,
+                             min_sizes=[specs[n].get("min_size", specs[n]["scale"])
+                                        for n in names], backend=backend)
+    fh_maps.update(zip(names, maps))
+  for nm, spec in specs.items():
+    if nm in fh_maps:
+      out[nm] = fh_maps[nm]
+      continue
     settings = {k: v for k, v in spec.items() if k != "kind"}
     if spec["kind"] == "gt":
       settings["instances"] = instances

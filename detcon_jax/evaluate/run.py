@@ -160,7 +160,8 @@ def resolve_settings(settings: Settings, manifest: dict, fallback_size: int | No
 
 def data_identity(records_dir: str, manifest: dict, settings: Settings) -> dict:
   """What the numbers were measured on (also the baseline cache key's data part)."""
-  return {"records_dir": os.path.abspath(records_dir), "source": manifest.get("source"),
+  where = records_dir if "://" in records_dir else os.path.abspath(records_dir)
+  return {"records_dir": where, "source": manifest.get("source"),
           "counts": {k: v["count"] for k, v in manifest["splits"].items()},
           "image_size": settings.image_size}
 
@@ -282,10 +283,10 @@ def _jsonable(x):
 
 
 def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(_jsonable(obj), f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  """Atomic locally; gs:// workdirs go through tf.io.gfile (records.write_text)."""
+  from data_pipelines import records
+  records.makedirs(os.path.dirname(path))
+  records.write_text(path, json.dumps(_jsonable(obj), indent=1, sort_keys=True))
 
 
 def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) -> None:
@@ -310,10 +311,10 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
 
 def _cached_baseline(path: str, key: dict, evals) -> dict | None:
   """The cached random-init rows when they were made with the same key and cover evals."""
-  if not os.path.exists(path):
+  from data_pipelines import records
+  if not records.exists(path):
     return None
-  with open(path) as f:
-    cached = json.load(f)
+  cached = json.loads(records.read_text(path))
   if cached.get("key") != key or not set(evals) <= set(cached["rows"][BASELINE]):
     return None
   return cached

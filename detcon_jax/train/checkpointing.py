@@ -186,7 +186,12 @@ def save_config(workdir: str, config) -> str:
   """WORKDIR/config.json (local or gs://), so evaluation/export can rebuild the run."""
   path = epath.Path(workdir) / CONFIG_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  # Atomic (temp + rename): on a resumed multi-host run the other hosts read this
+  # file (check_resumable) while the first host rewrites it; a plain write let
+  # them read it empty. (GCS object writes are atomic already.)
+  tmp = path.parent / (CONFIG_FILE + f".tmp{os.getpid()}")
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  tmp.replace(path)
   return str(path)
 
 

@@ -1,0 +1,140 @@
+"""Build sources: what to build (a plan) and how a worker gets each input.
+
+  demo          the embedded demo scenes (data_pipelines/demo.py), generated per index
+  folder:PATH   image files under PATH (local or gs://); splits from train/test/val
+                subfolders if present, labels from class subfolders
+  tfds:NAME     a TensorFlow Datasets builder (prepared in --data_dir, or from
+                manual_dir downloads, e.g. imagenet2012)
+
+A plan is a plain dict: kind, per-split item lists, and dataset-level facts
+(classes, ground truth). Items are small (an index or a path), so they travel
+to build workers (processes, Beam workers) cheaply; `load` turns one into a
+decoded image there.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+
+from data_pipelines import demo as demo_lib
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def plan(source: str, opts: dict) -> dict:
+  """What to build: per split a list of items, plus dataset-level facts."""
+  if source == "demo":
+    return plan_demo(opts)
+  if source.startswith("folder:"):
+    return plan_folder(source[len("folder:"):])
+  if source.startswith("tfds:"):
+    return plan_tfds(source[len("tfds:"):], opts)
+  raise ValueError(f"Unknown --source={source!r}; use demo, folder:PATH or tfds:NAME.")
+
+
+def plan_demo(opts: dict) -> dict:
+  d = {k: opts.get(k, v) for k, v in demo_lib.DEFAULTS.items()}
+  d["size"] = opts.get("image_size") or d["size"]
+  return dict(kind="demo", demo=d, demo_version=demo_lib.VERSION, image_size=d["size"],
+              has_gt=True,
+              num_classes=demo_lib.NUM_CLASSES, class_names=list(demo_lib.CLASSES),
+              splits={"train": list(range(d["num_train"])),
+                      "test": list(range(d["num_test"]))},
+              photos=[n for n, _ in demo_lib.photos()])
+
+
+# --- folders (local or gs://) ------------------------------------------------
+
+def _remote(path: str) -> bool:
+  return "://" in path
+
+
+def _isdir(path: str) -> bool:
+  if _remote(path):
+    import tensorflow as tf
+    return tf.io.gfile.isdir(path)
+  return os.path.isdir(path)
+
+
+def _subdirs(path: str) -> list[str]:
+  if _remote(path):
+    import tensorflow as tf
+    return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
+                  if tf.io.gfile.isdir(posixpath.join(path, d)))
+  return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+
+
+def images_under(path: str) -> list[str]:
+  """Image files below path, sorted (the build order, hence record indices)."""
+  out = []
+  if _remote(path):
+    import tensorflow as tf
+    for root, _, files in tf.io.gfile.walk(path):
+      out += [posixpath.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+  else:
+    for root, _, files in os.walk(path):
+      out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+  return sorted(out)
+
+
+def plan_folder(path: str) -> dict:
+  """Splits from train/test/val subfolders if present; labels from class subfolders."""
+  if not _isdir(path):
+    raise FileNotFoundError(f"--source=folder:{path}: no such directory.")
+  join = posixpath.join if _remote(path) else os.path.join
+  subdirs = _subdirs(path)
+  split_dirs = {s: join(path, s) for s in ("train", "test", "val") if s in subdirs}
+  if not split_dirs:
+    split_dirs = {"train": path}
+  class_names = sorted({d for sd in split_dirs.values() for d in _subdirs(sd)})
+  splits = {}
+  for split, sd in split_dirs.items():
+    items = []
+    for f in images_under(sd):
+      rel = f[len(sd):].lstrip("/" + os.sep)
+      parts = rel.replace(os.sep, "/").split("/")
+      top = parts[0]
+      items.append((f, class_names.index(top) if len(parts) > 1 and top in class_names
+                    else -1))
+    splits[split] = items
+  if not any(splits.values()):
+    raise ValueError(f"--source=folder:{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+  return dict(kind="folder", path=path, has_gt=False, num_classes=len(class_names),
+              class_names=class_names, splits=splits)
+
+
+# --- TensorFlow Datasets -------------------------------------------------------
+
+def plan_tfds(name: str, opts: dict) -> dict:
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=opts.get("data_dir"))
+  info = builder.info
+  if "image" not in info.features:
+    raise ValueError(f"tfds:{name} has no 'image' feature; features: {list(info.features)}.")
+  label = info.features["label"] if "label" in info.features else None
+  names = list(getattr(label, "names", []) or [])
+  counts = {s: info.splits[s].num_examples for s in info.splits}
+  if not counts:            # no split metadata (e.g. tfds.testing.mock_data): count them
+    for s in ("train", "validation", "test"):
+      try:
+        counts[s] = int(builder.as_dataset(split=s).reduce(0, lambda n, _: n + 1))
+      except Exception:
+        continue
+  if not counts:
+    raise ValueError(f"tfds:{name} has no readable splits; prepare it first, e.g. "
+                     f"`tfds build {name} --data_dir=DIR --manual_dir=DOWNLOADS` "
+                     "(see the README), then pass --data_dir=DIR.")
+  return dict(kind="tfds", name=name, data_dir=opts.get("data_dir"), has_gt=False,
+              num_classes=len(names) if names else 0, class_names=names,
+              splits={s: list(range(n)) for s, n in counts.items()})
+
+
+def tfds_payload(plan_: dict, split: str, items) -> list:
+  """Decoded (index, image, label) of a contiguous tfds slice (mock_data applies here)."""
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(plan_["name"], data_dir=plan_["data_dir"])
+  ds = builder.as_dataset(split=f"{split}[{items[0]}:{items[-1] + 1}]", shuffle_files=False)
+  out = []
+  for i, ex in zip(items, tfds.as_numpy(ds)):
+    out.append((i, ex["image"], int(ex.get("label", -1))))
+  return out
