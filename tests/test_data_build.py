@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from data_pipelines import views
 from data_pipelines import build, demo, records
 from data_pipelines.masks import fh
 
@@ -185,6 +186,6 @@ def test_build_and_read_through_a_filesystem_url():
   again = build.build("demo", out, masks="grid,gt", workers=1,     # resumes: nothing to redo
                       **dict(TINY, num_train=6, num_test=0, shard_size=3))
   assert again["splits"] == m["splits"]
-  it = data_input.train_iterator(out, batch_size=2, image_size=32, mask_source="grid",
-                                 host_index=1, host_count=2)
+  it = data_input.train_iterator(out, batch_size=2, views=views.two_views(32),
+                                 mask_source="grid", host_index=1, host_count=2)
   assert all(v.shape[0] == 2 for v in next(it).values())

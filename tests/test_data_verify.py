@@ -42,6 +42,8 @@ def test_a_missing_shard_is_named(data):
 
 def test_a_truncated_shard_or_a_wrong_count_is_named(data):
   out, manifest = data
+  for shard in manifest["splits"]["train"]["shards"]:   # a manifest from before sizes were kept:
+    shard.pop("bytes", None), shard.pop("sha256", None)  # the record count is what is checked
   entry, path = _shard(data)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) - 10)
