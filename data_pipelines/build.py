@@ -25,12 +25,15 @@ the main process serializes tf.train.Examples and writes the shards.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -38,7 +41,8 @@ import numpy as np
 from data_pipelines import demo as demo_lib
 from data_pipelines import masks as masks_lib
 from data_pipelines import records, sources
-from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MIN_SIDE,  # noqa: F401 (API)
+from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_ASPECT,  # noqa: F401 (API)
+                                   DEFAULT_MIN_SIDE,
                                    load_image_file, prepare, resize_shorter, to_rgb_uint8)
 from data_pipelines.masks import fh
 from data_pipelines.sources import IMAGE_SUFFIXES  # noqa: F401 (API)
@@ -64,7 +68,8 @@ def _finish(image, index, example_id, label, specs, opts, instances=None, classe
 
 def _prepare(image, opts):
   """Check size and resize a decoded real image; returns (image, None) or (None, reason)."""
-  return prepare(image, opts["image_size"], opts["min_side"])
+  return prepare(image, opts["image_size"], opts["min_side"],
+                 opts.get("max_aspect", DEFAULT_MAX_ASPECT))
 
 
 def process_shard(job: dict) -> dict:
@@ -115,8 +120,9 @@ def write_shard(out_dir, fname, result, settings) -> dict:
   """Shard file + its sidecar; returns the sidecar (count, bytes, sha256, skipped)."""
   path = records.join(out_dir, fname)
   digest = records.write_shard(path, (records.example_bytes(**r) for r in result["records"]))
+  labels = collections.Counter(str(r["label"]) for r in result["records"])
   side = dict(file=fname, count=len(result["records"]), skipped=result["skipped"],
-              settings=settings, **digest)
+              labels=dict(sorted(labels.items())), settings=settings, **digest)
   records.write_text(path + ".json", json.dumps(side))
   return side
 
@@ -136,10 +142,40 @@ def _done(out_dir, fname, settings):
 
 
 # ----------------------------------------------------------------- the build
+class OtherSourceError(ValueError):
+  """The output directory holds records of another source (never written into)."""
+
+
+def check_out_dir(out_dir: str, source: str) -> None:
+  """Refuse an out_dir whose manifest.json, or any shard sidecar, names another source,
+  so that a build (or the demo preset's build_demo) never replaces a user's records."""
+  found = set()
+  try:
+    found.add(json.loads(records.read_text(records.join(out_dir, records.MANIFEST)))["source"])
+  except Exception:   # no (readable) manifest: nothing to protect there
+    pass
+  if not found and not records.is_remote(out_dir) and os.path.isdir(out_dir):
+    for name in os.listdir(out_dir):   # an interrupted build of another source
+      if name.endswith(".tfrecord.json"):
+        try:
+          found.add(json.loads(records.read_text(os.path.join(out_dir, name)))["settings"]
+                    ["source"])
+        except Exception:
+          pass
+  other = sorted(str(f) for f in found if f != source)
+  if other:
+    raise OtherSourceError(
+        f"{out_dir} holds records built from {other[0]} ({records.MANIFEST}); refusing to "
+        f"write {source} records there. Choose another output directory (for the demo "
+        "preset --config.data.records_dir), or train on these records with "
+        "--config.data.build_demo=False.")
+
+
 def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) -> dict:
   """Everything a runner needs: the source plan, mask specs, and the shard jobs
   still to do (complete shards with matching sidecars are kept in 'sides')."""
   plan = sources.plan(source, opts)
+  check_out_dir(out_dir, source)
   kinds = masks.split(",") if isinstance(masks, str) else list(masks)
   if "gt" in kinds and not plan["has_gt"]:
     raise ValueError(f"--masks includes 'gt' but {source} has no instance maps; "
@@ -151,6 +187,7 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) ->
                            fh_backend=opts.get("fh_backend", "skimage"),
                            grid_sizes=opts.get("grid_sizes") or (4,))
   wopts = dict(image_size=size, min_side=opts.get("min_side", DEFAULT_MIN_SIDE),
+               max_aspect=opts.get("max_aspect", DEFAULT_MAX_ASPECT),
                image_format=opts.get("image_format", "png" if plan["kind"] == "demo" else "jpeg"),
                demo=plan.get("demo"), demo_version=plan.get("demo_version"))
   shard_size = int(opts.get("shard_size") or (250 if plan["kind"] == "demo" else 1000))
@@ -198,7 +235,9 @@ def _run_local(b: dict, workers: int | None, progress: bool) -> None:
       finish(job, process_shard(payload(plan, job)))
   else:
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent,
+                                  initargs=(os.getpid(),))
+    try:
       pending, todo = {}, list(jobs)
       while todo or pending:           # at most 2 shards per worker in flight (memory)
         while todo and len(pending) < 2 * workers:
@@ -207,7 +246,41 @@ def _run_local(b: dict, workers: int | None, progress: bool) -> None:
         done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
         for fut in done:
           finish(pending.pop(fut), fut.result())
+    except BaseException:              # a signal (Stopped), Ctrl-C, an error: stop the
+      _stop_workers(pool)              # workers now, not after their current shard
+      raise
+    pool.shutdown()
   bar.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+  """Worker initializer: exit when the build process is gone (even after kill -9)."""
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
+  processes = list((getattr(pool, "_processes", None) or {}).values())
+  pool.shutdown(wait=False, cancel_futures=True)
+  for p in processes:
+    p.terminate()
+  for p in processes:
+    p.join(5)
+
+
+class Stopped(BaseException):
+  """SIGTERM/SIGINT during the CLI build (complete shards stay; a rerun resumes)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+  raise Stopped(signum)
 
 
 def finish_manifest(b: dict, seconds: float, **extra) -> dict:
@@ -219,7 +292,14 @@ def finish_manifest(b: dict, seconds: float, **extra) -> dict:
     shards = [{k: sides[f][k] for k in ("file", "count", "bytes", "sha256") if k in sides[f]}
               for f in names]
     splits[split] = dict(count=sum(s["count"] for s in shards), shards=shards)
+    if plan["class_names"]:   # examples per class, from the shards' sidecars
+      labels = collections.Counter()
+      for f in names:
+        labels.update(sides[f].get("labels", {}))
+      splits[split]["class_counts"] = {n: labels.get(str(i), 0)
+                                       for i, n in enumerate(plan["class_names"])}
     skipped += [x for f in names for x in sides[f]["skipped"]]
+  skipped += plan.get("outside", [])
   manifest = dict(
       schema_version=records.SCHEMA_VERSION, complete=True, source=b["source"],
       image_size=b["size"], image_size_meaning=("square side" if plan["kind"] == "demo"
@@ -344,6 +424,9 @@ def main(argv=None):
   p.add_argument("--grid_sizes", default="4", help="e.g. 2,4")
   p.add_argument("--min_side", type=int, default=DEFAULT_MIN_SIDE,
                  help="skip (and report) images whose shorter side is smaller")
+  p.add_argument("--max_aspect", type=float, default=DEFAULT_MAX_ASPECT,
+                 help="skip (and report) images whose long side is more than this many "
+                 "times the short side (stored long side <= max_aspect x image_size)")
   p.add_argument("--num_train", type=int, default=None, help="demo only")
   p.add_argument("--num_test", type=int, default=None, help="demo only")
   p.add_argument("--seed", type=int, default=None, help="demo only")
@@ -364,11 +447,17 @@ def main(argv=None):
     if a.workers and a.beam_runner == "DirectRunner" and not any(
         r.startswith("--direct_num_workers") for r in rest):
       beam_options.append(f"--direct_num_workers={a.workers}")
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, _raise_stopped)
   try:
     m = build(a.source, a.out, masks=a.masks, workers=a.workers, runner=a.runner,
               beam_options=beam_options, **opts)
-  except ImportError as e:
-    sys.exit(f"error: {e}")
+  except Stopped as e:
+    print(f"Stopped by {e}; complete shards are kept: rerun the same command to resume.",
+          file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except (ImportError, ValueError, OSError) as e:   # bad source, folder, out dir, masks
+    sys.exit("error: " + " ".join(str(e).split()))
   counts = ", ".join(f"{s}: {v['count']}" for s, v in m["splits"].items())
   print(f"Wrote {a.out}: {counts}; masks {', '.join(m['masks'])}; "
         f"{m['num_skipped']} inputs skipped (see manifest.json); {m['build_seconds']} s.")

@@ -11,6 +11,8 @@ from PIL import Image
 
 DEFAULT_IMAGE_SIZE = 224          # shorter side of stored real images (paper FH scale)
 DEFAULT_MIN_SIDE = 32             # smaller inputs are skipped and reported
+DEFAULT_MAX_ASPECT = 10.0         # longer/shorter side; beyond it skipped and reported (a
+                                  # 3000x40 strip would be stored 16800 px long)
 
 
 def to_rgb_uint8(img: Image.Image) -> np.ndarray:
@@ -61,7 +63,8 @@ def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(new, Image.BICUBIC))
 
 
-def prepare(image, image_size: int, min_side: int = DEFAULT_MIN_SIDE):
+def prepare(image, image_size: int, min_side: int = DEFAULT_MIN_SIDE,
+            max_aspect: float = DEFAULT_MAX_ASPECT):
   """A decoded real image (any channels/dtype) -> (uint8 RGB resized, None) or (None, reason)."""
   image = np.asarray(image)
   if image.ndim == 2:
@@ -75,4 +78,7 @@ def prepare(image, image_size: int, min_side: int = DEFAULT_MIN_SIDE):
   h, w = image.shape[:2]
   if min(h, w) < min_side:
     return None, f"too small: {w}x{h} px, shorter side < --min_side={min_side}"
+  if max(h, w) > max_aspect * min(h, w):
+    return None, (f"extreme aspect ratio: {w}x{h} px, long side > --max_aspect={max_aspect:g} "
+                  "x short side")
   return resize_shorter(image, image_size), None

@@ -53,7 +53,10 @@ def resolve_mask_names(manifest: dict, mask_source: str, records_dir: str = "") 
     raise ValueError(
         f"Mask source {mask_source!r} is not in the records at {records_dir!r}; they hold "
         f"{names}. Set config.data.mask_source to one of {kinds + names}, or rebuild the "
-        f"records with it, e.g. `python -m data_pipelines.build ... --masks=fh,grid,gt`.")
+        + ("records with it, e.g. `python -m data_pipelines.build ... --masks=fh,grid,gt`."
+           if manifest.get("has_gt") or mask_source != "gt" else
+           f"records from a source with instance maps ({manifest.get('source')} has none; "
+           "only --source=demo does)."))
   return found
 
 

@@ -1,8 +1,8 @@
 """Build sources: what to build (a plan) and how a worker gets each input.
 
   demo          the embedded demo scenes (data_pipelines/demo.py), generated per index
-  folder:PATH   image files under PATH (local or gs://); splits from train/test/val
-                subfolders if present, labels from class subfolders
+  folder:PATH   image files under PATH (local or gs://), laid out as tfds ImageFolder:
+                PATH/[train|test|val/]CLASS/**/IMAGE, class = subfolder (see plan_folder)
   tfds:NAME     a TensorFlow Datasets builder (prepared in --data_dir, or from
                 manual_dir downloads, e.g. imagenet2012)
 
@@ -78,36 +78,60 @@ def images_under(path: str) -> list[str]:
 
 
 def plan_folder(path: str) -> dict:
-  """Splits from train/test/val subfolders if present; labels from class subfolders."""
+  """The ImageFolder convention: PATH/[SPLIT/]CLASS/**/IMAGE.
+
+  Splits come from train/test/val subfolders if present (else all is 'train');
+  the label is the sorted index of the first folder below the split (deeper
+  folders belong to that class); class names are the union over splits. A
+  folder with no subfolders at all is unlabelled (label -1, num_classes 0),
+  e.g. photos for pretraining only. Where class subfolders exist, image files
+  beside them have no class: they are listed in 'outside' and skipped (with a
+  reason in the manifest), not given a label of their own.
+  """
   if not _isdir(path):
-    raise FileNotFoundError(f"--source=folder:{path}: no such directory.")
+    raise FileNotFoundError(f"--source=folder:{path}: no such directory; give a folder of "
+                            "images, laid out PATH/CLASS/IMAGE (see the README).")
   join = posixpath.join if _remote(path) else os.path.join
   subdirs = _subdirs(path)
   split_dirs = {s: join(path, s) for s in ("train", "test", "val") if s in subdirs}
   if not split_dirs:
     split_dirs = {"train": path}
   class_names = sorted({d for sd in split_dirs.values() for d in _subdirs(sd)})
-  splits = {}
+  splits, outside = {}, []
   for split, sd in split_dirs.items():
     items = []
     for f in images_under(sd):
-      rel = f[len(sd):].lstrip("/" + os.sep)
-      parts = rel.replace(os.sep, "/").split("/")
-      top = parts[0]
-      items.append((f, class_names.index(top) if len(parts) > 1 and top in class_names
-                    else -1))
+      parts = f[len(sd):].lstrip("/" + os.sep).replace(os.sep, "/").split("/")
+      if len(parts) > 1:
+        items.append((f, class_names.index(parts[0])))
+      elif class_names:
+        outside.append(dict(split=split, input=f, reason="not in a class subfolder "
+                            f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}); "
+                            "move it into one to use it"))
+      else:
+        items.append((f, -1))
     splits[split] = items
   if not any(splits.values()):
-    raise ValueError(f"--source=folder:{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+    raise ValueError(f"--source=folder:{path} holds no image files "
+                     f"({', '.join(IMAGE_SUFFIXES)}){' in class subfolders' if outside else ''}; "
+                     "put images in PATH/CLASS/ (or PATH/ for unlabelled data).")
   return dict(kind="folder", path=path, has_gt=False, num_classes=len(class_names),
-              class_names=class_names, splits=splits)
+              class_names=class_names, splits=splits, outside=outside)
 
 
 # --- TensorFlow Datasets -------------------------------------------------------
 
 def plan_tfds(name: str, opts: dict) -> dict:
   import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=opts.get("data_dir"))
+  try:
+    builder = tfds.builder(name, data_dir=opts.get("data_dir"))
+  except tfds.core.registered.DatasetNotFoundError:
+    import difflib
+    close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(
+        with_community_datasets=False), n=3)
+    raise ValueError(f"--source=tfds:{name}: no such TensorFlow Datasets builder"
+                     f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; see "
+                     "https://www.tensorflow.org/datasets/catalog for names.") from None
   info = builder.info
   if "image" not in info.features:
     raise ValueError(f"tfds:{name} has no 'image' feature; features: {list(info.features)}.")

@@ -281,3 +281,34 @@ def check_malformed(tmp_path, cases):
     assert names in errors[0], (argv, errors[0])
     print(" ".join(argv[1:]), "->", errors[0])
   assert not (tmp_path / "run" / "config.json").exists()
+
+
+def malformed_builds(tmp):
+  """(build argv, what the error line must name): the build's own mistakes."""
+  (tmp / "empty").mkdir()
+  (tmp / "folder_records").mkdir()
+  (tmp / "folder_records" / records.MANIFEST).write_text(
+      '{"source": "folder:photos", "schema_version": %d}' % records.SCHEMA_VERSION)
+  out = f"--out={tmp}/out"
+  return [
+      ([f"--source=folder:{tmp}/empty", out], f"folder:{tmp}/empty"),
+      ([f"--source=folder:{tmp}/no_such_dir", out], "no_such_dir"),
+      (["--source=bogus", out], "--source='bogus'"),
+      (["--source=tfds:not_a_dataset", out], "tfds:not_a_dataset"),
+      (["--source=demo", f"--out={tmp}/folder_records"], "folder:photos"),
+      (["--source=demo", out, "--masks=fh,nope"], "nope"),
+  ]
+
+
+def test_malformed_build_command_lines_give_one_line_errors(tmp_path):
+  """The build CLI in-process (no jax/tf start-up per case): one `error:` line, exit
+  non-zero, naming the path or key, and nothing written to --out."""
+  for argv, names in malformed_builds(tmp_path):
+    with pytest.raises(SystemExit) as e:
+      build.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, (argv, message)
+    assert names in message, (argv, message)
+    print("python -m data_pipelines.build", " ".join(argv), "->", message)
+  assert not (tmp_path / "out").exists()
+  assert os.listdir(tmp_path / "folder_records") == [records.MANIFEST]

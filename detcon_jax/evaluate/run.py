@@ -173,8 +173,10 @@ def _check_data(evals, manifest, records_dir):
     raise ValueError(f"{records_dir!r} has no image labels; kNN and linear evaluations need "
                      "them (--evals=retrieval,masks for GT-only data).")
   if ((B.SEMANTIC in needs or "masks" in evals) and not manifest.get("has_gt")):
-    raise ValueError(f"{records_dir!r} has no ground-truth instance maps; retrieval and masks "
-                     "need them (build with --masks=...,gt, or --evals=knn,linear).")
+    raise ValueError(f"{records_dir!r} has no ground-truth instance maps (source "
+                     f"{manifest.get('source')}; only --source=demo stores them, folder and "
+                     "tfds sources do not); retrieval and masks need them: run "
+                     "--evals=knn,linear on these records.")
 
 
 def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: str,

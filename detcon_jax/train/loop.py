@@ -283,10 +283,10 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
                 checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(start_step)))
 
   # Data: a missing shard, mask field or records dir fails here, before compiling.
-  if batches is None:
-    ensure_records(config)
-    batches = functools.partial(records_batches, views=objective.views(config))
   try:   # checks the records against the config: manifest, shards, mask source, hosts
+    if batches is None:   # (the demo build refuses a records_dir of another source)
+      ensure_records(config)
+      batches = functools.partial(records_batches, views=objective.views(config))
     source = batches(config, start_step, jax.process_index(), jax.process_count())
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"config.data (records_dir={config.data.records_dir!r}): {e}") from e
