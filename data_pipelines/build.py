@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -192,7 +193,14 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) ->
                demo=plan.get("demo"), demo_version=plan.get("demo_version"))
   shard_size = int(opts.get("shard_size") or (250 if plan["kind"] == "demo" else 1000))
   settings = dict(source=source, specs=specs, opts=wopts, shard_size=shard_size)
-  records.makedirs(out_dir)
+  try:   # fail now, not after the first shard's masks
+    records.makedirs(out_dir)
+    if not records.is_remote(out_dir):
+      with tempfile.TemporaryFile(dir=out_dir):
+        pass
+  except OSError as e:
+    raise OSError(f"--out={out_dir}: cannot write there ({e.strerror or e}); choose a "
+                  "writable directory.") from None
 
   jobs, sides = [], {}
   for split, items in plan["splits"].items():

@@ -286,6 +286,7 @@ def check_malformed(tmp_path, cases):
 def malformed_builds(tmp):
   """(build argv, what the error line must name): the build's own mistakes."""
   (tmp / "empty").mkdir()
+  (tmp / "a_file").write_text("")
   (tmp / "folder_records").mkdir()
   (tmp / "folder_records" / records.MANIFEST).write_text(
       '{"source": "folder:photos", "schema_version": %d}' % records.SCHEMA_VERSION)
@@ -297,6 +298,7 @@ def malformed_builds(tmp):
       (["--source=tfds:not_a_dataset", out], "tfds:not_a_dataset"),
       (["--source=demo", f"--out={tmp}/folder_records"], "folder:photos"),
       (["--source=demo", out, "--masks=fh,nope"], "nope"),
+      (["--source=demo", f"--out={tmp}/a_file/out"], f"--out={tmp}/a_file/out"),
   ]
 
 
