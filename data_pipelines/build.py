@@ -271,6 +271,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
+  """Terminate the workers mid-shard (shutdown alone would wait for their shards)."""
   processes = list((getattr(pool, "_processes", None) or {}).values())
   pool.shutdown(wait=False, cancel_futures=True)
   for p in processes:

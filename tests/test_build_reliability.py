@@ -57,13 +57,22 @@ def test_class_is_the_subfolder_and_the_rest_is_skipped_with_a_reason(tmp_path):
   assert "class_counts" not in flat["splits"]["train"]
 
 
-def test_the_evaluation_hint_for_records_without_instance_maps_fits_the_source():
+def test_the_evaluation_hint_for_records_that_lack_something_fits_the_source():
   from detcon_jax.evaluate import run as eval_run
-  manifest = dict(source="folder:photos", num_classes=2, has_gt=False)
+  splits = {"train": {}, "test": {}}
+  folder = dict(source="folder:photos", num_classes=2, has_gt=False, splits=splits)
   with pytest.raises(ValueError) as e:
-    eval_run._check_data(["knn", "masks"], manifest, "rec")
-  assert "--masks" not in str(e.value) and "--evals=knn,linear" in str(e.value)
-  assert "folder:photos" in str(e.value)
+    eval_run.check_data(["knn", "masks"], folder, "rec")
+  assert "--masks" not in str(e.value) and "only --source=demo" in str(e.value)
+  assert "masks: no ground-truth" in str(e.value) and "--evals=knn,linear " in str(e.value)
+  eval_run.check_data(["knn", "linear"], folder, "rec")
+  unlabelled = dict(folder, num_classes=0, splits={"train": {}})
+  with pytest.raises(ValueError, match=r"knn, linear: no image labels.*retrieval, "
+                     r"masks: no ground-truth.*No evaluation applies"):
+    eval_run.check_data(["knn", "linear", "retrieval", "masks"], unlabelled, "rec")
+  no_test = dict(folder, splits={"train": {}})
+  with pytest.raises(ValueError, match=r"knn: no test split.*PATH/test/"):
+    eval_run.check_data(["knn"], no_test, "rec")
 
 
 # --- 2: never write into another source's records --------------------------------
@@ -81,6 +90,10 @@ def test_the_demo_build_never_writes_into_records_of_another_source(tmp_path):
   with pytest.raises(loop.ConfigError, match=r"refusing to write demo records.*build_demo=False"):
     loop.train(config, str(tmp_path / "run"), objective=TinyObjective())
   assert not (tmp_path / "run" / "config.json").exists()
+  config.data.build_demo, config.eval.at_end = False, True   # training on them is fine, but
+  with pytest.raises(loop.ConfigError, match=r"No evaluation applies.*at_end=False"):  # the
+    loop.train(config, str(tmp_path / "run"), objective=TinyObjective())  # evaluation at the
+  assert not (tmp_path / "run" / "config.json").exists()      # end is checked before, not after
   os.remove(out / records.MANIFEST)        # an interrupted rebuild: the sidecars still say
   with pytest.raises(build.OtherSourceError):
     build.ensure_demo_records(str(out))

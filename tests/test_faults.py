@@ -225,7 +225,7 @@ EXPORT = ["-m", "detcon_jax.export", "--format=torchvision"]
 
 
 def malformed(tmp):
-  """(argv, what the error line must name): 20 mistakes over the three commands."""
+  """(argv, what the error line must name): 21 mistakes over the three commands."""
   w = f"--workdir={tmp}/run"
   afile = os.path.join(tmp, "a_file")
   return [
@@ -250,6 +250,7 @@ def malformed(tmp):
       (EVALUATE + [f"--workdir={tmp}/no_run"], "no_run"),
       (EXPORT + [w, f"--out={tmp}"], f"--out={tmp}"),
       (EXPORT + [w, f"--out={tmp}/no_dir/rn.pt"], "no_dir"),
+      (TRAIN + [w, f"--config.data.records_dir={tmp}/folder_records"], "folder:photos"),
   ]
 
 
@@ -265,13 +266,21 @@ def test_20_malformed_command_lines_give_20_one_line_errors(tmp_path):
 
 
 def test_malformed_command_lines_sample(tmp_path):
-  """Five of the twenty, one of each kind (the rest run with -m slow)."""
+  """Five of them, one of each kind (the rest run with -m slow)."""
   cases = malformed(str(tmp_path))
-  check_malformed(tmp_path, [cases[i] for i in (0, 3, 4, 9, 18)])
+  check_malformed(tmp_path, [cases[i] for i in (0, 3, 4, 18, 20)])
+
+
+def folder_records(tmp):
+  """A records directory whose manifest says it was built from a folder."""
+  (tmp / "folder_records").mkdir(exist_ok=True)
+  (tmp / "folder_records" / records.MANIFEST).write_text(
+      '{"source": "folder:photos", "schema_version": %d}' % records.SCHEMA_VERSION)
 
 
 def check_malformed(tmp_path, cases):
   (tmp_path / "a_file").write_text("")
+  folder_records(tmp_path)
   with cf.ThreadPoolExecutor(4) as pool:
     results = list(pool.map(_run_cli, [argv for argv, _ in cases]))
   for (argv, proc), (_, names) in zip(results, cases):
@@ -281,15 +290,14 @@ def check_malformed(tmp_path, cases):
     assert names in errors[0], (argv, errors[0])
     print(" ".join(argv[1:]), "->", errors[0])
   assert not (tmp_path / "run" / "config.json").exists()
+  assert os.listdir(tmp_path / "folder_records") == [records.MANIFEST]
 
 
 def malformed_builds(tmp):
   """(build argv, what the error line must name): the build's own mistakes."""
   (tmp / "empty").mkdir()
   (tmp / "a_file").write_text("")
-  (tmp / "folder_records").mkdir()
-  (tmp / "folder_records" / records.MANIFEST).write_text(
-      '{"source": "folder:photos", "schema_version": %d}' % records.SCHEMA_VERSION)
+  folder_records(tmp)
   out = f"--out={tmp}/out"
   return [
       ([f"--source=folder:{tmp}/empty", out], f"folder:{tmp}/empty"),

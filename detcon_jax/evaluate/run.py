@@ -166,17 +166,34 @@ def data_identity(records_dir: str, manifest: dict, settings: Settings) -> dict:
           "image_size": settings.image_size}
 
 
-def _check_data(evals, manifest, records_dir):
-  needs = {n for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)
-           for n in EVALUATIONS[e].needs}
-  if B.LABEL in needs and not manifest.get("num_classes"):
-    raise ValueError(f"{records_dir!r} has no image labels; kNN and linear evaluations need "
-                     "them (--evals=retrieval,masks for GT-only data).")
-  if ((B.SEMANTIC in needs or "masks" in evals) and not manifest.get("has_gt")):
-    raise ValueError(f"{records_dir!r} has no ground-truth instance maps (source "
-                     f"{manifest.get('source')}; only --source=demo stores them, folder and "
-                     "tfds sources do not); retrieval and masks need them: run "
-                     "--evals=knn,linear on these records.")
+def unsupported(manifest: dict) -> dict[str, str]:
+  """{evaluation: why these records cannot serve it} (labels, instance maps, a test split)."""
+  out = {}
+  for name, ev in EVALUATIONS.items():
+    needs = ev.needs if isinstance(ev, ModelEvaluation) else ()
+    if B.LABEL in needs and not manifest.get("num_classes"):
+      out[name] = "no image labels (a folder source labels images by class subfolder)"
+    elif (B.SEMANTIC in needs or name == "masks") and not manifest.get("has_gt"):
+      out[name] = ("no ground-truth instance maps (only --source=demo stores them; folder "
+                   "and tfds sources do not)")
+    elif isinstance(ev, ModelEvaluation) and "test" not in manifest.get("splits", {}):
+      out[name] = "no test split (a folder source takes it from PATH/test/)"
+  return out
+
+
+def check_data(evals, manifest: dict, records_dir: str, flag: str = "--evals") -> None:
+  """One error naming what the records lack and the evaluations that do apply (flag=...)."""
+  missing = {e: r for e, r in unsupported(manifest).items() if e in evals}
+  if missing:
+    usable = [e for e in EVALUATIONS if e not in unsupported(manifest)]
+    groups = {}
+    for e, reason in missing.items():
+      groups.setdefault(reason, []).append(e)
+    why = "; ".join(f"{', '.join(es)}: {reason}" for reason, es in groups.items())
+    raise ValueError(
+        f"{records_dir!r} (source {manifest.get('source')}) cannot serve {why}. "
+        + (f"Use {flag}={','.join(usable)} on these records." if usable else
+           "No evaluation applies to them; evaluate on labelled records (--data=DIR)."))
 
 
 def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: str,
@@ -192,7 +209,7 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
 
   evals = parse_evals(evals)
   manifest = records.read_manifest(records_dir)
-  _check_data(evals, manifest, records_dir)
+  check_data(evals, manifest, records_dir)
   for split in ("train", "test"):   # tf.data would skip a missing or short shard silently
     if split in manifest["splits"]:
       records.verify_shards(records_dir, manifest, split)

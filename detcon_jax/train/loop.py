@@ -81,6 +81,21 @@ def ensure_records(config) -> None:
     build.ensure_demo_records(config.data.records_dir)
 
 
+def check_eval_data(config) -> None:
+  """The records serve the evaluations config.eval runs: fail now, not after training."""
+  if not (config.eval.at_end or config.eval.get("every_steps")):
+    return
+  from data_pipelines import records
+  from detcon_jax.evaluate import run as eval_run
+  try:
+    eval_run.check_data(eval_run.parse_evals(config.eval.evals),
+                        records.read_manifest(config.data.records_dir),
+                        config.data.records_dir, flag="--config.eval.evals")
+  except ValueError as e:
+    raise ValueError(f"{e} (config.eval.evals run at the end of training; "
+                     "--config.eval.at_end=False skips them.)") from None
+
+
 class HostBatches:
   """Host batches pulled on a thread, so that the loop never waits without bound.
 
@@ -286,6 +301,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   try:   # checks the records against the config: manifest, shards, mask source, hosts
     if batches is None:   # (the demo build refuses a records_dir of another source)
       ensure_records(config)
+      check_eval_data(config)
       batches = functools.partial(records_batches, views=objective.views(config))
     source = batches(config, start_step, jax.process_index(), jax.process_count())
   except (FileNotFoundError, ValueError) as e:
