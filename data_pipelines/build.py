@@ -167,9 +167,9 @@ def check_out_dir(out_dir: str, source: str) -> None:
   if other:
     raise OtherSourceError(
         f"{out_dir} holds records built from {other[0]} ({records.MANIFEST}); refusing to "
-        f"write {source} records there. Choose another output directory (for the demo "
-        "preset --config.data.records_dir), or train on these records with "
-        "--config.data.build_demo=False.")
+        f"write {source} records there. Choose another --out (for the demo preset: "
+        "--config.data.records_dir), delete the directory to replace them, or train on "
+        "them with --config.data.build_demo=False.")
 
 
 def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) -> dict:
