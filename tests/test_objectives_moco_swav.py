@@ -172,6 +172,23 @@ def test_swapped_prediction_known_answer():
   np.testing.assert_allclose(float(swav.swapped_prediction(codes, scores, 0.1)), want, rtol=1e-6)
 
 
+def test_swav_collapse_diagnostics_known_answers():
+  """codes_entropy / prediction_entropy: 1 = uniform (collapsed), 0 = one-hot."""
+  np.testing.assert_allclose(float(swav._normalized_entropy(jnp.full((3, 4), 0.25))), 1.0,
+                             rtol=1e-6)
+  assert float(swav._normalized_entropy(jnp.eye(4))) == 0.0
+  half = jnp.asarray([[0.5, 0.5, 0.0, 0.0]])
+  np.testing.assert_allclose(float(swav._normalized_entropy(half)), 0.5, rtol=1e-6)
+  scores = jnp.asarray([[0.9, 0.1, 0.0, 0.0], [0.8, 0.0, 0.0, 0.1], [0.0, 0.0, 0.7, 0.1]])
+  assert float(swav._prototypes_used(scores)) == 0.5             # prototypes 0 and 2
+
+
+def test_swav_demo_has_more_prototypes_than_dimensions():
+  """Fewer prototypes than embedding dimensions admit a uniform fixed point (configs/swav.py)."""
+  c = importlib.import_module("configs.swav").get_config("demo")
+  assert c.swav.num_prototypes > c.head.output_dim
+
+
 def test_swav_multi_crop_step_prototypes_and_queue():
   """2 x 32 px + 2 x 16 px crops; prototypes held 1 step, then unit rows; queue fills."""
   config = tiny_config("swav", small_crops=2)
@@ -198,3 +215,4 @@ def test_swav_multi_crop_step_prototypes_and_queue():
   ts, m3 = step(ts, batch)
   assert float(m3["queue_in_use"]) == 1.0
   assert all(np.isfinite(float(m["loss"])) for m in (m1, m2, m3))
+  assert all(0.0 <= float(m["codes_entropy"]) <= 1.0 for m in (m1, m2, m3))

@@ -54,6 +54,18 @@ def swapped_prediction(codes, scores, temperature: float):
   return -jnp.mean(jnp.sum(codes * jax.nn.log_softmax(scores / temperature, axis=-1), axis=-1))
 
 
+def _normalized_entropy(probs):
+  """Mean entropy of rows [N, P] over log P: 0 = one-hot, 1 = uniform."""
+  ent = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-12)), axis=-1)
+  return jnp.mean(ent) / jnp.log(probs.shape[-1])
+
+
+def _prototypes_used(scores):
+  """Fraction of prototypes that are some sample's nearest."""
+  nearest = jax.nn.one_hot(jnp.argmax(scores, axis=-1), scores.shape[-1])
+  return jnp.mean(jnp.max(nearest, axis=0))
+
+
 # --- Framework ----------------------------------------------------------------------
 
 def _queue_size(config) -> int:
@@ -89,6 +101,7 @@ def loss(params, state, batch, rng, step, config):
   s = config.swav
   use_queue = None
   value = 0.0
+  code_entropy = 0.0
   for i, a in enumerate(assign):
     detached = jax.lax.stop_gradient(scores[a])
     weights = None
@@ -102,12 +115,17 @@ def loss(params, state, batch, rng, step, config):
     codes = sinkhorn(detached, epsilon=float(s.epsilon), iterations=int(s.sinkhorn_iterations),
                      weights=weights)[-scores[a].shape[0]:]
     codes = jax.lax.stop_gradient(codes)
+    code_entropy += _normalized_entropy(codes) / len(assign)
     others = [n for n in names if n != a]
     value += sum(swapped_prediction(codes, scores[n], float(config.loss.temperature))
                  for n in others) / len(others)
   value = value / len(assign)
   new_state = dict(state, **{common.BATCH_STATS: out.batch_stats})
-  metrics = {"loss": value}
+  # Collapse diagnostics: 1.0 = uniform (the trivial fixed point, loss = log P).
+  metrics = {"loss": value, "codes_entropy": code_entropy,
+             "prediction_entropy": _normalized_entropy(
+                 jax.nn.softmax(scores[assign[0]] / float(config.loss.temperature))),
+             "prototypes_used": _prototypes_used(scores[assign[0]])}
   if QUEUE in state:
     new_state[INCOMING] = jax.lax.stop_gradient(jnp.stack([z[a] for a in assign], axis=1))
     metrics["queue_in_use"] = use_queue.astype(jnp.float32)
