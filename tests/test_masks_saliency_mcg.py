@@ -141,10 +141,10 @@ def test_build_with_mcg_and_saliency_then_train_and_evaluate(tmp_path):
                                     host_index=0, host_count=1))
   assert b["view1/masks"].max() < 16 and b["view1/foreground"].shape == (2, 32, 32)
   res = run._masks(out, m, run.Settings(batch_size=4), 48)
-  assert set(res) >= {"mcg_16", "mcg (all levels)", "fh (all levels)", "saliency"}
-  assert res["mcg (all levels)"]["abo"] >= max(res[n]["abo"] for n in ("mcg_16", "mcg_8", "mcg_4"))
+  assert set(res) >= {"mcg_16", "mcg (all maps)", "fh (all maps)", "saliency"}
+  assert res["mcg (all maps)"]["abo"] >= max(res[n]["abo"] for n in ("mcg_16", "mcg_8", "mcg_4"))
   assert res["mcg_4"]["kind_images_per_s_core"] > 0
   assert res["saliency"]["auc"] > 0.6 and res["saliency"]["detector"] == "mbd"
   text = run.format_table({"rows": {}, "masks": {k: v for k, v in res.items() if k != "saliency"},
                            "saliency": res["saliency"], "settings": {"mask_split": "train"}})
-  assert "mcg (all levels)" in text and "max F (beta^2=0.3)" in text
+  assert "mcg (all maps)" in text and "max F (beta^2=0.3)" in text

@@ -145,7 +145,7 @@ def _masks(records_dir, manifest, s, image_size):
         out[n]["kind_images_per_s_core"] = speed
     if k in multi:
       best = np.concatenate(per_kind[k])
-      out[f"{k} (all levels)"] = {
+      out[f"{k} (all maps)"] = {
           "abo": float(best.mean()) if best.size else float("nan"),
           "num_instances": int(best.size), "num_images": out[ns[0]]["num_images"],
           "mean_segments": sum(out[n]["mean_segments"] for n in ns),
