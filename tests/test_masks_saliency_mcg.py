@@ -104,7 +104,7 @@ def _quadrants(size=64, seed=0):
 
 def test_mcg_levels_are_nested_partitions_with_the_asked_counts():
   img, quad = _quadrants()
-  levels = mcg.compute_levels(img, (16, 8, 4), superpixels_224=600)
+  levels = mcg.compute_levels(img, (16, 8, 4), superpixels=50)
   for level, k in zip(levels, (16, 8, 4)):
     assert level.shape == quad.shape and level.dtype == np.int32
     assert len(np.unique(level)) == k and level.min() == 0 and level.max() == k - 1
@@ -134,7 +134,7 @@ def test_build_with_mcg_and_saliency_then_train_and_evaluate(tmp_path):
   assert {n for n in m["masks"] if n.startswith("mcg_")} == {"mcg_16", "mcg_8", "mcg_4"}
   assert m["saliency"]["detector"] == saliency.DEFAULT and records.has_field(m, "saliency")
   assert masks_lib.expand("mcg", mcg_levels=(5,)) == {
-      "mcg_5": dict(kind="mcg", level=5, superpixels_224=mcg.SUPERPIXELS, sigma=mcg.EDGE_SIGMA)}
+      "mcg_5": dict(kind="mcg", level=5, superpixels=mcg.SUPERPIXELS, sigma=mcg.EDGE_SIGMA)}
   views = (V.ViewSpec("view1", 32, fields=(V.MASKS, V.FOREGROUND)),
            V.ViewSpec("view2", 32, augment="byol2", fields=(V.MASKS,)))
   b = next(input_lib.train_iterator(out, batch_size=2, views=views, mask_source="mcg",

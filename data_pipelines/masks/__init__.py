@@ -37,7 +37,7 @@ def expand(kinds, *, image_size: int | None = None, fh_scales=None, fh_sigma=fh.
       out[gt.NAME] = dict(kind="gt")
     elif kind == "mcg":
       for k in mcg_levels:
-        out[mcg.name(k)] = dict(kind="mcg", level=int(k), superpixels_224=mcg.SUPERPIXELS,
+        out[mcg.name(k)] = dict(kind="mcg", level=int(k), superpixels=mcg.SUPERPIXELS,
                                 sigma=mcg.EDGE_SIGMA)
     else:
       raise ValueError(f"Unknown mask source {kind!r}; choose from {sorted(REGISTRY)} "
@@ -59,7 +59,7 @@ def compute_all(image, specs: dict[str, dict], instances=None) -> dict:
       groups.setdefault((spec.get("sigma", fh.PAPER_SIGMA), spec.get("backend", "skimage")),
                         []).append(nm)
     elif spec["kind"] == "mcg":
-      mcg_groups.setdefault((spec["superpixels_224"], spec["sigma"]), []).append(nm)
+      mcg_groups.setdefault((spec["superpixels"], spec["sigma"]), []).append(nm)
   fh_maps = {}
   for (n_sp, sigma), names in mcg_groups.items():
     fh_maps.update(zip(names, mcg.compute_levels(image, [specs[n]["level"] for n in names],
