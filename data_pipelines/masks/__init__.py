@@ -60,18 +60,18 @@ def compute_all(image, specs: dict[str, dict], instances=None) -> dict:
                         []).append(nm)
     elif spec["kind"] == "mcg":
       mcg_groups.setdefault((spec["superpixels"], spec["sigma"]), []).append(nm)
-  fh_maps = {}
+  shared = {}
   for (n_sp, sigma), names in mcg_groups.items():
-    fh_maps.update(zip(names, mcg.compute_levels(image, [specs[n]["level"] for n in names],
+    shared.update(zip(names, mcg.compute_levels(image, [specs[n]["level"] for n in names],
                                                  n_sp, sigma)))
   for (sigma, backend), names in groups.items():
     maps = fh.compute_scales(image, [specs[n]["scale"] for n in names], sigma=sigma,
                              min_sizes=[specs[n].get("min_size", specs[n]["scale"])
                                         for n in names], backend=backend)
-    fh_maps.update(zip(names, maps))
+    shared.update(zip(names, maps))
   for nm, spec in specs.items():
-    if nm in fh_maps:
-      out[nm] = fh_maps[nm]
+    if nm in shared:
+      out[nm] = shared[nm]
       continue
     settings = {k: v for k, v in spec.items() if k != "kind"}
     if spec["kind"] == "gt":
