@@ -93,9 +93,10 @@ def grad_cam(head, maps, keys, *, temperature: float = 1.0, norm: str = "minmax"
   norm='minmax' then rescales each map to [0, 1] (the reference). Differentiable
   in maps and in the head's parameters (second order).
   """
+  dtype = jnp.promote_types(maps.dtype, jnp.float32)       # bfloat16 maps: float32 math
   grads = jax.grad(lambda a: jnp.sum(head(a) * keys) / temperature)(maps)
-  alpha = jnp.mean(grads.astype(jnp.float32), axis=(1, 2))                     # [B, C]
-  cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", maps.astype(jnp.float32), alpha))
+  alpha = jnp.mean(grads.astype(dtype), axis=(1, 2))                           # [B, C]
+  cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", maps.astype(dtype), alpha))
   if norm == "minmax":
     cam = cam - jnp.min(cam, axis=(1, 2), keepdims=True)
     cam = cam / (jnp.max(cam, axis=(1, 2), keepdims=True) + EPS_MINMAX)
