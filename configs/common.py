@@ -57,9 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   # for a batch before the run stops with an error. max_corrupt_fraction: the run
   # stops when more of the records read are unreadable. verify_checksums: check the
   # shards' sha256 against manifest.json at start-up (when the build stored them).
+  # foreground_threshold: views with the 'foreground' field get the view's saliency
+  # map (stored per image in [0, 1], min-max normalised) > this, as {0, 1}.
   c.data = ml_collections.ConfigDict(dict(
       records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
-      build_demo=False, timeout_s=300.0, max_corrupt_fraction=0.01, verify_checksums=True))
+      build_demo=False, timeout_s=300.0, max_corrupt_fraction=0.01, verify_checksums=True,
+      foreground_threshold=0.5))
   # Views (data_pipelines/views.py standard_views): two global crops of image_size px
   # with crop area in global_area, then small_crops multi-crop views of small_size px;
   # min_salient_cover > 0: the global crops cover that fraction of the salient area (CAST).
@@ -154,6 +157,9 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         _fail(f"views.{key}", tuple(views[key]), "must satisfy 0 < low <= high <= 1.")
   if c.data.augment not in AUGMENTS:
     _fail("data.augment", c.data.augment, f"choose one of {list(AUGMENTS)}.")
+  if not 0.0 <= c.data.get("foreground_threshold", 0.5) <= 1.0:
+    _fail("data.foreground_threshold", c.data.foreground_threshold,
+          "must be in [0, 1] (saliency maps are stored in [0, 1]; 0.5 is the default).")
   if c.data.timeout_s <= 0:
     _fail("data.timeout_s", c.data.timeout_s, "must be > 0 seconds (e.g. 300).")
   if not 0 <= c.data.max_corrupt_fraction < 1:

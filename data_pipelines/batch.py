@@ -9,7 +9,9 @@ view. '<view>/mask_ids' hold NUM_MASKS ids sampled (uniformly, with
 replacement) among the ids present in both global views (data_pipelines/input.py
 has the rule); multi-crop small views reuse view1's draw, so an id may be
 absent from a small crop. Binary masks and their downsampling to the feature
-grid are built in the model step (detcon_jax.models.heads).
+grid are built in the model step (detcon_jax.models.heads). Views with saliency
+carry '<view>/saliency' (float32 [B, H, W] in [0, 1], resampled bilinearly with
+the view) and '<view>/foreground' (float32 {0, 1}, the saliency thresholded).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ IMAGE = "image"                            # [B, H, W, 3] float32 in [0, 1]
 SEMANTIC = "semantic"                      # [B, H, W] int32, 0 = background, c+1 = class c
 INSTANCES = "instances"                    # [B, H, W] int32, 0 = background
 MASK_PREFIX = "mask/"                      # "mask/<source>": [B, H, W] int32 id maps
+SALIENCY = "saliency"                      # [B, H, W] float32 in [0, 1] (records with saliency)
 
 NUM_MASKS = 16
 
@@ -49,6 +52,9 @@ def train_batch_shapes(batch_size: int, image_size: int | None = None,
     if V.MASKS in s.fields:
       out[key(s.name, "masks")] = ((b, s.size, s.size), np.int32)
       out[key(s.name, "mask_ids")] = ((b, k), np.int32)
+    for f in (V.SALIENCY, V.FOREGROUND):
+      if f in s.fields:
+        out[key(s.name, f)] = ((b, s.size, s.size), np.float32)
   out.update({LABEL: ((b,), np.int32), INDEX: ((b,), np.int32)})
   return out
 
@@ -70,6 +76,8 @@ def synthetic_train_batch(batch_size: int, image_size: int | None = None,
       cell = np.arange(s) * grid // s
       ids = (cell[:, None] * grid + cell[None, :]).astype(np.int32)
       out[name] = np.broadcast_to(ids, shape).copy()
+    elif name.endswith("/foreground"):
+      out[name] = (rng.random(shape) > 0.5).astype(dtype)
     elif name.endswith("/mask_ids"):
       out[name] = rng.integers(0, grid * grid, shape, dtype=np.int32)
     elif name == LABEL:

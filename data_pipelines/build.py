@@ -1,10 +1,13 @@
 """Build sharded TFRecords with precomputed masks, plus manifest.json.
 
   python -m data_pipelines.build --source=demo|folder:PATH|tfds:NAME --out=DIR \
-      --masks=fh,grid[,gt] [--workers=N] [--image_size=S] [--shard_size=N] \
+      --masks=fh,grid[,gt][,mcg][,saliency] [--saliency=mbd|spectral|geodesic] \
+      [--workers=N] [--image_size=S] [--shard_size=N] \
       [--runner=local|beam [Beam pipeline options, e.g. --direct_num_workers=2]]
 
-The expensive segmentation runs here once, never in the training input loop.
+The expensive segmentation and saliency run here once, never in the training
+input loop. `saliency` in --masks (or --saliency=DETECTOR) stores one saliency
+map per image (masks/saliency.py; default detector saliency.DEFAULT).
 Sources (sources.py) say what to build; decode.py turns each input into uint8
 RGB at the stored size; this module computes masks, encodes and writes shards.
 
@@ -41,15 +44,15 @@ from data_pipelines import records, sources
 from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MIN_SIDE,  # noqa: F401 (API)
                                    load_image_file, prepare, resize_shorter, to_rgb_uint8)
 from data_pipelines.masks import fh
+from data_pipelines.masks import saliency as saliency_lib
 from data_pipelines.sources import IMAGE_SUFFIXES  # noqa: F401 (API)
 
 RUNNERS = ("local", "beam")
 
 
 # ----------------------------------------------------------------- worker side
-def _finish(image, index, example_id, label, specs, opts, instances=None, classes=None,
-            saliency=None):
-  """Masks + encoding for one decoded image -> record dict (plain bytes)."""
+def _finish(image, index, example_id, label, specs, opts, instances=None, classes=None):
+  """Masks (+ saliency) + encoding for one decoded image -> record dict (plain bytes)."""
   maps = masks_lib.compute_all(image, specs, instances=instances)
   rec = dict(image=records.encode_image(image, opts["image_format"]), fmt=opts["image_format"],
              height=image.shape[0], width=image.shape[1], index=int(index),
@@ -57,8 +60,8 @@ def _finish(image, index, example_id, label, specs, opts, instances=None, classe
              masks={n: records.encode_ids(m) for n, m in maps.items()})
   if instances is not None:
     rec.update(instances=records.encode_ids(instances), classes=np.asarray(classes, np.int64))
-  if saliency is not None:
-    rec["saliency"] = records.encode_image(saliency, "png")
+  if opts.get("saliency"):
+    rec["saliency"] = records.encode_saliency(saliency_lib.compute(image, opts["saliency"]))
   return rec
 
 
@@ -79,7 +82,7 @@ def process_shard(job: dict) -> dict:
       ex = demo_lib.example(split, item, **{k: v for k, v in opts["demo"].items()
                                            if k not in ("num_train", "num_test")})
       recs.append(_finish(ex["image"], item, f"demo/{split}/{item}", ex["label"], specs, opts,
-                          ex["instances"], ex["classes"], ex["saliency"]))
+                          ex["instances"], ex["classes"]))
       continue
     if job["kind"] == "folder":
       path, label = item
@@ -136,11 +139,25 @@ def _done(out_dir, fname, settings):
 
 
 # ----------------------------------------------------------------- the build
-def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) -> dict:
+def _saliency_detector(kinds: list, saliency) -> str | None:
+  """The saliency detector to store: --saliency, or the default when 'saliency' is
+  among the mask kinds (removed from them); None for no saliency."""
+  if "saliency" in kinds:
+    kinds.remove("saliency")
+    saliency = saliency or saliency_lib.DEFAULT
+  if saliency in (None, "", "none"):
+    return None
+  saliency_lib.detector(saliency)            # unknown names fail here, before any work
+  return saliency
+
+
+def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=None,
+               **opts) -> dict:
   """Everything a runner needs: the source plan, mask specs, and the shard jobs
   still to do (complete shards with matching sidecars are kept in 'sides')."""
   plan = sources.plan(source, opts)
   kinds = masks.split(",") if isinstance(masks, str) else list(masks)
+  saliency = _saliency_detector(kinds, saliency)
   if "gt" in kinds and not plan["has_gt"]:
     raise ValueError(f"--masks includes 'gt' but {source} has no instance maps; "
                      f"use --masks={','.join(k for k in kinds if k != 'gt')}.")
@@ -152,7 +169,8 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) ->
                            grid_sizes=opts.get("grid_sizes") or (4,))
   wopts = dict(image_size=size, min_side=opts.get("min_side", DEFAULT_MIN_SIDE),
                image_format=opts.get("image_format", "png" if plan["kind"] == "demo" else "jpeg"),
-               demo=plan.get("demo"), demo_version=plan.get("demo_version"))
+               demo=plan.get("demo"), demo_version=plan.get("demo_version"),
+               saliency=saliency)
   shard_size = int(opts.get("shard_size") or (250 if plan["kind"] == "demo" else 1000))
   settings = dict(source=source, specs=specs, opts=wopts, shard_size=shard_size)
   records.makedirs(out_dir)
@@ -173,7 +191,7 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), **opts) ->
                          first_index=s * shard_size, opts=wopts, specs=specs,
                          settings=shard_settings))
   return dict(source=source, out_dir=out_dir, plan=plan, specs=specs, size=size,
-              fh_scales=tuple(fh_scales), jobs=jobs, sides=sides)
+              fh_scales=tuple(fh_scales), jobs=jobs, sides=sides, saliency=saliency)
 
 
 def run_job(out_dir: str, plan: dict, job: dict) -> dict:
@@ -231,19 +249,21 @@ def finish_manifest(b: dict, seconds: float, **extra) -> dict:
                      if tuple(fh_scales) != fh.PAPER_SCALES else "paper scales"),
       skipped=skipped, num_skipped=len(skipped), demo=plan.get("demo"),
       demo_version=plan.get("demo_version"), demo_photos=plan.get("photos"),
-      build_seconds=round(seconds, 1), **extra)
+      build_seconds=round(seconds, 1),
+      saliency=saliency_lib.describe(b["saliency"]) if b.get("saliency") else None, **extra)
   records.write_manifest(b["out_dir"], manifest)
   return manifest
 
 
 def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | None = None,
-          runner: str = "local", beam_options=(), **opts) -> dict:
+          runner: str = "local", beam_options=(), saliency: str | None = None, **opts) -> dict:
   """Build records for `source` into out_dir and return the manifest.
 
   opts: image_size (demo side / real shorter side), shard_size, fh_scales,
   fh_backend ('skimage'|'opencv'), grid_sizes, min_side, image_format,
   progress, data_dir (tfds), and the demo's num_train, num_test, seed,
-  bg_correlation, max_objects. The demo defaults to FH scales rescaled to its
+  bg_correlation, max_objects. saliency: a detector of masks/saliency.py to
+  store a saliency map per image (also: 'saliency' in masks = the default). The demo defaults to FH scales rescaled to its
   image size (fh.scales_for); real data defaults to the paper's scales.
   runner: 'local' (processes, `workers` of them) or 'beam' (beam_options are
   Beam pipeline flags, e.g. ['--direct_num_workers=2'] or Dataflow's).
@@ -251,7 +271,7 @@ def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | 
   if runner not in RUNNERS:
     raise ValueError(f"Unknown runner {runner!r}; choose one of {RUNNERS}.")
   t0 = time.time()
-  b = plan_build(source, out_dir, masks, **opts)
+  b = plan_build(source, out_dir, masks, saliency=saliency, **opts)
   if runner == "beam":
     from data_pipelines import beam
     beam.run(b, list(beam_options))
@@ -265,11 +285,16 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
   """Records + manifest from in-memory examples, for tests and small custom data.
 
   examples: {split: [dict(image=uint8 [H,W,3], masks={name: id map}, label=-1,
-  instances=None, classes=None)]}; indices are positions in each list. Uses the
+  instances=None, classes=None, saliency=None)]} (saliency: [H,W] in [0, 1] or
+  uint8, on every example or none); indices are positions in each list. Uses the
   same writer and manifest as `build`, so readers see no difference.
   """
   records.makedirs(out_dir)
   splits, names, has_gt = {}, set(), True
+  all_exs = [ex for exs in examples.values() for ex in exs]
+  has_saliency = {ex.get("saliency") is not None for ex in all_exs}
+  if len(has_saliency) > 1:
+    raise ValueError("write_records: give saliency on every example or on none.")
   for split, exs in examples.items():
     n_shards = max(1, -(-len(exs) // shard_size))
     shards = []
@@ -285,6 +310,8 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
                    masks={n: records.encode_ids(m) for n, m in ex["masks"].items()})
         if ex.get("instances") is not None:
           rec.update(instances=records.encode_ids(ex["instances"]), classes=ex["classes"])
+        if ex.get("saliency") is not None:
+          rec["saliency"] = records.encode_saliency(ex["saliency"])
         recs.append(rec)
       fname = records.shard_name(split, s, n_shards)
       side = write_shard(out_dir, fname, dict(records=recs, skipped=[]), {"source": source})
@@ -294,25 +321,37 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
                   image_size=None, num_classes=num_classes, class_names=list(class_names),
                   has_gt=has_gt, splits=splits, masks={n: {"kind": n.split("_")[0]} for n in
                                                        sorted(names)},
-                  skipped=[], num_skipped=0)
+                  skipped=[], num_skipped=0,
+                  saliency={"detector": "given"} if True in has_saliency else None)
   records.write_manifest(out_dir, manifest)
   return manifest
 
 
-def ensure_demo_records(out_dir: str, **opts) -> dict:
-  """The demo records in out_dir, building them unless a complete, current set exists.
+DEMO_MASKS = ("fh", "grid", "gt")
+
+
+def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False, **opts) -> dict:
+  """The demo records in out_dir, building them unless a complete, current set exists
+  that holds the mask kinds `masks` and, with saliency=True, the saliency field.
 
   A set built by an older demo generator (manifest demo_version != demo.VERSION)
-  is rebuilt, so training never reads scenes the code no longer makes.
+  is rebuilt, so training never reads scenes the code no longer makes; a set
+  lacking what is asked is rebuilt with it added (keeping its other masks).
+  Builds use DEMO_MASKS plus those asked, and store the default saliency
+  (cheap at the demo's 96 px).
   """
+  kinds = list(dict.fromkeys(DEMO_MASKS + tuple(masks)))
   try:
     manifest = records.read_manifest(out_dir)
+    have = {spec.get("kind") for spec in manifest.get("masks", {}).values()}
     if (manifest.get("complete") and manifest.get("source") == "demo"
         and manifest.get("demo_version") == demo_lib.VERSION):
-      return manifest
+      if set(masks) <= have and (not saliency or records.has_field(manifest, "saliency")):
+        return manifest
+      kinds = list(dict.fromkeys(kinds + sorted(have - set(kinds))))
   except (FileNotFoundError, ValueError):
     pass
-  return build("demo", out_dir, masks=("fh", "grid", "gt"), **opts)
+  return build("demo", out_dir, masks=kinds, saliency=saliency_lib.DEFAULT, **opts)
 
 
 def main(argv=None):
@@ -326,7 +365,12 @@ def main(argv=None):
   p.add_argument("--source", required=True, help="demo | folder:PATH | tfds:NAME")
   p.add_argument("--out", required=True,
                  help="output directory (local or gs://) for shards + manifest.json")
-  p.add_argument("--masks", default="fh,grid", help="comma list of fh, grid, gt")
+  p.add_argument("--masks", default="fh,grid",
+                 help="comma list of fh, grid, gt, mcg, and saliency (the default detector)")
+  p.add_argument("--saliency", default=None,
+                 help=f"store a saliency map per image from this detector: "
+                 f"{'|'.join(saliency_lib.REGISTRY)} (default with 'saliency' in --masks: "
+                 f"{saliency_lib.DEFAULT})")
   p.add_argument("--runner", default="local", choices=RUNNERS,
                  help="local: worker processes here; beam: an Apache Beam pipeline")
   p.add_argument("--beam_runner", default="DirectRunner",
@@ -353,7 +397,7 @@ def main(argv=None):
   if rest and a.runner != "beam":
     p.error(f"unrecognized arguments: {' '.join(rest)} (Beam options need --runner=beam)")
   opts = {k: v for k, v in vars(a).items()
-          if v is not None and k not in ("source", "out", "masks", "workers", "runner",
+          if v is not None and k not in ("source", "out", "masks", "saliency", "workers", "runner",
                                          "beam_runner")}
   if "fh_scales" in opts:
     opts["fh_scales"] = tuple(int(s) for s in opts["fh_scales"].split(","))
@@ -366,11 +410,12 @@ def main(argv=None):
       beam_options.append(f"--direct_num_workers={a.workers}")
   try:
     m = build(a.source, a.out, masks=a.masks, workers=a.workers, runner=a.runner,
-              beam_options=beam_options, **opts)
-  except ImportError as e:
+              beam_options=beam_options, saliency=a.saliency, **opts)
+  except (ImportError, ValueError) as e:
     sys.exit(f"error: {e}")
   counts = ", ".join(f"{s}: {v['count']}" for s, v in m["splits"].items())
-  print(f"Wrote {a.out}: {counts}; masks {', '.join(m['masks'])}; "
+  sal = f"; saliency {m['saliency']['detector']}" if m.get("saliency") else ""
+  print(f"Wrote {a.out}: {counts}; masks {', '.join(m['masks'])}{sal}; "
         f"{m['num_skipped']} inputs skipped (see manifest.json); {m['build_seconds']} s.")
   for x in m["skipped"][:10]:
     print(f"  skipped {x['input']}: {x['reason']}")

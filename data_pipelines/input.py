@@ -26,6 +26,12 @@ and pooling then gives it area 0 (the objective decides what that means). A
 single masked view draws among its own ids. Binary masks and their
 downsampling to the feature grid happen in the model step
 (detcon_jax.models.heads); here id maps stay at full view resolution.
+
+Saliency (views whose spec has 'saliency' or 'foreground'): the stored 8-bit
+map is decoded to float32 [0, 1] and moved with the image by every crop, resize
+(bilinear, antialiased: augment.RESAMPLE) and flip; 'foreground' is the view's
+resampled saliency > foreground_threshold, as float32 {0, 1}. Records without
+the field raise records.MissingFieldError with the command that adds it.
 """
 from __future__ import annotations
 
@@ -154,6 +160,27 @@ def _decode_ids(data):
   return tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16)[..., 0], tf.int32)
 
 
+def _decode_saliency(data, image):
+  """float32 [H, W] in [0, 1] from the 8-bit PNG; must match the image's size."""
+  sal = tf.cast(tf.io.decode_png(data, channels=1)[..., 0], tf.float32) / 255.0
+  tf.debugging.assert_equal(tf.shape(sal), tf.shape(image)[:2],
+                            message="saliency and image sizes differ (corrupt record)")
+  return sal
+
+
+def _needs_saliency(spec) -> bool:
+  return V.SALIENCY in spec.fields or V.FOREGROUND in spec.fields
+
+
+def _view_fields(spec) -> tuple[str, ...]:
+  """Dense fields the geometric ops move for a view: the image, its fields, and
+  the saliency behind 'foreground' (thresholded after resampling)."""
+  dense = [f for f in spec.fields if f != V.FOREGROUND]
+  if V.FOREGROUND in spec.fields and V.SALIENCY not in dense:
+    dense.append(V.SALIENCY)
+  return (aug.IMAGE,) + tuple(dense)
+
+
 def sample_mask_ids(maps, seed, num_masks):
   """num_masks ids for each masked view's id map, in view order (rule: module docstring)."""
   s = tf.random.experimental.stateless_split(seed, 3)
@@ -199,7 +226,7 @@ def _param(view, name):
 def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_masks=B.NUM_MASKS,
                    seed=0, start_step=0, host_index=None, host_count=None, split="train",
                    shuffle_window=10_000, num_parallel_calls=tf.data.AUTOTUNE,
-                   prefetch=2) -> Batches:
+                   prefetch=2, foreground_threshold=0.5) -> Batches:
   """Infinite iterator of this host's training batches with exactly `views` (batch.py keys).
 
   views: a sequence of data_pipelines.views.ViewSpec, any number, each built at
@@ -208,6 +235,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   stored fh_* map picked at random per example, the same for every view),
   'grid', 'gt', or an exact name like 'fh_s1000'. A view's pixels do not
   depend on which fields it carries. Batch s is a function of (seed, s, host) only.
+  Views with 'saliency' / 'foreground' need records with saliency; foreground =
+  the view's saliency > foreground_threshold (config.data.foreground_threshold).
   """
   for key, value, low in (("batch_size", batch_size, 1), ("num_masks", num_masks, 1),
                           ("start_step", start_step, 0)):
@@ -216,7 +245,13 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   views = tuple(views)
   _check_views(views)
   masked = [s for s in views if V.MASKS in s.fields]
+  salient = any(_needs_saliency(s) for s in views)
+  if not 0.0 <= float(foreground_threshold) <= 1.0:
+    raise ValueError(f"train_iterator: foreground_threshold={foreground_threshold} must lie "
+                     "in [0, 1] (config.data.foreground_threshold).")
   manifest = R.read_manifest(records_dir)
+  if salient:
+    R.require_field(records_dir, "saliency", manifest)
   names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
   host_index, host_count = _host(host_index, host_count)
   paths, per_epoch = host_shards(records_dir, manifest, split, host_index, host_count)
@@ -224,7 +259,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     raise ValueError(f"Host {host_index} has no {split!r} examples in {records_dir!r}.")
   start = int(start_step) * int(batch_size)
   start_epoch, offset = divmod(start, per_epoch)
-  spec = R.feature_spec(names)
+  spec = R.feature_spec(names, saliency=salient)
   base = tf.constant([seed, 1], tf.int64)
   order = list(B.train_batch_shapes(batch_size, num_masks=num_masks, specs=views))
 
@@ -243,14 +278,21 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       fields[V.MASKS] = _decode_ids(tf.gather(pngs, choice))
       tf.debugging.assert_equal(tf.shape(fields[V.MASKS]), tf.shape(image)[:2],
                                 message="mask and image sizes differ (corrupt record)")
+    if salient:
+      fields[V.SALIENCY] = _decode_saliency(ex[R.SALIENCY], image)
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
     for i, s in enumerate(views):
       p = aug.sample_view_params(k[_view_slot(i)], h, w, s)
-      data = aug.geometric({f: fields[f] for f in (aug.IMAGE,) + s.fields}, p, s.size)
+      data = aug.geometric({f: fields[f] for f in _view_fields(s)}, p, s.size)
       out[s.name] = aug.color_jitter(data[aug.IMAGE], p)
       for f in s.fields:
-        out[B.key(s.name, f)] = data[f]
+        if f == V.FOREGROUND:
+          out[B.key(s.name, f)] = tf.cast(data[V.SALIENCY] > foreground_threshold, tf.float32)
+        elif f == V.SALIENCY:
+          out[B.key(s.name, f)] = tf.clip_by_value(data[f], 0.0, 1.0)
+        else:
+          out[B.key(s.name, f)] = data[f]
       out.update({_param(s.name, n): p[n] for n in aug.PHOTOMETRIC_KEYS})
     if masked:
       ids = sample_mask_ids([out[B.key(s.name, V.MASKS)] for s in masked], k[3], num_masks)
@@ -286,21 +328,25 @@ def _resize_centre(x, size, method):
 
 
 def eval_iterator(records_dir, split, *, batch_size, image_size, mask_sources=(),
-                  host_index=0, host_count=1, num_parallel_calls=tf.data.AUTOTUNE) -> Batches:
+                  saliency=False, host_index=0, host_count=1,
+                  num_parallel_calls=tf.data.AUTOTUNE) -> Batches:
   """One ordered pass over a split: image, label, index, GT maps, requested mask maps.
 
   image float32 [B,S,S,3] in [0,1] (shorter side resized to S, centre crop);
   semantic/instances int32 [B,S,S] when the records hold GT (semantic: 0
   background, class c -> c+1); 'mask/<name>' for each name or prefix in
-  mask_sources. Maps are resized nearest-neighbour. The last batch may be
-  smaller. By default one host reads everything; pass host_index/host_count
-  to split the pass over hosts by shard.
+  mask_sources; with saliency=True, 'saliency' float32 [B,S,S] in [0, 1]
+  (bilinear; records need the field). Id maps are resized nearest-neighbour.
+  The last batch may be smaller. By default one host reads everything; pass
+  host_index/host_count to split the pass over hosts by shard.
   """
   manifest = R.read_manifest(records_dir)
   names = [n for src in mask_sources for n in resolve_mask_names(manifest, src, records_dir)]
   gt = bool(manifest.get("has_gt"))
+  if saliency:
+    R.require_field(records_dir, "saliency", manifest)
   paths, total = host_shards(records_dir, manifest, split, host_index, host_count)
-  spec = R.feature_spec(names, gt=gt)
+  spec = R.feature_spec(names, gt=gt, saliency=saliency)
 
   def decode(pos, record):
     ex = tf.io.parse_single_example(record, spec)
@@ -323,6 +369,10 @@ def eval_iterator(records_dir, split, *, batch_size, image_size, mask_sources=()
       out[B.INSTANCES], out[B.SEMANTIC] = inst, tf.gather(lut, inst)
     for n in names:
       out[B.MASK_PREFIX + n] = id_map(ex[R.MASK_PREFIX + n])
+    if saliency:
+      sal = _decode_saliency(ex[R.SALIENCY], image)[..., None]
+      out[B.SALIENCY] = tf.clip_by_value(_resize_centre(sal, image_size, "bilinear")[..., 0],
+                                         0.0, 1.0)
     return out
 
   ds = tf.data.TFRecordDataset(paths).ignore_errors().enumerate()

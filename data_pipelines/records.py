@@ -9,7 +9,8 @@ One tf.train.Example per image:
   mask/<name>     bytes   16-bit grayscale PNG id map (ids 0..65535, never wrapped)
   gt/instances    bytes   optional 16-bit PNG instance map, 0 = background
   gt/classes      int64[] optional class of instance k at position k-1
-  saliency/encoded    bytes   optional 8-bit PNG foreground map (reserved)
+  saliency/encoded    bytes   optional 8-bit grayscale PNG saliency map, same H x W as
+                              the image (0..255 = 0..1; data_pipelines/masks/saliency.py)
   background/encoded  bytes   optional tiled background image (reserved)
 The reference DetCon code stored FH ids as uint8, silently merging segments in
 images with >255 of them; 16-bit PNG keeps them apart and stays compact.
@@ -18,6 +19,13 @@ manifest.json beside the shards: schema version, counts and shard files per
 split (each with its record count, size in bytes and sha256; manifests written
 before those two fields still read), image size, classes, mask names with their
 settings, skipped inputs and why.
+
+Schema versions: 1 = the fields above without saliency; 2 adds the optional
+saliency field, declared by the manifest's "saliency" entry (detector and
+settings). A field counts as present only when the manifest declares it, so
+version-1 records (and demo records of version 1, which stored the demo's
+ground-truth foreground there) read as "no saliency"; `require_field` turns a
+missing field into a message with the command that rebuilds the records.
 
 Reproducible bytes: features are serialized with deterministic=True (map keys
 sorted), and PNG/JPEG encoding is a pure function of the pixels, so two builds
@@ -40,7 +48,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 IMAGE, FORMAT, HEIGHT, WIDTH = "image/encoded", "image/format", "image/height", "image/width"
 INDEX, ID, LABEL = "example/index", "example/id", "label"
@@ -64,6 +73,22 @@ def encode_ids(id_map: np.ndarray) -> bytes:
 def decode_ids(data: bytes) -> np.ndarray:
   """int32 id map from encode_ids' bytes (numpy side; tf.data uses decode_png uint16)."""
   return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int32)
+
+
+def encode_saliency(saliency: np.ndarray) -> bytes:
+  """8-bit grayscale PNG of a saliency map: float in [0, 1] (rounded to 1/255) or uint8."""
+  saliency = np.asarray(saliency)
+  if saliency.dtype != np.uint8:
+    if saliency.size and (np.nanmin(saliency) < 0 or np.nanmax(saliency) > 1):
+      raise ValueError("Saliency maps must lie in [0, 1] (or be uint8); got "
+                       f"[{np.nanmin(saliency)}, {np.nanmax(saliency)}].")
+    saliency = np.round(saliency * 255).astype(np.uint8)
+  return encode_image(saliency, "png")
+
+
+def decode_saliency(data: bytes) -> np.ndarray:
+  """float32 [H, W] in [0, 1] from encode_saliency's bytes (tf.data: input.py)."""
+  return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 255.0
 
 
 def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
@@ -103,7 +128,7 @@ def example_bytes(*, image: bytes, fmt: str, height: int, width: int, index: int
   return example.SerializeToString(deterministic=True)
 
 
-def feature_spec(mask_names=(), gt=False) -> dict:
+def feature_spec(mask_names=(), gt=False, saliency=False) -> dict:
   """tf.io.parse_single_example spec for the fields a reader needs."""
   import tensorflow as tf
   spec = {IMAGE: tf.io.FixedLenFeature([], tf.string),
@@ -114,6 +139,8 @@ def feature_spec(mask_names=(), gt=False) -> dict:
   if gt:
     spec[GT_INSTANCES] = tf.io.FixedLenFeature([], tf.string)
     spec[GT_CLASSES] = tf.io.VarLenFeature(tf.int64)
+  if saliency:
+    spec[SALIENCY] = tf.io.FixedLenFeature([], tf.string)
   return spec
 
 
@@ -224,9 +251,48 @@ def read_manifest(records_dir: str) -> dict:
         f"No {MANIFEST} in {records_dir!r}: build records first, e.g. "
         f"`python -m data_pipelines.build --source=demo --out={records_dir}`.")
   manifest = json.loads(read_text(path))
-  if manifest.get("schema_version") != SCHEMA_VERSION:
+  if manifest.get("schema_version") not in READABLE_VERSIONS:
     raise ValueError(f"{path} has schema version {manifest.get('schema_version')}, this "
-                     f"code reads {SCHEMA_VERSION}; rebuild the records.")
+                     f"code reads {list(READABLE_VERSIONS)}; rebuild the records.")
+  return manifest
+
+
+# Optional fields: the manifest key that declares each, and the build flag that adds it.
+OPTIONAL_FIELDS = {"saliency": ("saliency", "--saliency=mbd")}
+
+
+class MissingFieldError(ValueError):
+  """Records lack an optional field a method needs; the message says how to rebuild."""
+
+
+def has_field(manifest: dict, field: str) -> bool:
+  return bool(manifest.get(OPTIONAL_FIELDS[field][0]))
+
+
+def rebuild_command(records_dir: str, manifest: dict, flag: str = "") -> str:
+  """The build command that remakes these records (same source and masks) plus `flag`."""
+  kinds = sorted({spec.get("kind", name.split("_")[0])
+                  for name, spec in manifest.get("masks", {}).items()})
+  source = manifest.get("source") or "SOURCE"
+  parts = ["python -m data_pipelines.build", f"--source={source}", f"--out={records_dir}"]
+  if kinds:
+    parts.append(f"--masks={','.join(kinds)}")
+  return " ".join(parts + ([flag] if flag else []))
+
+
+def require_field(records_dir: str, field: str, manifest: dict | None = None) -> dict:
+  """The manifest when the records declare `field` (e.g. 'saliency'); else MissingFieldError
+  naming the exact command that rebuilds them with it."""
+  if field not in OPTIONAL_FIELDS:
+    raise ValueError(f"Unknown optional record field {field!r}; known: {sorted(OPTIONAL_FIELDS)}.")
+  manifest = read_manifest(records_dir) if manifest is None else manifest
+  if not has_field(manifest, field):
+    raise MissingFieldError(
+        f"The records at {records_dir!r} have no {field!r} field (schema version "
+        f"{manifest.get('schema_version')}); rebuild them with it: "
+        f"`{rebuild_command(records_dir, manifest, OPTIONAL_FIELDS[field][1])}`"
+        + (" (the demo builds it on first use with config.data.build_demo=True)"
+           if manifest.get("source") == "demo" else "") + ".")
   return manifest
 
 

@@ -6,8 +6,13 @@ its own size, and the batch carries them under the names of batch.py:
   batch[spec.name]                      [B, size, size, 3] float32 in [0, 1]
   batch[batch.key(spec.name, 'masks')]  [B, size, size] int32 mask-id map
   batch[batch.key(spec.name, 'mask_ids')] [B, K] int32 sampled ids
-(the last two only when 'masks' is in spec.fields). Every geometric op moves
-the image and every dense field of the view together.
+(the last two only when 'masks' is in spec.fields), and with 'saliency' /
+'foreground' in spec.fields
+  batch[batch.key(spec.name, 'saliency')]   [B, size, size] float32 in [0, 1]
+  batch[batch.key(spec.name, 'foreground')] [B, size, size] float32 in {0, 1}
+(the stored saliency map, resampled bilinearly with the view; foreground is it
+thresholded at config.data.foreground_threshold). Every geometric op moves the
+image and every dense field of the view together.
 
 Multi-crop (SwAV, Caron et al. 2020; constrained multi-crop, Van Gansbeke et
 al. 2021) is a view option any objective can request: `standard_views(config)`
@@ -18,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 
 MASKS = "masks"          # dense field: the mask-id map (+ its sampled ids)
-SALIENCY = "saliency"    # dense field: the saliency map, float32 [H, W] in [0, 1]
-FIELDS = (MASKS, SALIENCY)
+SALIENCY = "saliency"    # dense field: the stored saliency map (records need it)
+FOREGROUND = "foreground"  # the view's saliency > config.data.foreground_threshold
+FIELDS = (MASKS, SALIENCY, FOREGROUND)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,14 +71,22 @@ def records_batches(config, start_step: int, host_index: int, host_count: int, v
       config.data.records_dir, batch_size=config.batch_size // host_count, views=views,
       mask_source=config.data.mask_source, num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
-      shuffle_window=config.data.shuffle_buffer)
+      shuffle_window=config.data.shuffle_buffer,
+      foreground_threshold=config.data.get("foreground_threshold", 0.5))
 
 
-def ensure_records(config) -> None:
-  """Build the embedded demo records when config.data.build_demo and they are missing."""
+def ensure_records(config, views=None) -> None:
+  """Build the embedded demo records when config.data.build_demo and they are missing,
+  or lack the saliency field or mask source the run's views need."""
   if config.data.get("build_demo", False):
     from data_pipelines import build
-    build.ensure_demo_records(config.data.records_dir)
+    from data_pipelines import views as V
+    from data_pipelines.masks import REGISTRY
+    views = registry.get_objective(config.method).views(config) if views is None else views
+    saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) for s in views)
+    kind = config.data.mask_source.split("_")[0]
+    build.ensure_demo_records(config.data.records_dir, saliency=saliency,
+                              masks=(kind,) if kind in REGISTRY else ())
 
 
 class HostBatches:
@@ -284,7 +292,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
 
   # Data: a missing shard, mask field or records dir fails here, before compiling.
   if batches is None:
-    ensure_records(config)
+    ensure_records(config, objective.views(config))
     batches = functools.partial(records_batches, views=objective.views(config))
   try:   # checks the records against the config: manifest, shards, mask source, hosts
     source = batches(config, start_step, jax.process_index(), jax.process_count())
