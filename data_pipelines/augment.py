@@ -218,14 +218,14 @@ def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
   return tf.cast(tf.stack([y, x, ch, cw]), tf.int32)
 
 
-SALIENT = 0.5    # saliency above this is salient (the CAST reference: > 128 of 255)
+SALIENT = 0.5    # default: saliency above this is salient (the CAST reference: > 128 of 255)
 
 
 def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi=0.2,
-                     tries=10):
+                     tries=10, threshold=SALIENT):
   """(box, fell_back): a crop_box that covers >= phi of the salient area (CAST, sec. 3.1).
 
-  saliency [H, W] in [0, 1], salient where > SALIENT. Up to `tries` crop_box
+  saliency [H, W] in [0, 1], salient where > threshold. Up to `tries` crop_box
   draws, the first with seed itself (so phi = 0 gives crop_box(seed) exactly)
   and the rest with fold_in(seed, t); the first whose salient pixels reach
   phi x the image's is kept. As the reference, phi is lowered to
@@ -234,7 +234,7 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   first draw. If no draw qualifies: the whole image, and fell_back is True.
   """
   h, w = tf.shape(saliency)[0], tf.shape(saliency)[1]
-  salient = tf.cast(saliency > SALIENT, tf.float32)
+  salient = tf.cast(saliency > threshold, tf.float32)
   total = tf.reduce_sum(salient)
   table = tf.pad(tf.cumsum(tf.cumsum(salient, 0), 1), [[1, 0], [1, 0]])  # summed-area table
   pixels = tf.cast(h * w, tf.float32)
@@ -250,11 +250,12 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   return box, tf.logical_not(found)
 
 
-def sample_view_params(seed, height, width, spec, saliency=None) -> dict:
+def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIENT) -> dict:
   """Every random choice of one view (a ViewSpec: its table, crop_area and size) from a seed.
 
-  A spec with min_salient_cover > 0 needs the image's saliency [H, W]; its box
-  comes from salient_crop_box and p['crop_fallback'] says whether it fell back.
+  A spec with min_salient_cover > 0 needs the image's saliency [H, W] (salient
+  above threshold); its box comes from salient_crop_box and p['crop_fallback']
+  says whether it fell back.
   """
   t = table(spec.augment)
   s = tf.random.experimental.stateless_split(seed, 12)
@@ -264,7 +265,8 @@ def sample_view_params(seed, height, width, spec, saliency=None) -> dict:
       raise ValueError(f"View {spec.name!r} has min_salient_cover={spec.min_salient_cover}: "
                        "its crops need the image's saliency map.")
     box, extra["crop_fallback"] = salient_crop_box(s[0], saliency, spec.crop_area,
-                                                   t["crop_ratio"], spec.min_salient_cover)
+                                                   t["crop_ratio"], spec.min_salient_cover,
+                                                   threshold=threshold)
   else:
     box = crop_box(s[0], height, width, spec.crop_area, t["crop_ratio"])
   return dict(

@@ -294,7 +294,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
            B.INDEX: tf.cast(index, tf.int32)}
     fallbacks = []
     for i, s in enumerate(views):
-      p = aug.sample_view_params(k[_view_slot(i)], h, w, s, fields.get(V.SALIENCY))
+      p = aug.sample_view_params(k[_view_slot(i)], h, w, s, fields.get(V.SALIENCY),
+                                 foreground_threshold)
       if "crop_fallback" in p:
         fallbacks.append(tf.cast(p["crop_fallback"], tf.int32))
       data = aug.geometric({f: fields[f] for f in _view_fields(s)}, p, s.size)

@@ -178,7 +178,21 @@ def test_attention_gradient_reaches_encoder_and_head(cast_setup):
     assert np.isfinite(norm) and norm > 0, part
 
 
-def test_config_errors_name_the_key(cast_setup):
+@pytest.mark.parametrize("preset", ["demo", "imagenet", "coco-100"])
+def test_presets_are_moco_v2_plus_cast(preset):
+  import importlib
+  config = importlib.import_module("configs.cast").get_config(preset)
+  base = importlib.import_module("configs.moco_v2").get_config(preset)
+  validate(config)
+  assert config.method == "cast" and config.views.min_salient_cover == 0.2
+  assert config.cast.attention_weight == 3.0 and config.cast.cosine == "image"
+  assert (config.steps, config.optimizer.base_lr, config.loss.temperature) == (
+      base.steps, base.optimizer.base_lr, base.loss.temperature)
+  config.steps = 3                      # --config.steps alone keeps it valid
+  validate(config)
+
+
+def test_config_errors_name_the_key():
   config = cast_config()
   for key, value, match in (("cast.cosine", "pixel", "cast.cosine"),
                             ("cast.total", "mean", "cast.total"),

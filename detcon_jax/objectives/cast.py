@@ -23,9 +23,9 @@ nests the two gradients, so the step jits and shards like any other.
 
 Where this follows the released code (salesforce/CAST) rather than the paper's
 text: the logit q.k_masked/tau is differentiated (the 1/tau scale cancels in
-the cosine); saliency is binarised at config.cast.saliency_threshold (the
-reference: > 128 of 255) before masking the key and before resizing the query
-map; the masked-out key pixels are the ImageNet mean colour (the reference
+the cosine); saliency is binarised at config.data.foreground_threshold (0.5;
+the reference: > 128 of 255; config.cast.binarise=False keeps the soft map)
+before masking the key and before resizing the query map; the masked-out key pixels are the ImageNet mean colour (the reference
 multiplies the *normalised* key by the mask, i.e. zero after normalisation);
 Grad-CAM is min-max normalised (config.cast.gradcam_norm='none': the paper's
 eq. 2 alone). G is per image because MoCo v2's head has no batch norm (a
@@ -185,16 +185,16 @@ def loss(params, state, batch, rng, step, config):
   l_moco, metrics, new_state, query = moco.contrast(params, state, batch, config, specs)
   nets = common.build_networks(config, False)
   key_spec = [s for s in specs if s.name == KEY]
-  masked = {KEY: mask_images(batch[KEY], binarise(batch[B.key(KEY, V.SALIENCY)],
-                                                  c.saliency_threshold))}
+  threshold = float(config.data.foreground_threshold) if c.binarise else None
+  masked = {KEY: mask_images(batch[KEY], binarise(batch[B.key(KEY, V.SALIENCY)], threshold))}
   target = jax.lax.stop_gradient(state[common.TARGET])
   k_masked = common.forward(nets, target, state[common.BATCH_STATS], masked, key_spec).z[KEY]
   k_masked = jax.lax.stop_gradient(l2_normalize(k_masked))
   maps = query.maps[QUERY]
   cam = grad_cam(query_head(nets, params, state[common.BATCH_STATS]), maps, k_masked,
                  temperature=float(config.loss.temperature), norm=c.gradcam_norm)
-  saliency = resize_align_corners(binarise(batch[B.key(QUERY, V.SALIENCY)],
-                                           c.saliency_threshold), *maps.shape[1:3])
+  saliency = resize_align_corners(binarise(batch[B.key(QUERY, V.SALIENCY)], threshold),
+                                  *maps.shape[1:3])
   l_att, counted = attention_loss(cam, saliency, c.cosine)
   value = total_loss(l_moco, l_att, float(c.attention_weight), c.total)
   metrics = dict(metrics, loss=value, loss_moco=l_moco, loss_att=l_att,
@@ -205,13 +205,13 @@ def loss(params, state, batch, rng, step, config):
 def default_config():
   return {**moco.default_config(),
           "cast": {"attention_weight": 3.0, "total": "sum", "cosine": "image",
-                   "gradcam_norm": "minmax", "saliency_threshold": 0.5}}
+                   "gradcam_norm": "minmax", "binarise": True}}
 
 
 def validate(config):
   moco.validate(config)
   common.require(config, "cast", ("attention_weight", "total", "cosine", "gradcam_norm",
-                                  "saliency_threshold"), "cast")
+                                  "binarise"), "cast")
   c = config.cast
   for key, value, choices in (("total", c.total, TOTALS), ("cosine", c.cosine, COSINES),
                               ("gradcam_norm", c.gradcam_norm, GRADCAM_NORMS)):
@@ -220,10 +220,6 @@ def validate(config):
   if c.attention_weight < 0:
     raise ConfigError(f"config.cast.attention_weight={c.attention_weight!r}: must be >= 0 "
                       "(paper: 3).")
-  t = c.saliency_threshold
-  if t is not None and not 0.0 <= t < 1.0:
-    raise ConfigError(f"config.cast.saliency_threshold={t!r}: must be in [0, 1) or None "
-                      "(the soft map); the reference binarises at 0.5.")
   if config.head.get("batch_norm", True):
     raise ConfigError("config.head.batch_norm=True: CAST needs a head without batch norm "
                       "(MoCo v2's), so that Grad-CAM is per image; set it to False.")
