@@ -91,3 +91,30 @@ def test_view_params_use_it_only_when_asked_and_inside_tf_data():
     eager = aug.sample_view_params(_seed(i), 48, 64, constrained, saliency)
     np.testing.assert_array_equal(box, eager["box"])
     assert bool(eager["crop_fallback"]) or _coverage(_blob(), box) >= 0.2 - 1e-6
+
+
+def test_input_pipeline_constrains_crops_and_counts_them(tmp_path):
+  """Records with a small salient box: every constrained view sees some of it, and the
+  iterator counts the constrained crops and their fallbacks."""
+  from data_pipelines import build
+  from data_pipelines import input as input_lib
+  rng = np.random.default_rng(0)
+  examples = []
+  for _ in range(8):
+    image = rng.integers(0, 255, (48, 64, 3), np.uint8)
+    y, x = rng.integers(0, 40), rng.integers(0, 56)
+    saliency = np.zeros((48, 64), np.float32)
+    saliency[y:y + 8, x:x + 8] = 1.0
+    examples.append(dict(image=image, masks={"grid": np.zeros((48, 64), np.int32)},
+                         saliency=saliency))
+  build.write_records(str(tmp_path), {"train": examples})
+  views = [V.ViewSpec(f"view{i}", 16, (0.1, 0.3), "moco_v2", (V.SALIENCY,),
+                      min_salient_cover=0.3) for i in (1, 2)]
+  it = input_lib.train_iterator(str(tmp_path), batch_size=8, views=views, host_index=0,
+                                host_count=1)
+  for _ in range(2):
+    b = next(it)
+    for v in ("view1", "view2"):
+      assert np.all(b[f"{v}/saliency"].max(axis=(1, 2)) > 0.5), v
+  assert it.stats["constrained_crops"] == 2 * 8 * 2
+  assert 0 <= it.stats["crop_fallbacks"] <= it.stats["constrained_crops"]
