@@ -81,9 +81,13 @@ class StateEvaluation:
 
 
 def _gradcam(config, train_state, records_dir, s):
+  """Grounding IoU against the GT foreground, or against the saliency without GT."""
   from data_pipelines import input as data_input
+  from data_pipelines import records
+  manifest = records.read_manifest(records_dir)
+  saliency = not manifest.get("has_gt") and records.has_field(manifest, "saliency")
   batches = data_input.eval_iterator(records_dir, "test", batch_size=s.batch_size,
-                                     image_size=s.image_size)
+                                     image_size=s.image_size, saliency=saliency)
   return gradcam.evaluate(config, train_state, batches)
 
 
