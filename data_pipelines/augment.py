@@ -232,6 +232,9 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   area[0] x image / salient area when even a smallest crop lying inside the
   salient region could not reach it. An image without salient pixels takes the
   first draw. If no draw qualifies: the whole image, and fell_back is True.
+  (The released CAST code draws crop centres from a wide Gaussian around the
+  saliency centroid and falls back to a random box around the salient bounding
+  box; uniform positions keep phi = 0 the plain crop.)
   """
   h, w = tf.shape(saliency)[0], tf.shape(saliency)[1]
   salient = tf.cast(saliency > threshold, tf.float32)

@@ -25,8 +25,11 @@ Where this follows the released code (salesforce/CAST) rather than the paper's
 text: the logit q.k_masked/tau is differentiated (the 1/tau scale cancels in
 the cosine); saliency is binarised at config.data.foreground_threshold (0.5;
 the reference: > 128 of 255; config.cast.binarise=False keeps the soft map)
-before masking the key and before resizing the query map; the masked-out key pixels are the ImageNet mean colour (the reference
-multiplies the *normalised* key by the mask, i.e. zero after normalisation);
+before masking the key and before resizing the query map; the masked-out key
+pixels are the ImageNet mean colour (the reference multiplies the *normalised*
+key by the mask, i.e. zero after normalisation); the query's target is its
+whole crop's saliency (the reference's output_mask_region='ref', the paper's
+Table 2d default), each crop constrained on its own (second_constraint='ref');
 Grad-CAM is min-max normalised (config.cast.gradcam_norm='none': the paper's
 eq. 2 alone). G is per image because MoCo v2's head has no batch norm (a
 batch-norm head would couple the images; validate() refuses it).
