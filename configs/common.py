@@ -64,9 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
       build_demo=False, timeout_s=300.0, max_corrupt_fraction=0.01, verify_checksums=True,
       foreground_threshold=0.5))
   # Views (data_pipelines/views.py standard_views): two global crops of image_size px
-  # with crop area in global_area, then small_crops multi-crop views of small_size px.
+  # with crop area in global_area, then small_crops multi-crop views of small_size px;
+  # min_salient_cover > 0: the global crops cover that fraction of the salient area (CAST).
   c.views = ml_collections.ConfigDict(dict(global_area=(0.08, 1.0), small_crops=0,
-                                           small_size=96, small_area=(0.05, 0.14)))
+                                           small_size=96, small_area=(0.05, 0.14),
+                                           min_salient_cover=0.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 10
   # evals: names in detcon_jax.evaluate.run.EVALUATIONS; every_steps 0 = only at the end.
@@ -146,6 +148,9 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     if int(views.small_crops) and int(views.small_size) % stride:
       _fail("views.small_size", views.small_size,
             f"must be a positive multiple of the network stride {stride}.")
+    if not 0.0 <= float(views.get("min_salient_cover", 0.0)) < 1.0:
+      _fail("views.min_salient_cover", views.min_salient_cover,
+            "must be in [0, 1) (CAST: 0.2; 0: unconstrained crops).")
     for key in ("global_area", "small_area"):
       lo, hi = views[key]
       if not 0.0 < lo <= hi <= 1.0:

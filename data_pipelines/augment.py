@@ -218,12 +218,63 @@ def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
   return tf.cast(tf.stack([y, x, ch, cw]), tf.int32)
 
 
-def sample_view_params(seed, height, width, spec) -> dict:
-  """Every random choice of one view (a ViewSpec: its table, crop_area and size) from a seed."""
+SALIENT = 0.5    # default: saliency above this is salient (the CAST reference: > 128 of 255)
+
+
+def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi=0.2,
+                     tries=10, threshold=SALIENT):
+  """(box, fell_back): a crop_box that covers >= phi of the salient area (CAST, sec. 3.1).
+
+  saliency [H, W] in [0, 1], salient where > threshold. Up to `tries` crop_box
+  draws, the first with seed itself (so phi = 0 gives crop_box(seed) exactly)
+  and the rest with fold_in(seed, t); the first whose salient pixels reach
+  phi x the image's is kept. As the reference, phi is lowered to
+  area[0] x image / salient area when even a smallest crop lying inside the
+  salient region could not reach it. An image without salient pixels takes the
+  first draw. If no draw qualifies: the whole image, and fell_back is True.
+  (The released CAST code draws crop centres from a wide Gaussian around the
+  saliency centroid and falls back to a random box around the salient bounding
+  box; uniform positions keep phi = 0 the plain crop.)
+  """
+  h, w = tf.shape(saliency)[0], tf.shape(saliency)[1]
+  salient = tf.cast(saliency > threshold, tf.float32)
+  total = tf.reduce_sum(salient)
+  table = tf.pad(tf.cumsum(tf.cumsum(salient, 0), 1), [[1, 0], [1, 0]])  # summed-area table
+  pixels = tf.cast(h * w, tf.float32)
+  phi = tf.minimum(float(phi), area[0] * pixels / tf.maximum(total, 1.0))
+  seeds = [seed] + [tf.random.experimental.stateless_fold_in(seed, t) for t in range(1, tries)]
+  boxes = tf.stack([crop_box(s, h, w, area, ratio) for s in seeds])        # [tries, 4]
+  y, x, bh, bw = tf.unstack(boxes, axis=1)
+  at = lambda i, j: tf.gather_nd(table, tf.stack([i, j], axis=1))
+  covered = at(y + bh, x + bw) - at(y, x + bw) - at(y + bh, x) + at(y, x)
+  ok = (covered >= phi * total) | (total == 0.0)
+  found = tf.reduce_any(ok)
+  box = tf.where(found, boxes[tf.argmax(tf.cast(ok, tf.int32))], tf.stack([0, 0, h, w]))
+  return box, tf.logical_not(found)
+
+
+def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIENT) -> dict:
+  """Every random choice of one view (a ViewSpec: its table, crop_area and size) from a seed.
+
+  A spec with min_salient_cover > 0 needs the image's saliency [H, W] (salient
+  above threshold); its box comes from salient_crop_box and p['crop_fallback']
+  says whether it fell back.
+  """
   t = table(spec.augment)
   s = tf.random.experimental.stateless_split(seed, 12)
+  extra = {}
+  if spec.min_salient_cover > 0:
+    if saliency is None:
+      raise ValueError(f"View {spec.name!r} has min_salient_cover={spec.min_salient_cover}: "
+                       "its crops need the image's saliency map.")
+    box, extra["crop_fallback"] = salient_crop_box(s[0], saliency, spec.crop_area,
+                                                   t["crop_ratio"], spec.min_salient_cover,
+                                                   threshold=threshold)
+  else:
+    box = crop_box(s[0], height, width, spec.crop_area, t["crop_ratio"])
   return dict(
-      box=crop_box(s[0], height, width, spec.crop_area, t["crop_ratio"]),
+      extra,
+      box=box,
       flip=_uniform(s[1]) < t["flip"],
       jitter=_uniform(s[2]) < t["jitter"],
       brightness=_uniform(s[3], 1 - t["brightness"], 1 + t["brightness"]),

@@ -46,6 +46,7 @@ from data_pipelines import records as R
 from data_pipelines import views as V
 
 _EPOCH, _POS = "_epoch", "_pos"
+_FALLBACKS = "_crop_fallbacks"   # per example: saliency-constrained crops that fell back
 
 
 def resolve_mask_names(manifest: dict, mask_source: str, records_dir: str = "") -> list[str]:
@@ -92,12 +93,15 @@ class Batches:
   Elements carry their (epoch, position-in-epoch); gaps in that sequence are
   records that failed to parse or decode. `stats['corrupt_skipped']` holds the
   count so far (the tail of an epoch is counted once the next epoch starts,
-  or at the end of a finite pass).
+  or at the end of a finite pass). With saliency-constrained views
+  (ViewSpec.min_salient_cover), stats['constrained_crops'] counts their crops and
+  stats['crop_fallbacks'] those that took the whole image (augment.salient_crop_box).
   """
 
   def __init__(self, ds, per_epoch: int, start_pos: int = 0, start_epoch: int = 0,
-               finite: bool = False):
+               finite: bool = False, constrained_views: int = 0):
     self._it = iter(ds.as_numpy_iterator())
+    self._constrained_views = constrained_views
     self._per_epoch, self._finite = per_epoch, finite
     self._next = (start_epoch, start_pos)
     self.stats = {"corrupt_skipped": 0, "batches": 0}
@@ -125,6 +129,11 @@ class Batches:
         self._warn(before)
       raise
     self._account(batch.pop(_EPOCH), batch.pop(_POS))
+    fallbacks = batch.pop(_FALLBACKS, None)
+    if fallbacks is not None:
+      for key, n in (("crop_fallbacks", fallbacks.sum()), ("constrained_crops", fallbacks.size
+                                                           * self._constrained_views)):
+        self.stats[key] = self.stats.get(key, 0) + int(n)
     self.stats["batches"] += 1
     self._warn(before)
     return batch
@@ -172,7 +181,8 @@ def _decode_saliency(data, image):
 
 
 def _needs_saliency(spec) -> bool:
-  return V.SALIENCY in spec.fields or V.FOREGROUND in spec.fields
+  return (V.SALIENCY in spec.fields or V.FOREGROUND in spec.fields
+          or spec.min_salient_cover > 0)
 
 
 def _view_fields(spec) -> tuple[str, ...]:
@@ -285,8 +295,12 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       fields[V.SALIENCY] = _decode_saliency(ex[R.SALIENCY], image)
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
+    fallbacks = []
     for i, s in enumerate(views):
-      p = aug.sample_view_params(k[_view_slot(i)], h, w, s)
+      p = aug.sample_view_params(k[_view_slot(i)], h, w, s, fields.get(V.SALIENCY),
+                                 foreground_threshold)
+      if "crop_fallback" in p:
+        fallbacks.append(tf.cast(p["crop_fallback"], tf.int32))
       data = aug.geometric({f: fields[f] for f in _view_fields(s)}, p, s.size)
       out[s.name] = aug.color_jitter(data[aug.IMAGE], p)
       for f in s.fields:
@@ -300,6 +314,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     if masked:
       ids = sample_mask_ids([out[B.key(s.name, V.MASKS)] for s in masked], k[3], num_masks)
       out.update({B.key(s.name, "mask_ids"): m for s, m in zip(masked, ids)})
+    if fallbacks:
+      out[_FALLBACKS] = tf.add_n(fallbacks)
     return {n: out.pop(n) for n in order} | out        # batch.py's order, then internals
 
   def colour(batch):
@@ -316,7 +332,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.map(colour, num_parallel_calls=num_parallel_calls, deterministic=True)
   ds = ds.prefetch(prefetch)
-  return Batches(ds, per_epoch, start_pos=offset, start_epoch=start_epoch)
+  return Batches(ds, per_epoch, start_pos=offset, start_epoch=start_epoch,
+                 constrained_views=sum(s.min_salient_cover > 0 for s in views))
 
 
 def _resize_centre(x, size, method):

@@ -35,6 +35,9 @@ class ViewSpec:
   augment names a table in data_pipelines.augment.TABLES (colour, blur,
   solarize, flip probabilities); crop_area is the random-resized-crop area
   fraction range; fields are the dense fields that travel with the view.
+  min_salient_cover (CAST's phi) > 0 makes the crop cover at least that
+  fraction of the image's salient area (augment.salient_crop_box; needs
+  records with saliency maps).
   """
   name: str
   size: int
@@ -42,6 +45,7 @@ class ViewSpec:
   augment: str = "byol1"
   fields: tuple[str, ...] = ()
   small: bool = False           # a multi-crop small crop (never a key; see objectives)
+  min_salient_cover: float = 0.0
 
   def __post_init__(self):
     unknown = [f for f in self.fields if f not in FIELDS]
@@ -51,6 +55,9 @@ class ViewSpec:
     if not 0.0 < lo <= hi <= 1.0:
       raise ValueError(f"View {self.name!r}: crop_area {self.crop_area} must satisfy "
                        "0 < low <= high <= 1.")
+    if not 0.0 <= self.min_salient_cover < 1.0:
+      raise ValueError(f"View {self.name!r}: min_salient_cover {self.min_salient_cover} must "
+                       "lie in [0, 1) (CAST: 0.2).")
     if self.size < 8:
       raise ValueError(f"View {self.name!r}: size {self.size} must be >= 8.")
 
@@ -82,8 +89,9 @@ def standard_views(config, masks: bool = False) -> tuple[ViewSpec, ...]:
   config.views.small_crops small crops ('small1', ...) at config.views.small_size.
 
   Reads config.data.augment (a family of AUGMENT_PAIRS) and config.views
-  {global_area, small_crops, small_size, small_area}. masks=True: every view
-  carries its mask-id map.
+  {global_area, small_crops, small_size, small_area[, min_salient_cover]}.
+  masks=True: every view carries its mask-id map. min_salient_cover (default 0)
+  constrains the two global crops to the saliency (CAST's phi), for any method.
   """
   family = config.data.augment
   if family not in AUGMENT_PAIRS:
@@ -92,8 +100,9 @@ def standard_views(config, masks: bool = False) -> tuple[ViewSpec, ...]:
   v = config.views
   fields = (MASKS,) if masks else ()
   area = tuple(float(a) for a in v.global_area)
-  specs = [ViewSpec("view1", int(config.image_size), area, t1, fields),
-           ViewSpec("view2", int(config.image_size), area, t2, fields)]
+  cover = float(v.get("min_salient_cover", 0.0))
+  specs = [ViewSpec("view1", int(config.image_size), area, t1, fields, min_salient_cover=cover),
+           ViewSpec("view2", int(config.image_size), area, t2, fields, min_salient_cover=cover)]
   small_area = tuple(float(a) for a in v.small_area)
   specs += [ViewSpec(f"small{i + 1}", int(v.small_size), small_area, t1, fields, small=True)
             for i in range(int(v.small_crops))]

@@ -28,7 +28,7 @@ import numpy as np
 
 from data_pipelines import batch as B
 from detcon_jax.evaluate import features as F
-from detcon_jax.evaluate import knn, linear_probe, mask_quality, retrieval, visualize
+from detcon_jax.evaluate import gradcam, knn, linear_probe, mask_quality, retrieval, visualize
 from detcon_jax.models.resnet import STRIDE, output_stride
 
 EVAL_DIR = "eval"
@@ -68,6 +68,27 @@ class DataEvaluation:
   """run(records_dir, manifest, settings, image_size) -> results; independent of the model."""
   title: str
   run: Callable[..., dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateEvaluation:
+  """run(config, train_state, records_dir, settings) -> results with `metric`: needs the
+  whole trained network (heads, key network), so it has no random-init row."""
+  title: str
+  metric: str
+  fmt: str
+  run: Callable[..., dict]
+
+
+def _gradcam(config, train_state, records_dir, s):
+  """Grounding IoU against the GT foreground, or against the saliency without GT."""
+  from data_pipelines import input as data_input
+  from data_pipelines import records
+  manifest = records.read_manifest(records_dir)
+  saliency = not manifest.get("has_gt") and records.has_field(manifest, "saliency")
+  batches = data_input.eval_iterator(records_dir, "test", batch_size=s.batch_size,
+                                     image_size=s.image_size, saliency=saliency)
+  return gradcam.evaluate(config, train_state, batches)
 
 
 def _knn(train, test, s, num_classes):
@@ -171,6 +192,7 @@ EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
                    f"bilinearly upsampled to {s.retrieval_resolution}x{s.retrieval_resolution}, "
                    "1-NN train region label, mIoU incl. background at image resolution")),
     "masks": DataEvaluation("mask quality", _masks),
+    "gradcam": StateEvaluation("grounding IoU", "miou", "{:.3f}", _gradcam),
 }
 DEFAULT_EVALS = ("knn", "linear", "retrieval", "masks")
 
@@ -405,6 +427,27 @@ def _cached_baseline(path: str, key: dict, evals) -> dict | None:
   return cached
 
 
+def _state_evaluations(workdir, step, evals, data_dir, settings, name, results) -> dict:
+  """Run the StateEvaluations of `evals` on the whole train state at `step` into results'
+  row `name`; returns their overlay pictures {eval: uint8 panels}."""
+  from detcon_jax.train import checkpointing
+  chosen = [e for e in evals if isinstance(EVALUATIONS[e], StateEvaluation)]
+  if not chosen:
+    return {}
+  config, train_state, _ = checkpointing.restore_train_state(workdir, step)
+  overlays = {}
+  for e in chosen:
+    t = time.time()
+    out = EVALUATIONS[e].run(config, train_state, data_dir, settings)
+    results.setdefault("seconds", {})[e] = time.time() - t
+    pictures = out.pop("overlays", None)
+    if pictures is not None:
+      overlays[e] = pictures
+    results["rows"].setdefault(name, {})[e] = out[EVALUATIONS[e].metric]
+    results["details"].setdefault(name, {})[e] = out
+  return overlays
+
+
 def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = None,
                      step: int | None = None, *, settings: Settings = Settings(),
                      baseline: bool = True, write: bool = True, verbose: bool = True) -> dict:
@@ -440,6 +483,7 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
                                                            settings.seed), **variables_by_name}
 
   results, pictures = evaluate_variables(model, variables_by_name, data_dir, evals, settings)
+  overlays = _state_evaluations(workdir, step, evals, data_dir, settings, name, results)
   results["workdir"], results["step"] = os.path.abspath(workdir), step
   primary = jax.process_index() == 0
   if cached is not None:
@@ -462,6 +506,7 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
     if write:
       write_json(os.path.join(workdir, EVAL_DIR, f"step_{step}.json"), results)
       write_tensorboard(workdir, step, results, pictures)
+      gradcam.write_overlays(os.path.join(workdir, TB_DIR), step, overlays)
   except (OSError, tf.errors.OpError) as e:   # TensorBoard's writer raises the latter
     reason = getattr(e, "strerror", None) or getattr(e, "message", None) or e
     raise checkpointing.WorkdirError(

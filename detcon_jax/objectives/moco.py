@@ -61,8 +61,18 @@ def init(rng, config, batch):
 
 def loss(params, state, batch, rng, step, config):
   del rng, step
+  value, metrics, new_state, _ = contrast(params, state, batch, config)
+  return value, (metrics, new_state)
+
+
+def contrast(params, state, batch, config, specs=None):
+  """MoCo's loss and its parts: (loss, metrics, new_state, the queries' common.Forward).
+
+  For methods built on MoCo (CAST) that need the query feature maps too;
+  specs: the method's views (default standard_views; only names and sizes count).
+  """
   nets = common.build_networks(config, False)
-  specs = V.standard_views(config)
+  specs = V.standard_views(config) if specs is None else specs
   matched = pairs(specs, config)
   query_names = list(dict.fromkeys(q for qs in matched.values() for q in qs))
   query = common.forward(nets, params, state[common.BATCH_STATS], batch,
@@ -82,7 +92,7 @@ def loss(params, state, batch, rng, step, config):
   incoming = jnp.concatenate([keys[k] for k in matched], axis=0)
   new_state = dict(state, **{common.BATCH_STATS: query.batch_stats, INCOMING: incoming})
   metrics = {"loss": value, "accuracy": sum(accuracy) / len(accuracy)}
-  return value, (metrics, new_state)
+  return value, metrics, new_state, query
 
 
 def after_update(params, state, step, config):

@@ -219,8 +219,17 @@ def load_encoder(workdir: str, step: int | None = None):
 
 def restore_encoder(workdir: str, step: int | None = None):
   """load_encoder, also returning the step restored: (config, model, variables, step)."""
-  from data_pipelines import batch as B
   from detcon_jax.models.resnet import encoder_from_config
+  from detcon_jax.objectives import registry
+  config, state, step = restore_train_state(workdir, step)
+  variables = registry.encoder_variables(state["params"], state["state"])
+  return config, encoder_from_config(config), variables, step
+
+
+def restore_train_state(workdir: str, step: int | None = None):
+  """(config, the whole train state {'params', 'state', ...}, step) on this host's first
+  device: for evaluations that need more than the backbone (heads, key network)."""
+  from data_pipelines import batch as B
   from detcon_jax.objectives import registry
   from detcon_jax.train import state as state_lib
 
@@ -244,8 +253,7 @@ def restore_encoder(workdir: str, step: int | None = None):
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}; "
                             "train first (python -m detcon_jax.train --workdir=...).")
-  variables = registry.encoder_variables(state["params"], state["state"])
-  return config, encoder_from_config(config), variables, step
+  return config, state, step
 
 
 # --- Preemption --------------------------------------------------------------

@@ -83,7 +83,8 @@ def ensure_records(config, views=None) -> None:
     from data_pipelines import views as V
     from data_pipelines.masks import REGISTRY
     views = registry.get_objective(config.method).views(config) if views is None else views
-    saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) for s in views)
+    saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) or s.min_salient_cover > 0
+                   for s in views)
     kind = config.data.mask_source.split("_")[0]
     build.ensure_demo_records(config.data.records_dir, saliency=saliency,
                               masks=(kind,) if kind in REGISTRY else ())
