@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from data_pipelines import augment as aug
 from data_pipelines import batch as B
+from data_pipelines import boxes as boxes_lib
 from data_pipelines import records as R
 from data_pipelines import views as V
 
@@ -192,6 +193,9 @@ def _check_views(views):
     aug.table(s.augment)
 
 
+_BOX_SLOT = 1_000_003   # folded into the example's key for MaskCo's boxes (boxes.sample)
+
+
 def _param(view, name):
   return f"_p/{view}/{name}"
 
@@ -216,6 +220,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   views = tuple(views)
   _check_views(views)
   masked = [s for s in views if V.MASKS in s.fields]
+  box_pair = boxes_lib.pair(views)      # MaskCo's (query, key) views, or None
   manifest = R.read_manifest(records_dir)
   names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
   host_index, host_count = _host(host_index, host_count)
@@ -245,11 +250,18 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
                                 message="mask and image sizes differ (corrupt record)")
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
-    for i, s in enumerate(views):
-      p = aug.sample_view_params(k[_view_slot(i)], h, w, s)
-      data = aug.geometric({f: fields[f] for f in (aug.IMAGE,) + s.fields}, p, s.size)
+    params = {s.name: aug.sample_view_params(k[_view_slot(i)], h, w, s)
+              for i, s in enumerate(views)}
+    boxes = {}
+    if box_pair:    # moves the key crop to overlap the query crop; boxes in source pixels
+      boxes = boxes_lib.sample(tf.random.experimental.stateless_fold_in(key, _BOX_SLOT), h, w,
+                               params, views)
+    for s in views:
+      p = params[s.name]
+      data = aug.geometric({f: fields[f] for f in (aug.IMAGE,) + s.fields} |
+                           boxes.get(s.name, {}), p, s.size)
       out[s.name] = aug.color_jitter(data[aug.IMAGE], p)
-      for f in s.fields:
+      for f in s.fields + tuple(boxes.get(s.name, ())):
         out[B.key(s.name, f)] = data[f]
       out.update({_param(s.name, n): p[n] for n in aug.PHOTOMETRIC_KEYS})
     if masked:
@@ -261,6 +273,9 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     for s in views:
       p = {n: batch.pop(_param(s.name, n)) for n in aug.PHOTOMETRIC_KEYS}
       batch[s.name] = aug.photometric(batch[s.name], p, s.size)
+    if box_pair:    # the masked box, zeroed after every other augmentation
+      q = box_pair[0].name
+      batch[q] = boxes_lib.erase(batch[q], batch[B.key(q, boxes_lib.BOXES)][:, 0])
     return batch
 
   epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)

@@ -18,7 +18,7 @@ before after_update. params = {'encoder', 'projector', ...}; state =
 """
 from __future__ import annotations
 
-from detcon_jax.objectives import byol, common, detcon, moco, simclr, swav
+from detcon_jax.objectives import byol, common, detcon, maskco, moco, simclr, swav
 
 OBJECTIVES = {
     "simclr": simclr.OBJECTIVE,
@@ -27,6 +27,7 @@ OBJECTIVES = {
     "detcon_b": detcon.DETCON_B,
     "moco_v2": moco.OBJECTIVE,
     "swav": swav.OBJECTIVE,
+    "maskco": maskco.OBJECTIVE,
 }
 
 
