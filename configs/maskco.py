@@ -24,14 +24,16 @@ def get_config(arg: str | None = None):
   if name == "demo":
     c = common.demo_config("maskco", "moco_v2")
     # MoCo v2's demo optimiser (lr 0.3 x 32/256 as the COCO runs of Van Gansbeke
-    # et al.) with MoCo's 1e-4 decay; 32 images on one device, as one of the
-    # paper's GPUs (16 x 31 negatives). 64 px views: boxes of 9-37 px.
+    # et al.) with MoCo's 1e-4 decay; the 32 images form one negative group, as
+    # one of the paper's GPUs (16 x 31 negatives), on any device count. 64 px
+    # views: boxes of 9-37 px.
     c.optimizer.update(SGD, base_lr=0.3, weight_decay=1e-4)
-    c.loss.update(local_negatives=True, intra_negatives=False)
+    c.loss.update(local_negatives=True, intra_negatives=False, num_shards=1)
     return c
   if name == "coco" and epochs is None:
     epochs = IMAGENET_EPOCHS * common.IMAGENET_TRAIN_IMAGES / common.COCO_TRAIN_IMAGES
   c = common.paper_config("maskco", "moco_v2", name, epochs or IMAGENET_EPOCHS, batch_size=BATCH)
   c.optimizer.update(SGD)
+  # Negatives within groups of 32 images (the paper's per-GPU batch), on any device count.
   c.loss.update(local_negatives=True, intra_negatives=False, num_shards=BATCH // 32)
   return c
