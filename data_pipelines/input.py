@@ -26,6 +26,12 @@ and pooling then gives it area 0 (the objective decides what that means). A
 single masked view draws among its own ids. Binary masks and their
 downsampling to the feature grid happen in the model step
 (detcon_jax.models.heads); here id maps stay at full view resolution.
+
+Boxes (MaskCo: a 'key' and a 'query' view whose specs carry a BoxSpec):
+boxes.sample moves the key crop to overlap the query crop and draws the boxes
+in source pixels from the example's key; the keyed ops move them into each
+view ('<view>/boxes', '<view>/boxes_valid'), and the query's box is zeroed
+after the batched colour ops.
 """
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ its own size, and the batch carries them under the names of batch.py:
   batch[spec.name]                      [B, size, size, 3] float32 in [0, 1]
   batch[batch.key(spec.name, 'masks')]  [B, size, size] int32 mask-id map
   batch[batch.key(spec.name, 'mask_ids')] [B, K] int32 sampled ids
-(the last two only when 'masks' is in spec.fields). Every geometric op moves
-the image and every dense field of the view together.
+(the last two only when 'masks' is in spec.fields), and with spec.boxes (a
+BoxSpec, MaskCo) batch[batch.key(spec.name, 'boxes')] [B, N, 4] float32 and
+'boxes_valid' [B, N] bool. Every geometric op moves the image, every dense
+field and the boxes of the view together.
 
 Multi-crop (SwAV, Caron et al. 2020; constrained multi-crop, Van Gansbeke et
 al. 2021) is a view option any objective can request: `standard_views(config)`
