@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from data_pipelines.augment import BOXES, BOXES_VALID
+
 NEGATIVE_TRIES = 8
-BOXES, BOXES_VALID = "boxes", "boxes_valid"
 
 
 def pair(specs):
   """(query spec, key spec) among the views that carry boxes; ValueError unless one of each."""
   boxed = [s for s in specs if s.boxes is not None]
-  roles = sorted(s.boxes.role for s in boxed)
   if not boxed:
     return None
+  roles = sorted(s.boxes.role for s in boxed)
   if roles != ["key", "query"] or boxed[0].boxes.count != boxed[1].boxes.count:
     raise ValueError(f"Views {[s.name for s in boxed]} carry boxes with roles {roles}; boxes "
                      "need exactly one 'key' and one 'query' view with the same BoxSpec.")

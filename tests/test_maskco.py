@@ -154,6 +154,14 @@ def test_too_few_negatives_are_flagged_not_kept():
   assert np.all(_iou(b[1:][valid[1:]], b[:1]) < 0.01)
 
 
+def test_box_views_need_one_key_and_one_query():
+  import dataclasses
+  q, k = maskco.views(_demo())
+  with pytest.raises(ValueError, match="one 'key' and one 'query'"):
+    boxes_lib.pair([dataclasses.replace(q, boxes=k.boxes), k])
+  assert boxes_lib.pair([k, q]) == (q, k) and boxes_lib.pair([]) is None
+
+
 def test_erase_zeroes_exactly_the_pixels_whose_centres_lie_in_the_box():
   images = np.random.default_rng(0).uniform(0.1, 1, (3, 16, 16, 3)).astype(np.float32)
   boxes = np.array([[2.4, 3.5, 9.6, 7.5], [0, 0, 16, 16], [5, 5, 5.4, 12]], np.float32)
