@@ -55,6 +55,10 @@ def train_batch_shapes(batch_size: int, image_size: int | None = None,
     for f in (V.SALIENCY, V.FOREGROUND):
       if f in s.fields:
         out[key(s.name, f)] = ((b, s.size, s.size), np.float32)
+    if s.boxes is not None:
+      n = s.boxes.num_boxes()
+      out[key(s.name, "boxes")] = ((b, n, 4), np.float32)
+      out[key(s.name, "boxes_valid")] = ((b, n), np.bool_)
   out.update({LABEL: ((b,), np.int32), INDEX: ((b,), np.int32)})
   return out
 
@@ -69,8 +73,8 @@ def synthetic_train_batch(batch_size: int, image_size: int | None = None,
   """
   rng = np.random.default_rng(seed)
   out = {}
-  for name, (shape, dtype) in train_batch_shapes(batch_size, image_size, num_masks,
-                                                 specs).items():
+  shapes = train_batch_shapes(batch_size, image_size, num_masks, specs)
+  for name, (shape, dtype) in shapes.items():
     if name.endswith("/masks"):
       s = shape[-1]
       cell = np.arange(s) * grid // s
@@ -80,6 +84,13 @@ def synthetic_train_batch(batch_size: int, image_size: int | None = None,
       out[name] = (rng.random(shape) > 0.5).astype(dtype)
     elif name.endswith("/mask_ids"):
       out[name] = rng.integers(0, grid * grid, shape, dtype=np.int32)
+    elif name.endswith("/boxes"):            # random boxes inside the view, 1/8..1/2 its side
+      size = shapes[name.rsplit("/", 1)[0]][0][1]
+      start = rng.uniform(0, size / 2, shape[:-1] + (2,))
+      extent = rng.uniform(size / 8, size / 2, shape[:-1] + (2,))
+      out[name] = np.concatenate([start, start + extent], -1).astype(np.float32)
+    elif name.endswith("/boxes_valid"):
+      out[name] = np.ones(shape, bool)
     elif name == LABEL:
       out[name] = rng.integers(0, 10, shape, dtype=np.int32)
     elif name == INDEX:

@@ -32,6 +32,12 @@ map is decoded to float32 [0, 1] and moved with the image by every crop, resize
 (bilinear, antialiased: augment.RESAMPLE) and flip; 'foreground' is the view's
 resampled saliency > foreground_threshold, as float32 {0, 1}. Records without
 the field raise records.MissingFieldError with the command that adds it.
+
+Boxes (MaskCo: a 'key' and a 'query' view whose specs carry a BoxSpec):
+boxes.sample moves the key crop to overlap the query crop and draws the boxes
+in source pixels from the example's key; the keyed ops move them into each
+view ('<view>/boxes', '<view>/boxes_valid'), and the query's box is zeroed
+after the batched colour ops.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ import tensorflow as tf
 
 from data_pipelines import augment as aug
 from data_pipelines import batch as B
+from data_pipelines import boxes as boxes_lib
 from data_pipelines import records as R
 from data_pipelines import views as V
 
@@ -232,6 +239,9 @@ def _check_views(views):
     aug.table(s.augment)
 
 
+_BOX_SLOT = 1_000_003   # folded into the example's key for MaskCo's boxes (boxes.sample)
+
+
 def _param(view, name):
   return f"_p/{view}/{name}"
 
@@ -262,6 +272,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   if not 0.0 <= float(foreground_threshold) <= 1.0:
     raise ValueError(f"train_iterator: foreground_threshold={foreground_threshold} must lie "
                      "in [0, 1] (config.data.foreground_threshold).")
+  box_pair = boxes_lib.pair(views)      # MaskCo's (query, key) views, or None
   manifest = R.read_manifest(records_dir)
   if salient:
     R.require_field(records_dir, "saliency", manifest)
@@ -295,15 +306,23 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       fields[V.SALIENCY] = _decode_saliency(ex[R.SALIENCY], image)
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
-    fallbacks = []
+    fallbacks, params = [], {}
     for i, s in enumerate(views):
       p = aug.sample_view_params(k[_view_slot(i)], h, w, s, fields.get(V.SALIENCY),
                                  foreground_threshold)
       if "crop_fallback" in p:
         fallbacks.append(tf.cast(p["crop_fallback"], tf.int32))
-      data = aug.geometric({f: fields[f] for f in _view_fields(s)}, p, s.size)
+      params[s.name] = p
+    boxes = {}
+    if box_pair:    # moves the key crop to overlap the query crop; boxes in source pixels
+      boxes = boxes_lib.sample(tf.random.experimental.stateless_fold_in(key, _BOX_SLOT), h, w,
+                               params, views)
+    for s in views:
+      p = params[s.name]
+      data = aug.geometric({f: fields[f] for f in _view_fields(s)} | boxes.get(s.name, {}), p,
+                           s.size)
       out[s.name] = aug.color_jitter(data[aug.IMAGE], p)
-      for f in s.fields:
+      for f in s.fields + tuple(boxes.get(s.name, ())):
         if f == V.FOREGROUND:
           out[B.key(s.name, f)] = tf.cast(data[V.SALIENCY] > foreground_threshold, tf.float32)
         elif f == V.SALIENCY:
@@ -322,6 +341,9 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     for s in views:
       p = {n: batch.pop(_param(s.name, n)) for n in aug.PHOTOMETRIC_KEYS}
       batch[s.name] = aug.photometric(batch[s.name], p, s.size)
+    if box_pair:    # the masked box, zeroed after every other augmentation
+      q = box_pair[0].name
+      batch[q] = boxes_lib.erase(batch[q], batch[B.key(q, boxes_lib.BOXES)][:, 0])
     return batch
 
   epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)

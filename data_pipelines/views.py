@@ -11,8 +11,10 @@ its own size, and the batch carries them under the names of batch.py:
   batch[batch.key(spec.name, 'saliency')]   [B, size, size] float32 in [0, 1]
   batch[batch.key(spec.name, 'foreground')] [B, size, size] float32 in {0, 1}
 (the stored saliency map, resampled bilinearly with the view; foreground is it
-thresholded at config.data.foreground_threshold). Every geometric op moves the
-image and every dense field of the view together.
+thresholded at config.data.foreground_threshold); with spec.boxes (a BoxSpec,
+MaskCo) batch[batch.key(spec.name, 'boxes')] [B, N, 4] float32 and 'boxes_valid'
+[B, N] bool. Every geometric op moves the image, every dense field and the boxes
+of the view together.
 
 Multi-crop (SwAV, Caron et al. 2020; constrained multi-crop, Van Gansbeke et
 al. 2021) is a view option any objective can request: `standard_views(config)`
@@ -26,6 +28,36 @@ MASKS = "masks"          # dense field: the mask-id map (+ its sampled ids)
 SALIENCY = "saliency"    # dense field: the stored saliency map (records need it)
 FOREGROUND = "foreground"  # the view's saliency > config.data.foreground_threshold
 FIELDS = (MASKS, SALIENCY, FOREGROUND)
+BOX_ROLES = ("key", "query")  # BoxSpec.role (data_pipelines/boxes.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxSpec:
+  """Boxes a view carries (MaskCo, data_pipelines/boxes.py), the same on both views of a pair.
+
+  role 'key': `count` boxes drawn in this view, side lengths in `size`
+  (pixels at 224 px, scaled by the view's size / 224), the first the positive,
+  the others with IoU < max_iou with it. role 'query': the positive projected
+  into this view, whose pixels are zeroed after every other augmentation; its
+  crop is constrained to overlap the key view's enough to hold the box.
+  Batch: '<view>/boxes' [B, N, 4] float32 (y0, x0, y1, x1) view pixels and
+  '<view>/boxes_valid' [B, N] bool (N = count for the key, 1 for the query).
+  """
+  role: str
+  count: int = 17
+  size: tuple[float, float] = (32.0, 128.0)
+  max_iou: float = 0.2
+
+  def __post_init__(self):
+    if self.role not in BOX_ROLES:
+      raise ValueError(f"BoxSpec role {self.role!r}: choose one of {BOX_ROLES}.")
+    lo, hi = self.size
+    if self.count < 1 or not 0 < lo <= hi <= 224 or not 0 < self.max_iou <= 1:
+      raise ValueError(f"BoxSpec {self}: needs count >= 1, 0 < size low <= high <= 224 "
+                       "and 0 < max_iou <= 1.")
+
+  def num_boxes(self) -> int:
+    return self.count if self.role == "key" else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +78,7 @@ class ViewSpec:
   fields: tuple[str, ...] = ()
   small: bool = False           # a multi-crop small crop (never a key; see objectives)
   min_salient_cover: float = 0.0
+  boxes: BoxSpec | None = None  # boxes that travel with the view (MaskCo)
 
   def __post_init__(self):
     unknown = [f for f in self.fields if f not in FIELDS]

@@ -66,8 +66,8 @@ def _one_vs_eight(tmp_path, methods):
 
 def test_objectives_8_devices_equal_1_device(tmp_path):
   """Batch norm, negatives, queues and Sinkhorn over the global batch: 8 shards change
-  nothing (the mask-based, queue-based and multi-crop methods)."""
-  _one_vs_eight(tmp_path, ["detcon_b", "moco_v2", "swav"])
+  nothing (the mask-based, queue-based, multi-crop and box-based methods)."""
+  _one_vs_eight(tmp_path, ["detcon_b", "moco_v2", "swav", "maskco"])
 
 
 @pytest.mark.slow

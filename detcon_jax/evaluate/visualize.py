@@ -1,4 +1,4 @@
-"""Pictures for TensorBoard: views with their mask overlays, segmentations beside ground truth.
+"""Pictures for TensorBoard: views with their mask overlays or boxes, segmentations beside ground truth.
 
 People judge masks and segmentations faster by eye than from a number. All
 functions are numpy in, uint8 [N, H, W, 3] out (what tf.summary.image takes).
@@ -91,6 +91,40 @@ def view_mask_overlay_images(batch: dict, max_images: int = 4) -> np.ndarray:
   n = min(max_images, len(batch[names[0]]))
   return side_by_side(*[overlay(np.asarray(batch[v][:n]),
                                 np.asarray(batch[B.key(v, "masks")][:n])) for v in names])
+
+
+POSITIVE, NEGATIVE = (40, 220, 40), (230, 40, 40)   # box outline colours (RGB)
+
+
+def draw_boxes(images: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+  """Outline boxes [N, K, 4] (y0, x0, y1, x1 pixels) on uint8 images [N, H, W, 3]: the first
+  box of each image (MaskCo's positive / masked box) green, the others red; invalid
+  boxes (valid False) are not drawn."""
+  out = to_uint8(images).copy()
+  h, w = out.shape[1:3]
+  for i, (bs, ok) in enumerate(zip(np.asarray(boxes), np.asarray(valid, bool))):
+    for j in reversed(range(len(bs))):       # the positive last, on top
+      if not ok[j]:
+        continue
+      y0, x0 = (int(np.clip(np.floor(v), 0, n - 1)) for v, n in zip(bs[j][:2], (h, w)))
+      y1, x1 = (int(np.clip(np.ceil(v) - 1, 0, n - 1)) for v, n in zip(bs[j][2:], (h, w)))
+      color = POSITIVE if j == 0 else NEGATIVE
+      out[i, y0:y1 + 1, [x0, x1]] = color
+      out[i, [y0, y1], x0:x1 + 1] = color
+  return out
+
+
+def view_box_images(batch: dict, max_images: int = 4) -> np.ndarray:
+  """The training views that carry boxes, with their boxes outlined (draw_boxes), side by
+  side in batch order: for MaskCo the query view with its zeroed masked box, then the key
+  view with its positive and negative boxes. For the trainer to log at the start."""
+  names = [k for k in batch if B.key(k, "boxes") in batch]
+  if not names:
+    raise KeyError("view_box_images needs a training batch with at least one '<view>/boxes' "
+                   f"array; got keys {sorted(batch)}.")
+  n = min(max_images, len(batch[names[0]]))
+  return side_by_side(*[draw_boxes(np.asarray(batch[v][:n]), batch[B.key(v, "boxes")][:n],
+                                   batch[B.key(v, "boxes_valid")][:n]) for v in names])
 
 
 def segmentation_panels(images: np.ndarray, ground_truth: np.ndarray,

@@ -1,4 +1,4 @@
-"""Projector/predictor MLP and mask pooling (DetCon section 3.1)."""
+"""Projector/predictor MLP, mask pooling (DetCon section 3.1), MaskCo's mask prediction head."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,6 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from detcon_jax.models import resnet
 
 
 class MLP(nn.Module):
@@ -70,3 +72,22 @@ def mask_pool(features: jax.Array, id_map: jax.Array, mask_ids: jax.Array):
 def global_pool(features: jax.Array) -> jax.Array:
   """Mean over the spatial grid: [B, h, w, C] -> [B, C] float32 (a single global mask)."""
   return jnp.mean(features.astype(jnp.float32), axis=(1, 2))
+
+
+class MaskPredictionHead(nn.Module):
+  """MaskCo's MPH (Zhao et al. 2021, section 3.3): `blocks` bottleneck residual blocks
+  (1x1-3x3-1x1, the shape of ResNet-50's last stage: width C / 4, stride 1, identity
+  shortcut) on the final C-channel feature map; blocks=0 is no head (Table 4's row 0).
+
+  It sits between the backbone and RoI align in the query and momentum
+  encoders and is not part of the exported backbone.
+  """
+  blocks: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i in range(self.blocks):
+      x = resnet._Block("bottleneck", x.shape[-1] // 4, 1, False, self.dtype,  # pylint: disable=protected-access
+                        name=f"block{i}")(x, train)
+    return x

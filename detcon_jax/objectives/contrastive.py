@@ -163,3 +163,39 @@ def detcon_nce(online1, online2, target1, target2, ids1, ids2, *, temperature: f
     loss += total / (jnp.where(weight > 0, weight, 1.0) if form == "dedup" else rows)
     with_pos, unique = with_pos + weight, unique + unique_rows
   return loss, {"positive_fraction": with_pos / unique}
+
+
+def _region_nce_rows(q, k, q_valid, k_valid, temperature, intra):
+  """MaskCo rows of one shard: q [n, D], k [n, K, D] unit latents -> (loss sum, rows, hits)."""
+  n = q.shape[0]
+  positive = jnp.sum(q * k[:, 0], axis=-1) / temperature                    # [n]
+  negative = jnp.einsum("nd,mjd->nmj", q, k[:, 1:]) / temperature          # [n, n, K-1]
+  images = jnp.ones((n, n), bool) if intra else ~jnp.eye(n, dtype=bool)
+  allowed = images[:, :, None] & k_valid[None, :, 1:]
+  negative = jnp.where(allowed, negative, LARGE_NEGATIVE).reshape(n, -1)
+  logits = jnp.concatenate([positive[:, None], negative], axis=1)
+  row = (q_valid & k_valid[:, 0]).astype(jnp.float32)
+  loss = jax.nn.logsumexp(logits, axis=-1) - positive
+  hit = (jnp.argmax(logits, axis=-1) == 0).astype(jnp.float32)
+  return jnp.sum(row * loss), jnp.sum(row), jnp.sum(row * hit)
+
+
+def region_nce(query, keys, query_valid, keys_valid, *, temperature: float,
+               num_shards: int = 1, intra: bool = False):
+  """MaskCo's InfoNCE (Zhao et al. 2021, eq. 1 and Algorithm 1).
+
+  query [B, D]: the masked box's latent; keys [B, K, D]: the key boxes, 0 the
+  positive, 1..K-1 the negative boxes. Row b: the positive q_b.k_b0 against
+  the negative boxes (1..K-1) of every other image of its shard (the paper:
+  16 x 31 on one GPU), plus its own K-1 when intra (MaskCo(+in)). All latents
+  are l2-normalised; cross-entropy with the positive at index 0, temperature
+  `temperature`. Invalid key boxes (keys_valid [B, K] False) are no negatives;
+  rows whose query or positive is invalid are left out, and the mean is over
+  the rows kept. Returns (loss, top-1 accuracy of the positive, rows kept).
+  """
+  q, k = (l2_normalize(x.astype(jnp.float32)) for x in (query, keys))
+  total, rows, hits = _over_shards(
+      lambda *a: _region_nce_rows(*a, temperature, intra), num_shards,
+      q, k, query_valid.astype(bool), keys_valid.astype(bool))
+  denominator = jnp.maximum(rows, 1.0)
+  return total / denominator, hits / denominator, rows

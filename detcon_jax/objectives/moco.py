@@ -95,13 +95,18 @@ def contrast(params, state, batch, config, specs=None):
   return value, metrics, new_state, query
 
 
+def momentum_update(params, state, momentum: float):
+  """key <- m * key + (1 - m) * query for every network the key side holds (state['target'])."""
+  online = {k: params[k] for k in state[common.TARGET]}
+  return dict(state, **{common.TARGET: common.ema(state[common.TARGET], online, momentum)})
+
+
 def after_update(params, state, step, config):
   """Momentum update of the key network, then enqueue this step's keys."""
   del step
-  online = {k: params[k] for k in state[common.TARGET]}
-  target = common.ema(state[common.TARGET], online, float(config.moco.momentum))
+  state = momentum_update(params, state, float(config.moco.momentum))
   queue = queue_lib.push(state[QUEUE], l2_normalize(state[INCOMING]))
-  return params, dict(state, **{common.TARGET: target, QUEUE: queue})
+  return params, dict(state, **{QUEUE: queue})
 
 
 def default_config():

@@ -18,7 +18,7 @@ before after_update. params = {'encoder', 'projector', ...}; state =
 """
 from __future__ import annotations
 
-from detcon_jax.objectives import byol, cast, common, detcon, moco, simclr, swav
+from detcon_jax.objectives import byol, cast, common, detcon, maskco, moco, simclr, swav
 
 OBJECTIVES = {
     "simclr": simclr.OBJECTIVE,
@@ -28,6 +28,7 @@ OBJECTIVES = {
     "moco_v2": moco.OBJECTIVE,
     "swav": swav.OBJECTIVE,
     "cast": cast.OBJECTIVE,
+    "maskco": maskco.OBJECTIVE,
 }
 
 

@@ -348,6 +348,9 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   if not start_step and B.MASKS1 in first_host:   # what the masks look like after augmentation
     from detcon_jax.evaluate.visualize import view_mask_overlay_images
     writer.images(0, "input/views with masks", view_mask_overlay_images(first_host))
+  if not start_step and any(k.endswith("/boxes") for k in first_host):   # MaskCo's boxes
+    from detcon_jax.evaluate.visualize import view_box_images
+    writer.images(0, "input/views with boxes", view_box_images(first_host))
   host_batch = config.batch_size // jax.process_count()
   losses: dict[int, float] = {}
   status, last_saved = "done", start_step if start_step else None
