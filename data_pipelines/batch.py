@@ -49,6 +49,8 @@ def train_batch_shapes(batch_size: int, image_size: int | None = None,
     if V.MASKS in s.fields:
       out[key(s.name, "masks")] = ((b, s.size, s.size), np.int32)
       out[key(s.name, "mask_ids")] = ((b, k), np.int32)
+    if s.constraint is not None:
+      out[key(s.name, V.FALLBACK)] = ((b,), np.int32)
   out.update({LABEL: ((b,), np.int32), INDEX: ((b,), np.int32)})
   return out
 
@@ -76,6 +78,8 @@ def synthetic_train_batch(batch_size: int, image_size: int | None = None,
       out[name] = rng.integers(0, 10, shape, dtype=np.int32)
     elif name == INDEX:
       out[name] = np.arange(shape[0], dtype=np.int32)
+    elif dtype == np.int32:          # e.g. '<view>/fallback' flags
+      out[name] = np.zeros(shape, np.int32)
     else:
       out[name] = rng.random(shape, dtype=np.float32)
   return out

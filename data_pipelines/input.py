@@ -188,8 +188,11 @@ def _check_views(views):
     raise ValueError(f"train_iterator: views {names} must be a non-empty sequence of "
                      "ViewSpecs with unique names that are non-empty, contain no '/' and "
                      f"are not one of {sorted(reserved)}.")
-  for s in views:
+  for i, s in enumerate(views):
     aug.table(s.augment)
+    if s.constraint and s.constraint.anchor not in names[:i]:
+      raise ValueError(f"train_iterator: view {s.name!r} is constrained to "
+                       f"{s.constraint.anchor!r}, which must come before it in the view list.")
 
 
 def _param(view, name):
@@ -245,10 +248,15 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
                                 message="mask and image sizes differ (corrupt record)")
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
+    boxes = {}
     for i, s in enumerate(views):
-      p = aug.sample_view_params(k[_view_slot(i)], h, w, s)
+      anchor = boxes[s.constraint.anchor] if s.constraint else None
+      p = aug.sample_view_params(k[_view_slot(i)], h, w, s, anchor_box=anchor)
+      boxes[s.name] = p["box"]
       data = aug.geometric({f: fields[f] for f in (aug.IMAGE,) + s.fields}, p, s.size)
-      out[s.name] = aug.color_jitter(data[aug.IMAGE], p)
+      out[s.name] = aug.colour(data[aug.IMAGE], p)
+      if s.constraint:
+        out[B.key(s.name, V.FALLBACK)] = tf.cast(p["fallback"], tf.int32)
       for f in s.fields:
         out[B.key(s.name, f)] = data[f]
       out.update({_param(s.name, n): p[n] for n in aug.PHOTOMETRIC_KEYS})
