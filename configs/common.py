@@ -234,13 +234,17 @@ DATASETS = {
 
 
 def method_config(method: str) -> ml_collections.ConfigDict:
-  """base_config() plus the sections the method's objective adds (its default_config())."""
+  """base_config() plus the sections the method's objective adds (its default_config());
+  a section base_config() already has (e.g. 'loss') gains the method's keys."""
   from detcon_jax.objectives import registry  # lazy: jax loads only when a config is built
   c = base_config()
   c.method = method
   objective = registry.OBJECTIVES.get(method)   # tests train objectives of their own
   for section, values in (objective.default_config() if objective else {}).items():
-    c[section] = ml_collections.ConfigDict(values)
+    if section in c and isinstance(c[section], ml_collections.ConfigDict):
+      c[section].update(values)
+    else:
+      c[section] = ml_collections.ConfigDict(values)
   return c
 
 
