@@ -164,16 +164,17 @@ def validate(config):
   if size < keys_per_step:
     raise ConfigError(f"config.moco.queue_size={size}: must hold at least one step's keys "
                       f"({keys_per_step}); the paper uses 65536.")
-  common.require(config, "loss", ("knn_weight", "knn_k", "knn_start_fraction"), "moco_v2")
-  weight, k = float(config.loss.knn_weight), int(config.loss.knn_k)
+  # .get: objectives built on this framework (MaskCo, CAST) may lack the kNN keys
+  weight, k = float(config.loss.get("knn_weight", 0.0)), int(config.loss.get("knn_k", 20))
   if weight < 0:
     raise ConfigError(f"config.loss.knn_weight={weight!r}: must be >= 0 (0: plain MoCo; "
                       "kNN-MoCo: 0.4).")
   if weight > 0 and not 1 <= k <= size:
     raise ConfigError(f"config.loss.knn_k={k}: must be in [1, queue_size={size}] (paper: 20).")
-  if not 0.0 <= float(config.loss.knn_start_fraction) <= 1.0:
-    raise ConfigError(f"config.loss.knn_start_fraction={config.loss.knn_start_fraction!r}: "
-                      "must be in [0, 1] (a fraction of config.steps; paper: 5/200).")
+  start = float(config.loss.get("knn_start_fraction", 0.0))
+  if not 0.0 <= start <= 1.0:
+    raise ConfigError(f"config.loss.knn_start_fraction={start!r}: must be in [0, 1] (a "
+                      "fraction of config.steps; paper: 5/200).")
 
 
 OBJECTIVE = common.Objective("moco_v2", init, loss, after_update=after_update,
