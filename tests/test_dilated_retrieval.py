@@ -17,7 +17,17 @@ def _perturbed(model, x):
   return jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
 
 
-@pytest.mark.parametrize("depth,stem_pool", [(18, False), (50, True)])
+def test_rn50_dilated_keeps_output_stride_16():
+  model = ResNet(depth=50, dilate_last=True)
+  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: ResNet(depth=50).init(jax.random.key(0), x, train=False),
+                             x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  assert out["stage4"].shape == (1, 14, 14, 2048)                 # 224 / 16, same variables
+
+
+@pytest.mark.parametrize("depth,stem_pool", [
+    (18, False), pytest.param(50, True, marks=pytest.mark.slow)])
 def test_dilated_last_stage_is_the_a_trous_network(depth, stem_pool):
   model = ResNet(depth=depth, width=0.0625, stem_pool=stem_pool)
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
