@@ -13,7 +13,7 @@ import ml_collections
 IMAGENET_TRAIN_IMAGES = 1_281_167   # ILSVRC-2012 train
 COCO_TRAIN_IMAGES = 118_287         # COCO train2017
 DTYPES = ("float32", "bfloat16")
-AUGMENTS = ("byol", "simclr", "moco_v2", "swav")  # data_pipelines.views.AUGMENT_PAIRS
+AUGMENTS = ("byol", "simclr", "moco_v2", "swav", "moco_v2_aplus")  # views.AUGMENT_PAIRS
 SCHEDULES = ("cosine", "piecewise")  # detcon_jax.train.optimizer.LR_SCHEDULES
 OPTIMIZERS = ("lars", "sgd", "adamw")  # detcon_jax.train.optimizer.OPTIMIZERS
 DETCON_FORMS = ("reference", "dedup")  # detcon_jax.objectives.contrastive.DETCON_FORMS
@@ -66,9 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Views (data_pipelines/views.py standard_views): two global crops of image_size px
   # with crop area in global_area, then small_crops multi-crop views of small_size px;
   # min_salient_cover > 0: the global crops cover that fraction of the salient area (CAST).
-  c.views = ml_collections.ConfigDict(dict(global_area=(0.08, 1.0), small_crops=0,
-                                           small_size=96, small_area=(0.05, 0.14),
-                                           min_salient_cover=0.0))
+  # constrained=True: each small crop overlaps view2's crop (Van Gansbeke et al. 2021,
+  # A.1): constraint_rule "paper" (>= 20% of the small crop inside it) or "reference"
+  # (the released code: >= 10% of the small crop's target area); constraint_overlap
+  # None = the rule's fraction; constraint_tries candidates, then an unconstrained
+  # crop (counted: metric views/constraint_fallbacks).
+  c.views = ml_collections.ConfigDict(dict(
+      global_area=(0.08, 1.0), small_crops=0, small_size=96, small_area=(0.05, 0.14),
+      min_salient_cover=0.0, constrained=False, constraint_rule="paper",
+      constraint_overlap=ml_collections.config_dict.placeholder(float), constraint_tries=10))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 10
   # evals: names in detcon_jax.evaluate.run.EVALUATIONS; every_steps 0 = only at the end.
@@ -151,6 +157,18 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     if not 0.0 <= float(views.get("min_salient_cover", 0.0)) < 1.0:
       _fail("views.min_salient_cover", views.min_salient_cover,
             "must be in [0, 1) (CAST: 0.2; 0: unconstrained crops).")
+    if views.get("constrained", False):
+      if not int(views.small_crops):
+        _fail("views.constrained", True, "constrains small crops; set "
+              "--config.views.small_crops=N (N > 0), or constrained=False.")
+      if views.constraint_rule not in ("paper", "reference"):
+        _fail("views.constraint_rule", views.constraint_rule,
+              "choose 'paper' (20% of the small crop) or 'reference' (the released code).")
+      overlap = views.constraint_overlap
+      if overlap is not None and not 0.0 <= overlap <= 1.0:
+        _fail("views.constraint_overlap", overlap, "must be in [0, 1] (None: the rule's).")
+      if int(views.constraint_tries) < 1:
+        _fail("views.constraint_tries", views.constraint_tries, "must be >= 1 (paper code: 10).")
     for key in ("global_area", "small_area"):
       lo, hi = views[key]
       if not 0.0 < lo <= hi <= 1.0:
@@ -226,13 +244,17 @@ DATASETS = {
 
 
 def method_config(method: str) -> ml_collections.ConfigDict:
-  """base_config() plus the sections the method's objective adds (its default_config())."""
+  """base_config() plus the sections the method's objective adds (its default_config());
+  a section base_config() already has (e.g. 'loss') gains the method's keys."""
   from detcon_jax.objectives import registry  # lazy: jax loads only when a config is built
   c = base_config()
   c.method = method
   objective = registry.OBJECTIVES.get(method)   # tests train objectives of their own
   for section, values in (objective.default_config() if objective else {}).items():
-    c[section] = ml_collections.ConfigDict(values)
+    if section in c and isinstance(c[section], ml_collections.ConfigDict):
+      c[section].update(values)
+    else:
+      c[section] = ml_collections.ConfigDict(values)
   return c
 
 

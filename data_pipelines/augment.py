@@ -49,6 +49,8 @@ import math
 
 import tensorflow as tf
 
+from data_pipelines import autoaugment
+
 IMAGE, BOXES, BOXES_VALID = "image", "boxes", "boxes_valid"
 
 _COMMON = dict(crop_ratio=(3 / 4, 4 / 3), flip=0.5, jitter=0.8, gray=0.2, blur_sigma=(0.1, 2.0))
@@ -64,6 +66,10 @@ TABLES = {
     "swav": dict(_COMMON, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                  blur=0.5, solarize=0.0),
 }
+# A+ (Van Gansbeke et al. 2021, 4.2): with probability auto_augment a view gets flip +
+# AutoAugment's ImageNet policy (data_pipelines/autoaugment.py) instead of the table's
+# colour jitter, grayscale, blur and solarize.
+TABLES["moco_v2_aplus"] = dict(TABLES["moco_v2"], auto_augment=0.5)
 JITTER_KEYS = ("jitter", "brightness", "contrast", "saturation", "hue", "order")
 PHOTOMETRIC_KEYS = ("gray", "blur", "sigma", "solarize")
 
@@ -196,6 +202,14 @@ def _uniform(seed, lo=0.0, hi=1.0, shape=()):
   return tf.random.stateless_uniform(shape, seed, lo, hi, dtype=tf.float32)
 
 
+def _candidates(area_key, ratio_key, hf, wf, area, ratio, n):
+  """n random-resized-crop sizes: (target area, height, width, fits), float32 [n] each."""
+  target = hf * wf * _uniform(area_key, area[0], area[1], [n])
+  r = tf.exp(_uniform(ratio_key, math.log(ratio[0]), math.log(ratio[1]), [n]))
+  cw, ch = tf.round(tf.sqrt(target * r)), tf.round(tf.sqrt(target / r))
+  return target, ch, cw, (cw <= wf) & (ch <= hf) & (cw >= 1) & (ch >= 1)
+
+
 def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
   """Random resized crop box (y, x, h, w) as int32: area fraction uniform, aspect log-uniform.
 
@@ -204,10 +218,7 @@ def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
   """
   s = tf.random.experimental.stateless_split(seed, 3)
   hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  target = hf * wf * _uniform(s[0], area[0], area[1], [attempts])
-  r = tf.exp(_uniform(s[1], math.log(ratio[0]), math.log(ratio[1]), [attempts]))
-  cw, ch = tf.round(tf.sqrt(target * r)), tf.round(tf.sqrt(target / r))
-  ok = (cw <= wf) & (ch <= hf) & (cw >= 1) & (ch >= 1)
+  _, ch, cw, ok = _candidates(s[0], s[1], hf, wf, area, ratio, attempts)
   first = tf.argmax(tf.cast(ok, tf.int32))
   found = tf.reduce_any(ok)
   cw = tf.where(found, cw[first], wf)
@@ -253,17 +264,71 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   return box, tf.logical_not(found)
 
 
-def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIENT) -> dict:
+def overlap(y, x, h, w, anchor):
+  """Area of the boxes (y, x, h, w) (broadcast) inside the anchor box (y, x, h, w)."""
+  a = tf.cast(anchor, tf.float32)
+  dy = tf.maximum(0.0, tf.minimum(y + h, a[0] + a[2]) - tf.maximum(y, a[0]))
+  dx = tf.maximum(0.0, tf.minimum(x + w, a[1] + a[3]) - tf.maximum(x, a[1]))
+  return dy * dx
+
+
+# Constrained multi-crop (Van Gansbeke et al. 2021, A.1): when a small crop counts as
+# overlapping its anchor, given (intersection, crop area h*w, target area, min_overlap).
+OVERLAP_RULES = {
+    # paper: at least min_overlap (0.2) of the small crop's area lies inside the anchor
+    "paper": lambda inter, area, target, m: inter >= m * area,
+    # the authors' released code: intersection >= min_overlap (0.1) x the small crop's
+    # sampled target area (before rounding its sides)
+    "reference": lambda inter, area, target, m: inter >= m * target,
+}
+
+
+def constrained_crop_box(seed, height, width, area, ratio, anchor, rule="paper",
+                         min_overlap=0.2, tries=10):
+  """A crop box that overlaps `anchor` by OVERLAP_RULES[rule], and whether it fell back.
+
+  `tries` candidates (size and position) are drawn at once and the first that
+  fits the image and satisfies the rule is used; if none does, the
+  unconstrained crop_box from the same seed (the released code's fallback), and
+  fallback = True so that the caller can count it.
+  """
+  s = tf.random.experimental.stateless_split(seed, 3)
+  hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  target, ch, cw, ok = _candidates(s[0], s[1], hf, wf, area, ratio, tries)
+  u = _uniform(s[2], shape=[tries, 2])
+  y = tf.floor(u[:, 0] * (hf - ch + 1))
+  x = tf.floor(u[:, 1] * (wf - cw + 1))
+  ok &= OVERLAP_RULES[rule](overlap(y, x, ch, cw, anchor), ch * cw, target, min_overlap)
+  first = tf.argmax(tf.cast(ok, tf.int32))
+  found = tf.reduce_any(ok)
+  box = tf.cast(tf.stack([y[first], x[first], ch[first], cw[first]]), tf.int32)
+  fallback = crop_box(tf.random.experimental.stateless_fold_in(seed, 1), height, width,
+                      area, ratio, tries)
+  return tf.where(found, box, fallback), tf.logical_not(found)
+
+
+def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIENT,
+                       anchor_box=None) -> dict:
   """Every random choice of one view (a ViewSpec: its table, crop_area and size) from a seed.
 
   A spec with min_salient_cover > 0 needs the image's saliency [H, W] (salient
   above threshold); its box comes from salient_crop_box and p['crop_fallback']
-  says whether it fell back.
+  says whether it fell back. A view with spec.constraint draws its box with
+  constrained_crop_box against anchor_box (the anchor view's box) and adds
+  'fallback'. A table with auto_augment > 0 adds 'auto' (this view takes
+  AutoAugment instead of the table's colour ops) and the policy draws.
   """
   t = table(spec.augment)
   s = tf.random.experimental.stateless_split(seed, 12)
+  c = spec.constraint
   extra = {}
-  if spec.min_salient_cover > 0:
+  if c is not None:
+    if anchor_box is None:
+      raise ValueError(f"View {spec.name!r} is constrained to {c.anchor!r}; pass its box.")
+    box, extra["fallback"] = constrained_crop_box(s[0], height, width, spec.crop_area,
+                                                  t["crop_ratio"], anchor_box, c.rule,
+                                                  c.min_overlap, c.tries)
+  elif spec.min_salient_cover > 0:
     if saliency is None:
       raise ValueError(f"View {spec.name!r} has min_salient_cover={spec.min_salient_cover}: "
                        "its crops need the image's saliency map.")
@@ -272,7 +337,7 @@ def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIE
                                                    threshold=threshold)
   else:
     box = crop_box(s[0], height, width, spec.crop_area, t["crop_ratio"])
-  return dict(
+  p = dict(
       extra,
       box=box,
       flip=_uniform(s[1]) < t["flip"],
@@ -287,6 +352,17 @@ def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIE
       sigma=_uniform(s[10], *t["blur_sigma"]) * (spec.size / 224.0),
       solarize=_uniform(s[11]) < t["solarize"],
   )
+  if t.get("auto_augment", 0.0) > 0:
+    if spec.fields:
+      raise ValueError(f"View {spec.name!r}: AutoAugment (table {spec.augment!r}) moves the "
+                       f"image only; it cannot carry dense fields {spec.fields}.")
+    extra = tf.random.experimental.stateless_fold_in(seed, 12)
+    k = tf.random.experimental.stateless_split(extra, 2)
+    auto = _uniform(k[0]) < t["auto_augment"]
+    p.update(autoaugment.sample_params(k[1]), auto=auto)
+    for name in ("jitter", "gray", "blur", "solarize"):
+      p[name] = p[name] & tf.logical_not(auto)
+  return p
 
 
 # --- Photometric ops (images only) --------------------------------------------
@@ -356,6 +432,13 @@ def color_jitter(x, p: dict):
     return y
 
   return tf.cond(p["jitter"], run, lambda: x)
+
+
+def colour(x, p: dict):
+  """The per-example colour step of a view: AutoAugment when p['auto'] (A+), else color_jitter."""
+  if "auto" not in p:
+    return color_jitter(x, p)
+  return tf.cond(p["auto"], lambda: autoaugment.autoaugment(x, p), lambda: color_jitter(x, p))
 
 
 def photometric(x, p: dict, size: int):

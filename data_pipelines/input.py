@@ -235,8 +235,11 @@ def _check_views(views):
     raise ValueError(f"train_iterator: views {names} must be a non-empty sequence of "
                      "ViewSpecs with unique names that are non-empty, contain no '/' and "
                      f"are not one of {sorted(reserved)}.")
-  for s in views:
+  for i, s in enumerate(views):
     aug.table(s.augment)
+    if s.constraint and s.constraint.anchor not in names[:i]:
+      raise ValueError(f"train_iterator: view {s.name!r} is constrained to "
+                       f"{s.constraint.anchor!r}, which must come before it in the view list.")
 
 
 _BOX_SLOT = 1_000_003   # folded into the example's key for MaskCo's boxes (boxes.sample)
@@ -308,8 +311,9 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
            B.INDEX: tf.cast(index, tf.int32)}
     fallbacks, params = [], {}
     for i, s in enumerate(views):
+      anchor = params[s.constraint.anchor]["box"] if s.constraint else None
       p = aug.sample_view_params(k[_view_slot(i)], h, w, s, fields.get(V.SALIENCY),
-                                 foreground_threshold)
+                                 foreground_threshold, anchor_box=anchor)
       if "crop_fallback" in p:
         fallbacks.append(tf.cast(p["crop_fallback"], tf.int32))
       params[s.name] = p
@@ -321,7 +325,9 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       p = params[s.name]
       data = aug.geometric({f: fields[f] for f in _view_fields(s)} | boxes.get(s.name, {}), p,
                            s.size)
-      out[s.name] = aug.color_jitter(data[aug.IMAGE], p)
+      out[s.name] = aug.colour(data[aug.IMAGE], p)
+      if s.constraint:
+        out[B.key(s.name, V.FALLBACK)] = tf.cast(p["fallback"], tf.int32)
       for f in s.fields + tuple(boxes.get(s.name, ())):
         if f == V.FOREGROUND:
           out[B.key(s.name, f)] = tf.cast(data[V.SALIENCY] > foreground_threshold, tf.float32)

@@ -28,6 +28,11 @@ MASKS = "masks"          # dense field: the mask-id map (+ its sampled ids)
 SALIENCY = "saliency"    # dense field: the stored saliency map (records need it)
 FOREGROUND = "foreground"  # the view's saliency > config.data.foreground_threshold
 FIELDS = (MASKS, SALIENCY, FOREGROUND)
+FALLBACK = "fallback"    # batch[key(view, FALLBACK)]: [B] int32, 1 where a constrained
+                         # crop found no overlapping candidate and fell back
+# Defaults of the constrained multi-crop rules (augment.OVERLAP_RULES): the paper's 20% of
+# the small crop inside the anchor; the released code's 10% of its target area.
+RULE_OVERLAP = {"paper": 0.2, "reference": 0.1}
 BOX_ROLES = ("key", "query")  # BoxSpec.role (data_pipelines/boxes.py)
 
 
@@ -61,6 +66,22 @@ class BoxSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Constraint:
+  """Constrained multi-crop: this view's crop must overlap the `anchor` view's crop
+  (augment.constrained_crop_box: rule, min_overlap, bounded tries, counted fallback)."""
+  anchor: str
+  rule: str = "paper"
+  min_overlap: float = 0.2
+  tries: int = 10
+
+  def __post_init__(self):
+    if self.rule not in RULE_OVERLAP:
+      raise ValueError(f"Constraint rule {self.rule!r}: choose one of {sorted(RULE_OVERLAP)}.")
+    if not 0.0 <= self.min_overlap <= 1.0 or self.tries < 1:
+      raise ValueError(f"Constraint {self}: min_overlap must be in [0, 1] and tries >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
 class ViewSpec:
   """One view: its batch name, output size, crop scale range and augmentation table.
 
@@ -79,6 +100,7 @@ class ViewSpec:
   small: bool = False           # a multi-crop small crop (never a key; see objectives)
   min_salient_cover: float = 0.0
   boxes: BoxSpec | None = None  # boxes that travel with the view (MaskCo)
+  constraint: Constraint | None = None   # constrained multi-crop (anchored to another view)
 
   def __post_init__(self):
     unknown = [f for f in self.fields if f not in FIELDS]
@@ -114,6 +136,9 @@ AUGMENT_PAIRS = {
     "byol": ("byol1", "byol2"),           # DetCon A.1, BYOL column (T, T')
     "moco_v2": ("moco_v2", "moco_v2"),    # MoCo v2 (Chen et al. 2020): one table, both views
     "swav": ("swav", "swav"),             # SwAV: one table for every crop
+    # A+ (Van Gansbeke et al. 2021): the positives (view1 and the small crops) take
+    # AutoAugment with p = 0.5; the anchor (view2, MoCo's key) keeps the standard table.
+    "moco_v2_aplus": ("moco_v2_aplus", "moco_v2"),
 }
 
 
@@ -125,6 +150,10 @@ def standard_views(config, masks: bool = False) -> tuple[ViewSpec, ...]:
   {global_area, small_crops, small_size, small_area[, min_salient_cover]}.
   masks=True: every view carries its mask-id map. min_salient_cover (default 0)
   constrains the two global crops to the saliency (CAST's phi), for any method.
+  config.views.constrained=True anchors every small crop to view2 (the anchor:
+  MoCo's key view, the released code's last large crop) with
+  config.views.{constraint_rule, constraint_overlap (None: the rule's default),
+  constraint_tries}.
   """
   family = config.data.augment
   if family not in AUGMENT_PAIRS:
@@ -137,9 +166,21 @@ def standard_views(config, masks: bool = False) -> tuple[ViewSpec, ...]:
   specs = [ViewSpec("view1", int(config.image_size), area, t1, fields, min_salient_cover=cover),
            ViewSpec("view2", int(config.image_size), area, t2, fields, min_salient_cover=cover)]
   small_area = tuple(float(a) for a in v.small_area)
-  specs += [ViewSpec(f"small{i + 1}", int(v.small_size), small_area, t1, fields, small=True)
+  specs += [ViewSpec(f"small{i + 1}", int(v.small_size), small_area, t1, fields, small=True,
+                     constraint=constraint(v))
             for i in range(int(v.small_crops))]
   return tuple(specs)
+
+
+def constraint(views_config) -> Constraint | None:
+  """The small crops' Constraint from config.views (None unless constrained=True)."""
+  v = views_config
+  if not v.get("constrained", False):
+    return None
+  rule = v.get("constraint_rule", "paper")
+  overlap = v.get("constraint_overlap", None)
+  return Constraint("view2", rule, RULE_OVERLAP.get(rule, 0.0) if overlap is None
+                    else float(overlap), int(v.get("constraint_tries", 10)))
 
 
 def two_views(image_size: int, masks: bool = True, augment: str = "byol") -> tuple[ViewSpec, ...]:

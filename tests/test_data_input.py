@@ -191,3 +191,19 @@ def test_without_masks_gives_the_same_views(tiny):
   assert set(b) == set(V.names(MULTI)) | {"label", "index"}
   for k in b:
     np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_constrained_a_plus_views_in_the_pipeline(tiny):
+  """Constrained small crops carry their fallback flags (batch.py's layout), A+ views
+  come out in [0, 1], and an anchor after its small crop is refused."""
+  anchor = V.ViewSpec("view2", 32, (0.2, 1.0), "moco_v2")
+  small = V.ViewSpec("small1", 16, (0.05, 0.14), "moco_v2_aplus", small=True,
+                     constraint=V.Constraint("view2", tries=1))
+  views = (V.ViewSpec("view1", 32, (0.2, 1.0), "moco_v2_aplus"), anchor, small)
+  b = next(_train(tiny, views=views))
+  shapes = batch.train_batch_shapes(4, specs=views)
+  assert list(b) == list(shapes) and "small1/fallback" in b
+  assert b["small1/fallback"].dtype == np.int32 and set(b["small1/fallback"]) <= {0, 1}
+  assert all(0 <= b[v].min() and b[v].max() <= 1 for v in ("view1", "view2", "small1"))
+  with pytest.raises(ValueError, match="must come before"):
+    _train(tiny, views=(views[0], small, anchor))

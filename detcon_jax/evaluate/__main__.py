@@ -27,6 +27,9 @@ _SWEEP = flags.DEFINE_string("linear_sweep", "default",
                              "or a number.")
 _RES = flags.DEFINE_integer("retrieval_resolution", None,
                             "Side of the feature grid K-means runs on (default: image_size // 8).")
+_DILATED = flags.DEFINE_bool("retrieval_dilated", True,
+                             "Retrieval on a dilated last stage (stride 1, dilation 2), as the "
+                             "paper; --noretrieval_dilated uses the plain stage-4 map.")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also evaluate the random-init baseline row.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -37,7 +40,7 @@ def main(argv):
   from detcon_jax.train import checkpointing
   sweep = int(_SWEEP.value) if _SWEEP.value.isdigit() else _SWEEP.value
   settings = run.Settings(batch_size=_BATCH.value, image_size=_SIZE.value, linear_sweep=sweep,
-                          retrieval_resolution=_RES.value)
+                          retrieval_resolution=_RES.value, retrieval_dilated=_DILATED.value)
   try:
     run.evaluate_workdir(_WORKDIR.value, evals=_EVALS.value, data_dir=_DATA.value,
                          step=_STEP.value, settings=settings, baseline=_BASELINE.value)

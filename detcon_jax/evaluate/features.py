@@ -36,13 +36,20 @@ def random_init_variables(model, image_size: int, seed: int = 0) -> dict:
   return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 
-def make_feature_fn(model, mesh, spatial: bool = True):
-  """jit(variables, images [B, H, W, 3] in [0, 1]) -> {pooled [B, C], spatial [B, h, w, C]}."""
+def make_feature_fn(model, mesh, spatial: bool = True, dense_model=None):
+  """jit(variables, images [B, H, W, 3] in [0, 1]) -> {pooled [B, C], spatial [B, h, w, C]}.
+
+  dense_model (e.g. model.clone(dilate_last=True), same variables) gives the
+  spatial maps instead of `model`; pooled features always come from `model`.
+  """
   def features(variables, images):
-    out = model.apply(variables, normalize_images(images), train=False)[FEATURE_STAGE]
-    out = out.astype(jnp.float32)
+    x = normalize_images(images)
+    out = model.apply(variables, x, train=False)[FEATURE_STAGE].astype(jnp.float32)
     result = {POOLED: out.mean(axis=(1, 2))}
-    if spatial:
+    if spatial and dense_model is not None:
+      result[SPATIAL] = dense_model.apply(variables, x, train=False)[FEATURE_STAGE].astype(
+          jnp.float32)
+    elif spatial:
       result[SPATIAL] = out
     return result
 
@@ -58,7 +65,7 @@ def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
 
 def extract_features(model, variables_by_name: dict[str, dict], batches: Iterable[dict], *,
                      spatial: bool = True, keep: Iterable[str] = (B.LABEL,),
-                     mesh=None) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+                     mesh=None, dense_model=None) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
   """Run every variable set over the batches once.
 
   Returns ({name: {pooled, spatial}}, {key: concatenated batch[key] for key in
@@ -67,7 +74,7 @@ def extract_features(model, variables_by_name: dict[str, dict], batches: Iterabl
   """
   mesh = sharding.make_mesh(jax.local_devices()) if mesh is None else mesh
   num_devices = mesh.devices.size
-  feature_fn = make_feature_fn(model, mesh, spatial)
+  feature_fn = make_feature_fn(model, mesh, spatial, dense_model)
   variables_by_name = {name: jax.device_put(v, sharding.replicated(mesh))
                        for name, v in variables_by_name.items()}
   keep = tuple(keep)

@@ -48,7 +48,8 @@ class Settings:
   knn_temperature: float = knn.TEMPERATURE
   linear_sweep: str = "default"            # "full": the paper's 45 values
   retrieval_k: int = retrieval.K
-  retrieval_resolution: int | None = None  # None: image_size // 8 (the paper's output stride 8)
+  retrieval_resolution: int | None = None  # None: image_size // 8 (the paper's 64 x 64 at 512)
+  retrieval_dilated: bool = True           # last stage stride 1, dilation 2 (the paper's A.7)
   mask_split: str = "train"                # the split whose masks pretraining uses
 
 
@@ -188,8 +189,10 @@ EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
                    f"({s.linear_sweep!r} sweep; 'full' = the paper's 45), chosen on 20% of train")),
     "retrieval": ModelEvaluation(
         "retrieval mIoU", "miou", "{:.3f}", (F.SPATIAL, B.SEMANTIC), _retrieval,
-        lambda s: (f"retrieval: per-image K-means (K={s.retrieval_k}) on stage-4 features "
-                   f"bilinearly upsampled to {s.retrieval_resolution}x{s.retrieval_resolution}, "
+        lambda s: (f"retrieval: per-image K-means (K={s.retrieval_k}) on "
+                   f"{'dilated (stride 1, dilation 2) ' if s.retrieval_dilated else ''}stage-4 "
+                   f"features, bilinearly upsampled to {s.retrieval_resolution}x"
+                   f"{s.retrieval_resolution}, "
                    "1-NN train region label, mIoU incl. background at image resolution")),
     "masks": DataEvaluation("mask quality", _masks),
     "gradcam": StateEvaluation("grounding IoU", "miou", "{:.3f}", _gradcam),
@@ -300,8 +303,9 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
     for split in ("train", "test"):
       batches = data_input.eval_iterator(records_dir, split, batch_size=settings.batch_size,
                                          image_size=settings.image_size)
-      split_data[split] = F.extract_features(model, variables_by_name, batches,
-                                             spatial=F.SPATIAL in needs, keep=keep)
+      split_data[split] = F.extract_features(
+          model, variables_by_name, batches, spatial=F.SPATIAL in needs, keep=keep,
+          dense_model=model.clone(dilate_last=True) if settings.retrieval_dilated else None)
     seconds["features"] = time.time() - t
     num_classes = int(manifest["num_classes"])
     for name in variables_by_name:

@@ -75,12 +75,18 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 class _Block(nn.Module):
-  """BasicBlock (two 3x3) or Bottleneck (1x1, 3x3 with the stride, 1x1 x4)."""
+  """BasicBlock (two 3x3) or Bottleneck (1x1, 3x3 with the stride, 1x1 x4).
+
+  `dilation` dilates (and pads by) the 3x3 convs; `carry_dilation` (default:
+  the same) the one that carries the stride (basic: conv1, bottleneck: conv2).
+  """
   kind: str
   planes: int
   stride: int
   zero_init_residual: bool
   dtype: Any
+  dilation: int = 1
+  carry_dilation: int | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -93,8 +99,11 @@ class _Block(nn.Module):
     else:
       specs = [(self.planes, 1, 1), (self.planes, 3, self.stride), (out_ch, 1, 1)]
     y = x
+    carry = 1 if self.kind == "basic" else 2            # the conv that carries the stride
     for i, (ch, k, s) in enumerate(specs, start=1):
-      y = conv(ch, (k, k), strides=(s, s), padding=_pad(k), name=f"conv{i}")(y)
+      d = 1 if k != 3 else (self.carry_dilation or self.dilation if i == carry else self.dilation)
+      y = conv(ch, (k, k), strides=(s, s), padding=_pad(k) if d == 1 else ((d, d), (d, d)),
+               kernel_dilation=(d, d), name=f"conv{i}")(y)
       last = i == len(specs)
       scale_init = nn.initializers.zeros if (last and self.zero_init_residual) else nn.initializers.ones
       y = norm(scale_init=scale_init, name=f"bn{i}")(y)
@@ -118,12 +127,21 @@ class ResNet(nn.Module):
   stem_pool=False drops the stem max-pool (output stride 16, stage maps twice
   as large, ~4x the stage FLOPs): for small images, where stride 32 leaves a
   2x2 map too coarse for mask pooling (as CIFAR-style ResNets do).
+
+  dilate_last=True: the last stage keeps its input's resolution (stride 1) and
+  dilates its 3x3 convs by 2, except the conv that would carry the stride (as
+  torchvision's replace_stride_with_dilation for bottlenecks), so RN50 keeps
+  output stride 16 for dense evaluation (Van Gansbeke et al. 2021, A.7). This
+  is the a-trous form of the same network: in inference mode its map at even
+  positions equals the undilated map. Same parameters: a trained encoder runs
+  dilated unchanged.
   """
   depth: int = 50
   width: float = 1.0
   zero_init_residual: bool = False
   stem_pool: bool = True
   dtype: Any = jnp.float32
+  dilate_last: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -150,9 +168,11 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
     for s, blocks in enumerate(layers, start=1):
       planes = base * 2 ** (s - 1)
+      dilate = self.dilate_last and s == len(layers)
       for b in range(blocks):
-        stride = 2 if (b == 0 and s > 1) else 1
+        stride = 2 if (b == 0 and s > 1 and not dilate) else 1
         x = _Block(kind, planes, stride, self.zero_init_residual, self.dtype,
+                   dilation=2 if dilate else 1, carry_dilation=1 if dilate and b == 0 else None,
                    name=f"layer{s}_{b}")(x, train)
       out[f"stage{s}"] = x
     return out

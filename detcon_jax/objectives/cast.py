@@ -182,10 +182,11 @@ def init(rng, config, batch):
 
 
 def loss(params, state, batch, rng, step, config):
-  del rng, step
+  del rng
   c = config.cast
   specs = views(config)
-  l_moco, metrics, new_state, query = moco.contrast(params, state, batch, config, specs)
+  l_moco, metrics, new_state, query = moco.contrast(params, state, batch, config, specs,
+                                                    step=step)
   nets = common.build_networks(config, False)
   key_spec = [s for s in specs if s.name == KEY]
   threshold = float(config.data.foreground_threshold) if c.binarise else None

@@ -19,6 +19,22 @@ Default: the reference's asymmetric loss (queries from view 1, keys from view
 of both views enqueued). Small multi-crop views (config.views.small_crops)
 are extra queries matched to every key view; they are never keys and never
 enqueued.
+
+Revisiting contrastive methods (Van Gansbeke et al. 2021), as options that
+compose (configs/moco_v2.py presets +mc, +cc, +aplus, +knn):
+  * multi-crop: the queries are view1 and the small crops, all matched to the
+    anchor (view2's key), as the authors' code; constrained multi-crop
+    (config.views.constrained) anchors the small crops to view2's crop, and the
+    fraction of small crops that fell back to an unconstrained crop is the
+    metric views/constraint_fallbacks;
+  * A+ is an input option (config.data.augment='moco_v2_aplus');
+  * kNN-MoCo (config.loss.knn_weight > 0): a second queue of the keys' pooled,
+    l2-normalised backbone features, pushed with the projection queue so that
+    both stay aligned row for row; every query adds knn_weight x eq. 2
+    (objectives/nearest_neighbours.py) over its knn_k neighbours, from step
+    round(knn_start_fraction x steps) on (the paper: after 5 of 200 epochs).
+    The neighbours come from the queues before this step's keys are pushed
+    (the paper's Algorithm 2; the authors' no-warmup variant pushes first).
 """
 from __future__ import annotations
 
@@ -28,11 +44,25 @@ import jax.numpy as jnp
 from configs.common import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import views as V
+from detcon_jax.models import heads
+from detcon_jax.models.resnet import num_features
 from detcon_jax.objectives import common
+from detcon_jax.objectives import nearest_neighbours as nn_lib
 from detcon_jax.objectives import queue as queue_lib
 from detcon_jax.objectives.contrastive import info_nce, l2_normalize
 
 QUEUE, INCOMING = "queue", "incoming"
+# kNN-MoCo: the queue of backbone features, aligned with QUEUE, and this step's rows for it
+QUEUE_G, INCOMING_G = "queue_backbone", "incoming_backbone"
+
+
+def knn_enabled(config) -> bool:
+  return float(config.loss.get("knn_weight", 0.0)) > 0.0
+
+
+def knn_start_step(config) -> int:
+  """First step with the kNN loss: round(loss.knn_start_fraction x steps)."""
+  return int(round(float(config.loss.get("knn_start_fraction", 0.0)) * int(config.steps)))
 
 
 def key_views(config) -> list[str]:
@@ -53,23 +83,31 @@ def init(rng, config, batch):
   params, batch_stats = common.init_networks(common.build_networks(config, False), net_rng,
                                              batch[B.VIEW1])
   dim = int(config.head.output_dim)
-  incoming = jnp.zeros((batch[B.VIEW1].shape[0] * len(key_views(config)), dim), jnp.float32)
-  return params, {common.BATCH_STATS: batch_stats, common.TARGET: common.copy_of(params),
-                  QUEUE: queue_lib.create(config.moco.queue_size, (dim,), queue_rng),
-                  INCOMING: incoming}
+  rows = batch[B.VIEW1].shape[0] * len(key_views(config))
+  incoming = jnp.zeros((rows, dim), jnp.float32)
+  state = {common.BATCH_STATS: batch_stats, common.TARGET: common.copy_of(params),
+           QUEUE: queue_lib.create(config.moco.queue_size, (dim,), queue_rng),
+           INCOMING: incoming}
+  if knn_enabled(config):     # random unit rows, like the projection queue (authors' code)
+    features = num_features(int(config.model.depth), float(config.model.width))
+    state[QUEUE_G] = queue_lib.create(config.moco.queue_size, (features,),
+                                      jax.random.fold_in(queue_rng, 1))
+    state[INCOMING_G] = jnp.zeros((rows, features), jnp.float32)
+  return params, state
 
 
 def loss(params, state, batch, rng, step, config):
-  del rng, step
-  value, metrics, new_state, _ = contrast(params, state, batch, config)
+  del rng
+  value, metrics, new_state, _ = contrast(params, state, batch, config, step=step)
   return value, (metrics, new_state)
 
 
-def contrast(params, state, batch, config, specs=None):
+def contrast(params, state, batch, config, specs=None, step=0):
   """MoCo's loss and its parts: (loss, metrics, new_state, the queries' common.Forward).
 
   For methods built on MoCo (CAST) that need the query feature maps too;
-  specs: the method's views (default standard_views; only names and sizes count).
+  specs: the method's views (default standard_views; only names and sizes count);
+  step: the global step (kNN-MoCo's auxiliary loss starts at knn_start_step).
   """
   nets = common.build_networks(config, False)
   specs = V.standard_views(config) if specs is None else specs
@@ -78,9 +116,9 @@ def contrast(params, state, batch, config, specs=None):
   query = common.forward(nets, params, state[common.BATCH_STATS], batch,
                          [s for s in specs if s.name in query_names])
   target = jax.lax.stop_gradient(state[common.TARGET])
-  keys = common.forward(nets, target, state[common.BATCH_STATS], batch,
-                        [s for s in specs if s.name in matched]).z
-  keys = jax.lax.stop_gradient(keys)
+  key_out = jax.lax.stop_gradient(common.forward(nets, target, state[common.BATCH_STATS], batch,
+                                                 [s for s in specs if s.name in matched]))
+  keys = key_out.z
   negatives = jax.lax.stop_gradient(state[QUEUE]["keys"])
   temperature = float(config.loss.temperature)
   value, accuracy = 0.0, []
@@ -91,7 +129,21 @@ def contrast(params, state, batch, config, specs=None):
     accuracy += [t[1] for t in terms]
   incoming = jnp.concatenate([keys[k] for k in matched], axis=0)
   new_state = dict(state, **{common.BATCH_STATS: query.batch_stats, INCOMING: incoming})
-  metrics = {"loss": value, "accuracy": sum(accuracy) / len(accuracy)}
+  metrics = {"loss": value, "accuracy": sum(accuracy) / len(accuracy), "loss_inst": value}
+  if knn_enabled(config):
+    pooled = lambda maps, names: jnp.concatenate([heads.global_pool(maps[n]) for n in names])
+    aux = nn_lib.knn_loss(
+        jnp.concatenate([query.z[q] for q in query_names]), pooled(query.maps, query_names),
+        negatives, jax.lax.stop_gradient(state[QUEUE_G]["keys"]),
+        k=int(config.loss.knn_k), temperature=temperature)
+    weight = jnp.where(step >= knn_start_step(config), float(config.loss.knn_weight), 0.0)
+    value = value + weight * aux
+    new_state[INCOMING_G] = l2_normalize(pooled(key_out.maps, list(matched)))
+    metrics.update(loss=value, loss_knn=aux, knn_weight=weight)
+  fallbacks = [batch[B.key(s.name, V.FALLBACK)] for s in specs
+               if s.name in query_names and s.constraint is not None]
+  if fallbacks:
+    metrics["views/constraint_fallbacks"] = jnp.mean(jnp.stack(fallbacks).astype(jnp.float32))
   return value, metrics, new_state, query
 
 
@@ -102,15 +154,21 @@ def momentum_update(params, state, momentum: float):
 
 
 def after_update(params, state, step, config):
-  """Momentum update of the key network, then enqueue this step's keys."""
+  """Momentum update of the key network, then enqueue this step's keys (and, for
+  kNN-MoCo, their backbone features into the aligned queue)."""
   del step
   state = momentum_update(params, state, float(config.moco.momentum))
   queue = queue_lib.push(state[QUEUE], l2_normalize(state[INCOMING]))
-  return params, dict(state, **{QUEUE: queue})
+  new = {QUEUE: queue}
+  if QUEUE_G in state:
+    new[QUEUE_G] = queue_lib.push(state[QUEUE_G], state[INCOMING_G])
+  return params, dict(state, **new)
 
 
 def default_config():
-  return {"moco": {"momentum": 0.999, "queue_size": 65536, "symmetric": False}}
+  # loss.knn_*: kNN-MoCo (off at weight 0; the paper: 0.4, k = 20, after 5 of 200 epochs)
+  return {"moco": {"momentum": 0.999, "queue_size": 65536, "symmetric": False},
+          "loss": {"knn_weight": 0.0, "knn_k": 20, "knn_start_fraction": 5 / 200}}
 
 
 def validate(config):
@@ -122,6 +180,17 @@ def validate(config):
   if size < keys_per_step:
     raise ConfigError(f"config.moco.queue_size={size}: must hold at least one step's keys "
                       f"({keys_per_step}); the paper uses 65536.")
+  # .get: objectives built on this framework (MaskCo, CAST) may lack the kNN keys
+  weight, k = float(config.loss.get("knn_weight", 0.0)), int(config.loss.get("knn_k", 20))
+  if weight < 0:
+    raise ConfigError(f"config.loss.knn_weight={weight!r}: must be >= 0 (0: plain MoCo; "
+                      "kNN-MoCo: 0.4).")
+  if weight > 0 and not 1 <= k <= size:
+    raise ConfigError(f"config.loss.knn_k={k}: must be in [1, queue_size={size}] (paper: 20).")
+  start = float(config.loss.get("knn_start_fraction", 0.0))
+  if not 0.0 <= start <= 1.0:
+    raise ConfigError(f"config.loss.knn_start_fraction={start!r}: must be in [0, 1] (a "
+                      "fraction of config.steps; paper: 5/200).")
 
 
 OBJECTIVE = common.Objective("moco_v2", init, loss, after_update=after_update,
