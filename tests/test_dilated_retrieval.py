@@ -41,6 +41,13 @@ def test_dilated_last_stage_is_the_a_trous_network(depth, stem_pool):
   np.testing.assert_allclose(dilated[:, ::2, ::2], plain, atol=1e-5 * scale)
 
 
+def test_retrieval_is_dilated_by_default():
+  """The default evaluation (and so the demo's, and tests/test_eval_run.py) runs dilated."""
+  assert run.Settings().retrieval_dilated
+  assert "dilated" in run.EVALUATIONS["retrieval"].describe(run.Settings(retrieval_resolution=8))
+
+
+@pytest.mark.slow        # ~30 s under load; test_eval_run.py runs this path in the default suite
 def test_evaluation_takes_spatial_maps_from_the_dilated_network():
   """Pooled features from the plain network, spatial maps from the dilated one: by the
   a-trous identity, the dilated map at even positions averages to the pooled feature."""
@@ -54,5 +61,3 @@ def test_evaluation_takes_spatial_maps_from_the_dilated_network():
   assert spatial.shape == (3, 4, 4, 32) and pooled.shape == (3, 32)     # plain map: 2 x 2
   np.testing.assert_allclose(spatial[:, ::2, ::2].mean(axis=(1, 2)), pooled, rtol=1e-4,
                              atol=1e-5)
-  assert run.Settings().retrieval_dilated                  # the default, so the demo uses it
-  assert "dilated" in run.EVALUATIONS["retrieval"].describe(run.Settings(retrieval_resolution=8))
