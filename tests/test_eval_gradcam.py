@@ -1,13 +1,10 @@
-"""The grounding evaluation: binarised Grad-CAM vs a target, IoU known answers, and a run
-on a tiny MoCo v2 state."""
-import jax
+"""The grounding evaluation: binarised Grad-CAM vs a target, IoU known answers (a run on a
+tiny trained state is in test_objectives_cast.py, which has one)."""
 import numpy as np
 import pytest
 
 from data_pipelines import batch as B
 from detcon_jax.evaluate import gradcam
-from detcon_jax.objectives import registry
-from test_objectives_moco_swav import tiny_config
 
 
 def test_iou_known_answers():
@@ -39,19 +36,3 @@ def test_target_is_gt_foreground_else_saliency():
   with pytest.raises(ValueError, match="ground-truth instances or saliency"):
     gradcam.target_maps({B.IMAGE: sal})
 
-
-def test_evaluate_a_tiny_moco_state():
-  config = tiny_config("moco_v2")
-  config.moco.queue_size = 12
-  objective = registry.get_objective("moco_v2")
-  batch = B.synthetic_train_batch(4, specs=objective.views(config), seed=0)
-  params, state = jax.jit(lambda r, b: objective.init(r, config, b))(jax.random.key(0), batch)
-  rng = np.random.default_rng(0)
-  sem = np.zeros((4, 32, 32), np.int32)
-  sem[:, 8:24, 8:24] = 1
-  batches = [{B.IMAGE: rng.random((4, 32, 32, 3), np.float32), B.SEMANTIC: sem}
-             for _ in range(2)]
-  out = gradcam.evaluate(config, {"params": params, "state": state}, batches)
-  assert out["num_images"] == 8 and 0.0 <= out["miou"] <= 1.0
-  assert len(out["ious"]) == 8 and np.all(np.isfinite(out["ious"]))
-  assert out["overlays"].shape == (4, 32, 3 * 32 + 2 * 2, 3)

@@ -178,6 +178,20 @@ def test_attention_gradient_reaches_encoder_and_head(cast_setup):
     assert np.isfinite(norm) and norm > 0, part
 
 
+def test_grounding_evaluation_on_the_tiny_state(cast_setup):
+  from detcon_jax.evaluate import gradcam
+  config, _, _, params, state = cast_setup
+  rng = np.random.default_rng(0)
+  sem = np.zeros((4, 32, 32), np.int32)
+  sem[:, 8:24, 8:24] = 1
+  batches = [{B.IMAGE: rng.random((4, 32, 32, 3), np.float32), B.SEMANTIC: sem}
+             for _ in range(2)]
+  out = gradcam.evaluate(config, {"params": params, "state": state}, batches)
+  assert out["num_images"] == 8 and 0.0 <= out["miou"] <= 1.0
+  assert len(out["ious"]) == 8 and np.all(np.isfinite(out["ious"]))
+  assert out["overlays"].shape == (4, 32, 3 * 32 + 2 * 2, 3)
+
+
 @pytest.mark.parametrize("preset", ["demo", "imagenet", "coco-100"])
 def test_presets_are_moco_v2_plus_cast(preset):
   import importlib

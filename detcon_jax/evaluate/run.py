@@ -9,9 +9,11 @@ a table, and writes WORKDIR/eval/step_N.json plus TensorBoard scalars and
 retrieval pictures under WORKDIR/tb/eval (and tb/eval_random_init, so the two
 lines share a chart).
 
-Two kinds of evaluation share the registry: model evaluations are pure
+Three kinds of evaluation share the registry: model evaluations are pure
 functions of frozen features and labels, run once per model row; data
-evaluations (mask quality) depend only on the records.
+evaluations (mask quality) depend only on the records; state evaluations
+(grounding: Grad-CAM of query/key matching) need the whole train state, heads
+and key network included, so they have no random-init row.
 """
 from __future__ import annotations
 
