@@ -303,6 +303,9 @@ def demo_config(method: str, family: str) -> ml_collections.ConfigDict:
                      base_lr=DEMO_PEAK_LR * 256 / c.batch_size)
   c.ema.tau0 = 0.99
   c.data.update(records_dir="data/demo", shuffle_buffer=1024, build_demo=True)
+  # Demo objects cover 34% of an image; the default MBD map > 0.2 matches them best
+  # (IoU with the GT foreground on 150 train scenes: 0.72 at 0.2, 0.59 at 0.5).
+  c.data.foreground_threshold = 0.2
   c.checkpoint.update(every_steps=100, keep=2)
   c.log_every_steps = 10
   c.eval.at_end = True

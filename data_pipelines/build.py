@@ -262,9 +262,10 @@ def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | 
   opts: image_size (demo side / real shorter side), shard_size, fh_scales,
   fh_backend ('skimage'|'opencv'), grid_sizes, min_side, image_format,
   progress, data_dir (tfds), and the demo's num_train, num_test, seed,
-  bg_correlation, max_objects. saliency: a detector of masks/saliency.py to
-  store a saliency map per image (also: 'saliency' in masks = the default). The demo defaults to FH scales rescaled to its
+  bg_correlation, max_objects. The demo defaults to FH scales rescaled to its
   image size (fh.scales_for); real data defaults to the paper's scales.
+  saliency: a detector of masks/saliency.py whose map is stored per image
+  ('saliency' among the masks means the default detector).
   runner: 'local' (processes, `workers` of them) or 'beam' (beam_options are
   Beam pipeline flags, e.g. ['--direct_num_workers=2'] or Dataflow's).
   """
@@ -332,7 +333,8 @@ DEMO_MASKS = ("fh", "grid", "gt")
 
 def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False, **opts) -> dict:
   """The demo records in out_dir, building them unless a complete, current set exists
-  that holds the mask kinds `masks` and, with saliency=True, the saliency field.
+  that holds the mask kinds `masks` (with the current settings) and, with
+  saliency=True, the saliency field.
 
   A set built by an older demo generator (manifest demo_version != demo.VERSION)
   is rebuilt, so training never reads scenes the code no longer makes; a set
@@ -343,12 +345,14 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False, **opts) 
   kinds = list(dict.fromkeys(DEMO_MASKS + tuple(masks)))
   try:
     manifest = records.read_manifest(out_dir)
-    have = {spec.get("kind") for spec in manifest.get("masks", {}).values()}
+    stored = manifest.get("masks", {})
+    asked = masks_lib.expand(list(masks), fh_scales=fh.scales_for(manifest["image_size"]))
     if (manifest.get("complete") and manifest.get("source") == "demo"
         and manifest.get("demo_version") == demo_lib.VERSION):
-      if set(masks) <= have and (not saliency or records.has_field(manifest, "saliency")):
+      asked_stored = {n: spec for n, spec in stored.items() if spec.get("kind") in masks}
+      if asked_stored == asked and (not saliency or records.has_field(manifest, "saliency")):
         return manifest
-      kinds = list(dict.fromkeys(kinds + sorted(have - set(kinds))))
+      kinds += sorted({spec.get("kind") for spec in stored.values()} - set(kinds))
   except (FileNotFoundError, ValueError):
     pass
   return build("demo", out_dir, masks=kinds, saliency=saliency_lib.DEFAULT, **opts)
@@ -397,8 +401,8 @@ def main(argv=None):
   if rest and a.runner != "beam":
     p.error(f"unrecognized arguments: {' '.join(rest)} (Beam options need --runner=beam)")
   opts = {k: v for k, v in vars(a).items()
-          if v is not None and k not in ("source", "out", "masks", "saliency", "workers", "runner",
-                                         "beam_runner")}
+          if v is not None and k not in ("source", "out", "masks", "saliency", "workers",
+                                         "runner", "beam_runner")}
   if "fh_scales" in opts:
     opts["fh_scales"] = tuple(int(s) for s in opts["fh_scales"].split(","))
   opts["grid_sizes"] = tuple(int(s) for s in a.grid_sizes.split(","))

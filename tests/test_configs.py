@@ -83,6 +83,7 @@ def _demo():
     ("optimizer.warmup_fraction", 1.0, ["config.optimizer.warmup_fraction", "[0, 1)"]),
     ("data.timeout_s", 0, ["config.data.timeout_s"]),
     ("data.max_corrupt_fraction", 1.5, ["config.data.max_corrupt_fraction"]),
+    ("data.foreground_threshold", 1.5, ["config.data.foreground_threshold", "[0, 1]"]),
     ("loss.num_masks", 0, ["config.loss.num_masks"]),
     ("loss.detcon_form", "paper", ["config.loss.detcon_form", "reference", "dedup"]),
 ])

@@ -49,7 +49,7 @@ def test_expand_names_and_errors():
   assert list(specs) == ["fh_s90", "fh_s180", "grid_2", "grid_4", "gt"]
   assert specs["fh_s90"]["min_size"] == 90 and specs["fh_s90"]["sigma"] == 0.8
   with pytest.raises(ValueError, match="--masks"):
-    expand("mcg")
+    expand("sam")
   maps = compute_all(np.zeros((8, 8, 3), np.uint8), expand("grid"))
   assert maps["grid_4"].max() == 15
 

@@ -10,6 +10,7 @@ from scipy import ndimage
 from data_pipelines import batch, build, records
 from data_pipelines import input as input_lib
 from data_pipelines import views as V
+from data_pipelines.masks import mcg
 
 S = 48
 SAL_VIEWS = (V.ViewSpec("view1", 32, augment="simclr1", fields=(V.MASKS, V.SALIENCY)),
@@ -124,6 +125,14 @@ def test_demo_records_gain_saliency_when_a_run_needs_it(tmp_path):
   assert build.ensure_demo_records(out, **opts) == m            # not needed: kept as is
   m2 = build.ensure_demo_records(out, saliency=True, **opts)
   assert m2["saliency"]["detector"] == "mbd" and set(m2["masks"]) == set(m["masks"])
+  assert build.ensure_demo_records(out, masks=("fh", "grid"), saliency=True, **opts) == m2
+  # A mask kind a run asks for is added; one stored with other settings is rebuilt.
+  m3 = build.ensure_demo_records(out, masks=("mcg",), **opts)
+  assert set(m3["masks"]) == set(m["masks"]) | {"mcg_16", "mcg_8", "mcg_4"}
+  m3["masks"]["mcg_8"]["superpixels"] = 37
+  records.write_manifest(out, m3)
+  assert build.ensure_demo_records(out, masks=("mcg",), **opts)["masks"]["mcg_8"][
+      "superpixels"] == mcg.SUPERPIXELS
   b = next(input_lib.eval_iterator(out, "train", batch_size=4, image_size=S, saliency=True))
   fg = b[batch.INSTANCES] > 0
   sal = b[batch.SALIENCY]

@@ -1,19 +1,22 @@
 """Mask sources: one module each, and the registry the build uses.
 
-A source kind ('fh', 'grid', 'gt') expands into one or more named settings
-(e.g. fh -> fh_s500, fh_s1000, fh_s1500); each name becomes one stored id map.
+A source kind ('fh', 'grid', 'gt', 'mcg') expands into one or more named settings
+(e.g. fh -> fh_s500, fh_s1000, fh_s1500; mcg -> mcg_16, mcg_8, mcg_4); each name
+becomes one stored id map. Saliency maps (saliency.py) are a record field of
+their own, not an id map.
 Add a source: a module with `compute(image_uint8, **settings) -> id map`, an
 entry in REGISTRY, and a branch in `expand` giving its named settings.
 """
 from __future__ import annotations
 
-from data_pipelines.masks import fh, grid, gt
+from data_pipelines.masks import fh, grid, gt, mcg
 
-REGISTRY = {"fh": fh.compute, "grid": grid.compute, "gt": gt.compute}
+REGISTRY = {"fh": fh.compute, "grid": grid.compute, "gt": gt.compute, "mcg": mcg.compute}
 
 
 def expand(kinds, *, image_size: int | None = None, fh_scales=None, fh_sigma=fh.PAPER_SIGMA,
-           fh_backend="skimage", grid_sizes=(grid.DEFAULT_N,)) -> dict[str, dict]:
+           fh_backend="skimage", grid_sizes=(grid.DEFAULT_N,),
+           mcg_levels=mcg.LEVELS) -> dict[str, dict]:
   """{stored name: {'kind': kind, **settings}} for the requested kinds, in order.
 
   fh_scales=None means the paper's scales; pass fh.scales_for(size) for small
@@ -32,9 +35,13 @@ def expand(kinds, *, image_size: int | None = None, fh_scales=None, fh_sigma=fh.
         out[grid.name(n)] = dict(kind="grid", n=int(n))
     elif kind == "gt":
       out[gt.NAME] = dict(kind="gt")
+    elif kind == "mcg":
+      for k in mcg_levels:
+        out[mcg.name(k)] = dict(kind="mcg", level=int(k), superpixels=mcg.SUPERPIXELS,
+                                sigma=mcg.EDGE_SIGMA)
     else:
       raise ValueError(f"Unknown mask source {kind!r}; choose from {sorted(REGISTRY)} "
-                       "(--masks=fh,grid,gt).")
+                       "(--masks=fh,grid,gt,mcg, and saliency for the saliency field).")
   return out
 
 
@@ -42,23 +49,29 @@ def compute_all(image, specs: dict[str, dict], instances=None) -> dict:
   """Id maps for every named spec of `expand` on one uint8 RGB image (in spec order).
 
   FH specs with the same sigma and backend are computed together
-  (fh.compute_scales shares smoothing, edge graph and sort between scales).
+  (fh.compute_scales shares smoothing, edge graph and sort between scales), and
+  so are the levels of one MCG hierarchy (mcg.compute_levels).
   """
   out = {}
-  groups = {}
+  groups, mcg_groups = {}, {}
   for nm, spec in specs.items():
     if spec["kind"] == "fh":
       groups.setdefault((spec.get("sigma", fh.PAPER_SIGMA), spec.get("backend", "skimage")),
                         []).append(nm)
-  fh_maps = {}
+    elif spec["kind"] == "mcg":
+      mcg_groups.setdefault((spec["superpixels"], spec["sigma"]), []).append(nm)
+  shared = {}
+  for (n_sp, sigma), names in mcg_groups.items():
+    shared.update(zip(names, mcg.compute_levels(image, [specs[n]["level"] for n in names],
+                                                 n_sp, sigma)))
   for (sigma, backend), names in groups.items():
     maps = fh.compute_scales(image, [specs[n]["scale"] for n in names], sigma=sigma,
                              min_sizes=[specs[n].get("min_size", specs[n]["scale"])
                                         for n in names], backend=backend)
-    fh_maps.update(zip(names, maps))
+    shared.update(zip(names, maps))
   for nm, spec in specs.items():
-    if nm in fh_maps:
-      out[nm] = fh_maps[nm]
+    if nm in shared:
+      out[nm] = shared[nm]
       continue
     settings = {k: v for k, v in spec.items() if k != "kind"}
     if spec["kind"] == "gt":

@@ -10,14 +10,15 @@ themselves give the map, computed once at build time:
               FastMBD raster scans per Lab channel, plus the paper's MB+
               post-processing (border-contrast backgroundness, morphological
               smoothing by reconstruction, centre bias, sigmoid contrast).
-  'spectral'  spectral residual (Hou & Zhang, CVPR 2007) from OpenCV contrib.
+  'spectral'  spectral residual (Hou & Zhang, CVPR 2007) from OpenCV contrib,
+              per Lab channel (OpenCV's own is grayscale only: colour=False).
   'geodesic'  geodesic distance from the border over colour gradients
               (scikit-image's minimum-cost paths; Wei et al., ECCV 2012).
 
 Every detector returns float32 [H, W] min-max normalised to [0, 1] (a flat
 map is all zeros); records store it as 8-bit PNG (records.encode_saliency).
 The default is 'mbd': the best AUC and F-measure on the demo's ground truth and
-fast enough (benchmarks/saliency.py; README). `foreground(map, threshold)` is
+fast enough (benchmarks/masks_saliency.py; README). `foreground(map, threshold)` is
 the binarised foreground that configs threshold with
 config.data.foreground_threshold.
 """
@@ -180,18 +181,31 @@ def mbd(image: np.ndarray, passes: int = MBD_PASSES, plus: bool = True) -> np.nd
 
 # --- Spectral residual ---------------------------------------------------------
 
-def spectral(image: np.ndarray) -> np.ndarray:
-  """OpenCV contrib's spectral residual saliency (computed on a 64 x 64 thumbnail)."""
+def spectral(image: np.ndarray, colour: bool = True) -> np.ndarray:
+  """Spectral residual saliency from OpenCV contrib (on a 64 x 64 thumbnail).
+
+  OpenCV's detector sees only the grayscale image, where a red object on a grey
+  field can vanish; colour=True (default) runs it on each Lab channel and sums
+  the maps, a common colour extension of Hou & Zhang. colour=False: OpenCV's map.
+  """
   import cv2
   try:
     det = cv2.saliency.StaticSaliencySpectralResidual_create()
   except AttributeError as e:
     raise ImportError("The 'spectral' detector needs opencv-contrib-python-headless "
                       "(cv2.saliency); or use --saliency=mbd.") from e
-  ok, sal = det.computeSaliency(np.ascontiguousarray(image[..., ::-1]))   # BGR
-  if not ok:
-    raise ValueError("OpenCV spectral residual saliency failed on this image.")
-  return _normalise(sal)
+  if colour:
+    lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2Lab)
+    planes = [np.ascontiguousarray(lab[..., c]) for c in range(3)]
+  else:
+    planes = [cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)]
+  total = 0.0
+  for plane in planes:
+    ok, sal = det.computeSaliency(plane)
+    if not ok:
+      raise ValueError("OpenCV spectral residual saliency failed on this image.")
+    total = total + sal
+  return _normalise(total)
 
 
 # --- Geodesic distance from the border ---------------------------------------

@@ -115,18 +115,68 @@ def _natural(name: str):
   return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+SALIENCY_RESULT = "saliency"     # key of the saliency block inside the masks evaluation
+TIMED_IMAGES = 8                 # images the per-kind speed is measured on
+
+
+def _kind_speed(images, specs) -> float:
+  """Images/s on one core for a mask kind's stored settings (all its maps per image)."""
+  from data_pipelines import masks as masks_lib
+  masks_lib.compute_all(images[0], specs)                  # compile / warm up
+  t = time.process_time()
+  for im in images:
+    masks_lib.compute_all(im, specs)
+  return len(images) / max(time.process_time() - t, 1e-9)
+
+
 def _masks(records_dir, manifest, s, image_size):
+  """ABO per stored map and per kind over all its maps (a proposal set from several
+  levels or scales) with images/s/core; saliency MAE / max F / AUC when stored."""
   from data_pipelines import input as data_input
+  from data_pipelines import records
   names = sorted(manifest.get("masks", {}), key=_natural)
   if not names:
     raise ValueError(f"{records_dir!r} stores no mask sources; nothing to measure.")
+  kinds = {}
+  for n in names:
+    kinds.setdefault(manifest["masks"][n].get("kind", n.split("_")[0]), []).append(n)
+  multi = {k: ns for k, ns in kinds.items() if len(ns) > 1}
+  saliency = records.has_field(manifest, "saliency")
   per_source = {n: [] for n in names}
+  per_kind = {k: [] for k in multi}
+  sal_parts, sample = [], []
   for batch in data_input.eval_iterator(records_dir, s.mask_split, batch_size=s.batch_size,
-                                        image_size=image_size, mask_sources=names):
+                                        image_size=image_size, mask_sources=names,
+                                        saliency=saliency):
+    inst = np.asarray(batch[B.INSTANCES])
     for n in names:
       per_source[n].append(mask_quality.average_best_overlap(
-          np.asarray(batch[B.INSTANCES]), np.asarray(batch[B.MASK_PREFIX + n])))
-  return {n: mask_quality.merge(r) for n, r in per_source.items()}
+          inst, np.asarray(batch[B.MASK_PREFIX + n])))
+    for k, ns in multi.items():
+      per_kind[k].append(mask_quality.best_overlaps_any(
+          inst, [np.asarray(batch[B.MASK_PREFIX + n]) for n in ns]))
+    if saliency:
+      sal_parts.append(mask_quality.saliency_quality(batch[B.SALIENCY], inst > 0))
+    if len(sample) < TIMED_IMAGES:
+      sample += list(np.round(np.asarray(batch[B.IMAGE][:TIMED_IMAGES - len(sample)]) * 255
+                              ).astype(np.uint8))
+  out = {n: mask_quality.merge(r) for n, r in per_source.items()}
+  for k, ns in kinds.items():
+    if k != "gt" and sample:
+      speed = _kind_speed(sample, {n: manifest["masks"][n] for n in ns})
+      for n in ns:
+        out[n]["kind_images_per_s_core"] = speed
+    if k in multi:
+      best = np.concatenate(per_kind[k])
+      out[f"{k} (all maps)"] = {
+          "abo": float(best.mean()) if best.size else float("nan"),
+          "num_instances": int(best.size), "num_images": out[ns[0]]["num_images"],
+          "mean_segments": sum(out[n]["mean_segments"] for n in ns),
+          "kind_images_per_s_core": out[ns[0]].get("kind_images_per_s_core")}
+  if saliency:
+    out[SALIENCY_RESULT] = dict(mask_quality.summarize_saliency(
+        mask_quality.merge_saliency(sal_parts)), detector=manifest["saliency"]["detector"])
+  return out
 
 
 EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
@@ -258,6 +308,8 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
     t = time.time()
     results["masks"] = EVALUATIONS["masks"].run(records_dir, manifest, settings,
                                                 settings.image_size)
+    if SALIENCY_RESULT in results["masks"]:
+      results[SALIENCY_RESULT] = results["masks"].pop(SALIENCY_RESULT)
     seconds["masks"] = time.time() - t
   return results, pictures
 
@@ -286,9 +338,20 @@ def format_table(results: dict, title: str = "") -> str:
                  f"({any_src['num_images']} images, {any_src['num_instances']} GT instances): "
                  "ABO = mean over GT instances of the best IoU with a segment")
     width = max(len("source"), *(len(n) for n in masks)) + 2
-    lines.append("source".ljust(width) + "ABO".rjust(8) + "segments/image".rjust(17))
+    lines.append("source".ljust(width) + "ABO".rjust(8) + "segments/image".rjust(17)
+                 + "images/s/core".rjust(16))
     for name, m in masks.items():
-      lines.append(name.ljust(width) + f"{m['abo']:8.3f}" + f"{m['mean_segments']:17.1f}")
+      speed = m.get("kind_images_per_s_core")
+      lines.append(name.ljust(width) + f"{m['abo']:8.3f}" + f"{m['mean_segments']:17.1f}"
+                   + (f"{speed:16.1f}" if speed else "-".rjust(16)))
+    lines.append(f"  images/s/core: all maps of the kind per image, on {TIMED_IMAGES} images "
+                 "at the evaluation size, CPU time of this process")
+  sal = results.get(SALIENCY_RESULT)
+  if sal:
+    lines.append(f"saliency ({sal['detector']}) against the GT foreground on the "
+                 f"{results['settings']['mask_split']} split ({sal['num_images']} images): "
+                 f"MAE {sal['mae']:.3f}, max F (beta^2=0.3) {sal['max_f']:.3f} "
+                 f"at {sal['max_f_threshold']:.2f}, AUC {sal['auc']:.3f}")
   if results.get("seconds"):
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items()))
   return "\n".join(lines)
@@ -327,7 +390,10 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
                          max_outputs=NUM_PICTURES)
       if name != BASELINE:
         for src, m in results.get("masks", {}).items():
-          tf.summary.scalar(f"masks/abo_{src}", m["abo"])
+          tf.summary.scalar("masks/abo_" + re.sub(r"\W+", "_", src).strip("_"), m["abo"])
+        for k in ("mae", "max_f", "auc"):
+          if results.get(SALIENCY_RESULT):
+            tf.summary.scalar(f"masks/saliency_{k}", results[SALIENCY_RESULT][k])
     writer.close()
 
 
