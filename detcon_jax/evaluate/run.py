@@ -244,7 +244,9 @@ def data_identity(records_dir: str, manifest: dict, settings: Settings) -> dict:
 
 
 def unsupported(manifest: dict) -> dict[str, str]:
-  """{evaluation: why these records cannot serve it} (labels, instance maps, a test split)."""
+  """{evaluation: why these records cannot serve it} (labels, instance maps, a test split,
+  and for gradcam a foreground to score against)."""
+  from data_pipelines import records
   out = {}
   for name, ev in EVALUATIONS.items():
     needs = ev.needs if isinstance(ev, ModelEvaluation) else ()
@@ -253,8 +255,14 @@ def unsupported(manifest: dict) -> dict[str, str]:
     elif (B.SEMANTIC in needs or name == "masks") and not manifest.get("has_gt"):
       out[name] = ("no ground-truth instance maps (only --source=demo stores them; folder "
                    "and tfds sources do not)")
-    elif isinstance(ev, ModelEvaluation) and "test" not in manifest.get("splits", {}):
+    elif name == "masks":
+      continue
+    elif "test" not in manifest.get("splits", {}):
       out[name] = "no test split (a folder source takes it from PATH/test/)"
+    elif (isinstance(ev, StateEvaluation) and not manifest.get("has_gt")
+          and not records.has_field(manifest, "saliency")):
+      out[name] = ("neither ground-truth foregrounds nor saliency maps (rebuild with "
+                   "--saliency=mbd)")
   return out
 
 
