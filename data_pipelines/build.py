@@ -435,9 +435,9 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False, **opts) 
   try:
     manifest = records.read_manifest(out_dir)
     stored = manifest.get("masks", {})
-    asked = masks_lib.expand(list(masks), fh_scales=fh.scales_for(manifest["image_size"]))
     if (manifest.get("complete") and manifest.get("source") == "demo"
         and manifest.get("demo_version") == demo_lib.VERSION):
+      asked = masks_lib.expand(list(masks), fh_scales=fh.scales_for(manifest["image_size"]))
       asked_stored = {n: spec for n, spec in stored.items() if spec.get("kind") in masks}
       if asked_stored == asked and (not saliency or records.has_field(manifest, "saliency")):
         return manifest
