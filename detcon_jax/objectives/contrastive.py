@@ -25,17 +25,22 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
 
 
-def info_nce(query, key, queue, *, temperature: float):
+def info_nce(query, key, queue, *, temperature: float, extra=None):
   """MoCo's InfoNCE: each query vs its key (positive) and every queue entry (negatives).
 
   query, key [N, D], queue [L, D] (rows need not be normalised: all three are
   l2-normalised here). Cross-entropy with the positive at index 0 of
   [q.k, q.queue] / temperature, averaged over the N queries, as the MoCo
-  reference. Returns (loss, top-1 accuracy of the positive).
+  reference. Returns (loss, top-1 accuracy of the positive). extra [N, D]: one more
+  negative per query, after the positive (BG Swaps' background-matched negative).
   """
   q, k, negatives = (l2_normalize(x.astype(jnp.float32)) for x in (query, key, queue))
   positive = jnp.sum(q * k, axis=-1) / temperature
-  logits = jnp.concatenate([positive[:, None], q @ negatives.T / temperature], axis=1)
+  columns = [positive[:, None]]
+  if extra is not None:
+    columns.append(jnp.sum(q * l2_normalize(extra.astype(jnp.float32)), -1)[:, None]
+                   / temperature)
+  logits = jnp.concatenate(columns + [q @ negatives.T / temperature], axis=1)
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - positive)
   return loss, jnp.mean(jnp.argmax(logits, axis=-1) == 0)
 

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configs.common import ConfigError, validate
+from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from detcon_jax.objectives import registry
 from detcon_jax.train import checkpointing, sharding, writers
@@ -72,7 +73,8 @@ def records_batches(config, start_step: int, host_index: int, host_count: int, v
       mask_source=config.data.mask_source, num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer,
-      foreground_threshold=config.data.get("foreground_threshold", 0.5))
+      foreground_threshold=config.data.get("foreground_threshold", 0.5),
+      background=bg_lib.settings(config))
 
 
 def ensure_records(config, views=None) -> None:
@@ -83,10 +85,12 @@ def ensure_records(config, views=None) -> None:
     from data_pipelines import views as V
     from data_pipelines.masks import REGISTRY
     views = registry.get_objective(config.method).views(config) if views is None else views
+    views = bg_lib.with_fields(views, bg_lib.settings(config))
     saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) or s.min_salient_cover > 0
                    for s in views)
     kind = config.data.mask_source.split("_")[0]
     build.ensure_demo_records(config.data.records_dir, saliency=saliency,
+                              background=bg_lib.needs_tiled(bg_lib.settings(config)),
                               masks=(kind,) if kind in REGISTRY else ())
 
 
