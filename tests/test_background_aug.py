@@ -148,6 +148,11 @@ def test_p_zero_is_the_plain_batch(tmp_path):
     assert set(got) == set(plain)
     for k in plain:
       np.testing.assert_array_equal(got[k], plain[k], err_msg=f"{mode} {k}")
+  swaps = next(input_lib.train_iterator(str(tmp_path), background=bg.Settings(
+      "swaps", 0.0, 0.0, negative=True), **kw))       # views unchanged, one negative added
+  assert set(swaps) == set(plain) | {bg.NEGATIVE}
+  for k in plain:
+    np.testing.assert_array_equal(swaps[k], plain[k], err_msg=f"swaps {k}")
   on = next(input_lib.train_iterator(str(tmp_path), background=bg.Settings("rm", 1.0), **kw))
   assert not np.array_equal(on["view1"], plain["view1"])
 
@@ -182,3 +187,10 @@ def test_validate_refuses_nonsense():
                      (_config("moco_v2", "swaps", batch_size=2), ">= 3")):
     with pytest.raises(ConfigError, match=match):
       bg.validate(cfg)
+
+
+def test_multi_crop_only_global_views_are_augmented():
+  specs = VIEWS + (V.ViewSpec("small1", 16, fields=(V.MASKS,), small=True),)
+  out = bg.with_fields(specs, bg.Settings("random", 0.2))
+  assert [s.fields for s in out] == [(V.MASKS, V.FOREGROUND, V.BACKGROUND)] * 2 + [(V.MASKS,)]
+  assert bg.with_fields(specs, None) == specs

@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-BUILD_THRESHOLD = 0.5   # saliency > this is the hole (train-time foreground: config.data.foreground_threshold)
+BUILD_THRESHOLD = 0.2   # saliency > this is the hole: generous (the demo config's foreground threshold)
 DILATE = 2              # px the hole grows by (3x3 dilations)
 RADIUS = 3              # inpainting neighbourhood radius in px
 METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
