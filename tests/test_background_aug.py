@@ -194,3 +194,26 @@ def test_multi_crop_only_global_views_are_augmented():
   out = bg.with_fields(specs, bg.Settings("random", 0.2))
   assert [s.fields for s in out] == [(V.MASKS, V.FOREGROUND, V.BACKGROUND)] * 2 + [(V.MASKS,)]
   assert bg.with_fields(specs, None) == specs
+
+
+def test_moco_swaps_negative_goes_through_the_key_network_and_is_never_enqueued():
+  """The loss with batch[NEGATIVE] is info_nce with the key network's embedding of the
+  negative as one extra column (computed here by hand); the enqueued rows are the keys."""
+  import jax
+  from tests.test_objectives_moco_swav import tiny_config
+  from detcon_jax.objectives import common, moco
+  from detcon_jax.objectives.contrastive import info_nce
+  config = tiny_config("moco_v2")
+  config.moco.queue_size = 16
+  config.background.mode = "swaps"
+  batch = B.synthetic_train_batch(4, specs=V.standard_views(config))
+  batch[bg.NEGATIVE] = np.random.default_rng(3).random(batch["view1"].shape, dtype=np.float32)
+  params, state = moco.init(jax.random.PRNGKey(0), config, batch)
+  value, _, new_state, query = moco.contrast(params, state, batch, config)
+  nets = common.build_networks(config, False)
+  specs = [V.ViewSpec("view2", 32), V.ViewSpec(bg.NEGATIVE, 32)]
+  keys = common.forward(nets, state[common.TARGET], state[common.BATCH_STATS], batch, specs).z
+  want, _ = info_nce(query.z["view1"], keys["view2"], state[moco.QUEUE]["keys"],
+                     temperature=float(config.loss.temperature), extra=keys[bg.NEGATIVE])
+  np.testing.assert_allclose(float(value), float(want), rtol=1e-5)
+  np.testing.assert_allclose(new_state[moco.INCOMING], keys["view2"], rtol=1e-5, atol=1e-6)
