@@ -217,3 +217,25 @@ def test_moco_swaps_negative_goes_through_the_key_network_and_is_never_enqueued(
                      temperature=float(config.loss.temperature), extra=keys[bg.NEGATIVE])
   np.testing.assert_allclose(float(value), float(want), rtol=1e-5)
   np.testing.assert_allclose(new_state[moco.INCOMING], keys["view2"], rtol=1e-5, atol=1e-6)
+
+
+def test_build_stores_tiled_backgrounds_and_names_the_rebuild(tmp_path):
+  """--masks=grid,background stores saliency and each image's tiled background (the
+  detector's map -> masks/background.tiled, bytes exact); records without it name the
+  command that adds it."""
+  from data_pipelines import demo, records
+  from data_pipelines.masks import saliency
+  out = str(tmp_path / "bg")
+  m = build.build("demo", out, masks="grid,background", workers=1, num_train=3, num_test=1,
+                  image_size=32, progress=False)
+  assert m["background"]["method"] == tiles.DEFAULT and m["saliency"]["detector"] == "mbd"
+  raw = next(iter(tf.data.TFRecordDataset(records.shard_paths(out, m, "train"))))
+  ex = tf.train.Example.FromString(raw.numpy()).features.feature
+  image = demo.example("train", int(ex[records.INDEX].int64_list.value[0]), size=32)["image"]
+  got = tf.io.decode_png(ex[records.BACKGROUND].bytes_list.value[0]).numpy()
+  np.testing.assert_array_equal(got, tiles.tiled(image, saliency.compute(image)))
+  plain = str(tmp_path / "plain")
+  build.build("demo", plain, masks="grid", workers=1, num_train=3, num_test=1, image_size=32,
+              progress=False)
+  with pytest.raises(records.MissingFieldError, match="--masks=background,grid"):
+    records.require_field(plain, "background")
