@@ -355,6 +355,11 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   if not start_step and any(k.endswith("/boxes") for k in first_host):   # MaskCo's boxes
     from detcon_jax.evaluate.visualize import view_box_images
     writer.images(0, "input/views with boxes", view_box_images(first_host))
+  if not start_step and bg_lib.settings(config):   # view1 | view2 (| Swaps' negative)
+    from detcon_jax.evaluate.visualize import side_by_side, to_uint8
+    shown = [B.VIEW1, B.VIEW2] + [bg_lib.NEGATIVE] * (bg_lib.NEGATIVE in first_host)
+    writer.images(0, "input/background augmentations",
+                  side_by_side(*[to_uint8(np.asarray(first_host[k][:8])) for k in shown]))
   host_batch = config.batch_size // jax.process_count()
   losses: dict[int, float] = {}
   status, last_saved = "done", start_step if start_step else None
