@@ -391,8 +391,9 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
 
   examples: {split: [dict(image=uint8 [H,W,3], masks={name: id map}, label=-1,
   instances=None, classes=None, saliency=None, background=None)]} (saliency: [H,W]
-  in [0, 1] or uint8, background: uint8 [H,W,3], each on every example or none); indices are positions in each list. Uses the
-  same writer and manifest as `build`, so readers see no difference.
+  in [0, 1] or uint8, background: uint8 [H,W,3], each on every example or none);
+  indices are positions in each list. Uses the same writer and manifest as `build`,
+  so readers see no difference.
   """
   records.makedirs(out_dir)
   splits, names, has_gt = {}, set(), True
