@@ -8,11 +8,13 @@ view independently with probability p_pos. A view's foreground m is its saliency
   'random'  the tiled background (masks/background.py, moved with the view) of another
             image of the same batch, picked uniformly among the others;
   'swaps'   as 'random', with the two global views' backgrounds from distinct images
-            (batch >= 3), plus, for methods with explicit negatives (moco_v2), one extra
+            (batch >= 3), plus, for methods with explicit negatives (moco_v2, simclr), one extra
             negative per image in batch[NEGATIVE]: m_q * r + (1 - m_q) * q with probability
             p_neg (q the final query view, r the key view of another image of the batch),
-            else r itself, so every query has |Q| + 1 negatives. It goes through the key
-            network with the keys and is never enqueued (objectives/moco.py).
+            else r itself, so every query has |Q| + 1 negatives. MoCo: it goes through the
+            key network with the keys and is never enqueued (objectives/moco.py); SimCLR:
+            through the network with the views, a negative of view1's anchors (simclr.py).
+            DetCon-S is not yet supported (its negatives are masks, not images).
 With p_pos = 0 (and no negative) every view is the plain method's, bit for bit.
 Random numbers: DRAWS per view and 2 for the negative, per example from its own key
 (input.py), so a batch stays a function of (seed, step).
@@ -30,7 +32,7 @@ DRAWS = 3                  # per view: apply?, gray level, which other image
 # Methods each mode composes with; swaps needs explicit negatives and the hook in the loss.
 METHODS = {"rm": ("moco_v2", "byol", "swav", "simclr", "detcon_s", "detcon_b"),
            "random": ("moco_v2", "byol", "swav", "simclr", "detcon_s", "detcon_b"),
-           "swaps": ("moco_v2",)}
+           "swaps": ("moco_v2", "simclr")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,6 +180,7 @@ def _config(method, mode, **kw):
 def test_validate_refuses_nonsense():
   bg.validate(_config("moco_v2", "swaps"))
   bg.validate(_config("byol", "rm"))
+  bg.validate(_config("simclr", "swaps"))
   for cfg, match in ((_config("byol", "swaps"), "explicit negatives"),
                      (_config("cast", "rm"), "does not compose"),
                      (_config("moco_v2", "blur"), "choose one of"),
@@ -239,3 +240,26 @@ def test_build_stores_tiled_backgrounds_and_names_the_rebuild(tmp_path):
               progress=False)
   with pytest.raises(records.MissingFieldError, match="--masks=background,grid"):
     records.require_field(plain, "background")
+
+
+def test_simclr_swaps_negative_is_one_more_negative_of_view1_anchors():
+  """nt_xent with `extra` (numpy): view-1 anchors get one more logit; view-2 anchors none;
+  local negatives split it with the rows."""
+  from detcon_jax.objectives.contrastive import nt_xent
+  rng = np.random.default_rng(0)
+  o1, o2, e = (rng.normal(size=(6, 8)) for _ in range(3))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  u1, u2, ue = unit(o1), unit(o2), unit(e)
+
+  def direction(q, other, same, extra=None):
+    logits = np.concatenate([q @ other.T, np.where(np.eye(6, dtype=bool), -np.inf, q @ same.T)]
+                            + ([np.sum(q * extra, -1)[:, None]] if extra is not None else []),
+                            1) / 0.2
+    return np.mean(np.log(np.exp(logits).sum(-1)) - np.diag(q @ other.T) / 0.2)
+
+  want = direction(u1, u2, u1, ue) + direction(u2, u1, u2)
+  f = lambda *a, **k: float(nt_xent(*(x.astype(np.float32) for x in a), temperature=0.2, **k))
+  np.testing.assert_allclose(f(o1, o2, extra=e.astype(np.float32)), want, rtol=1e-5)
+  halves = [f(o1[s], o2[s], extra=e[s].astype(np.float32)) for s in (slice(0, 3), slice(3, 6))]
+  np.testing.assert_allclose(f(o1, o2, extra=e.astype(np.float32), num_shards=2),
+                             np.mean(halves), rtol=1e-5)
