@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
       records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
       build_demo=False, timeout_s=300.0, max_corrupt_fraction=0.01, verify_checksums=True,
       foreground_threshold=0.5))
+  # Background augmentations (data_pipelines/background.py; Ryali et al. 2021): mode
+  # none | rm | random | swaps, each global view with probability p_pos; swaps adds a
+  # background-matched negative with probability p_neg (the paper's MoCo-v2: 0.2, 0.2).
+  c.background = ml_collections.ConfigDict(dict(mode="none", p_pos=0.2, p_neg=0.2))
   # Views (data_pipelines/views.py standard_views): two global crops of image_size px
   # with crop area in global_area, then small_crops multi-crop views of small_size px;
   # min_salient_cover > 0: the global crops cover that fraction of the salient area (CAST).
@@ -197,6 +201,8 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("batch_size", c.batch_size,
           f"must be divisible by the device count {device_count}; "
           f"use e.g. --config.batch_size={up}.")
+  from data_pipelines import background  # lazy, as the registry
+  background.validate(c)
   objective.validate(c)
   return config
 

@@ -11,7 +11,8 @@ has the rule); multi-crop small views reuse view1's draw, so an id may be
 absent from a small crop. Binary masks and their downsampling to the feature
 grid are built in the model step (detcon_jax.models.heads). Views with saliency
 carry '<view>/saliency' (float32 [B, H, W] in [0, 1], resampled bilinearly with
-the view) and '<view>/foreground' (float32 {0, 1}, the saliency thresholded).
+the view) and '<view>/foreground' (float32 {0, 1}, the saliency thresholded);
+views with the tiled background carry '<view>/background' ([B, H, W, 3]).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def train_batch_shapes(batch_size: int, image_size: int | None = None,
     for f in (V.SALIENCY, V.FOREGROUND):
       if f in s.fields:
         out[key(s.name, f)] = ((b, s.size, s.size), np.float32)
+    if V.BACKGROUND in s.fields:
+      out[key(s.name, V.BACKGROUND)] = ((b, s.size, s.size, 3), np.float32)
     if s.boxes is not None:
       n = s.boxes.num_boxes()
       out[key(s.name, "boxes")] = ((b, n, 4), np.float32)

@@ -1,13 +1,16 @@
 """Build sharded TFRecords with precomputed masks, plus manifest.json.
 
   python -m data_pipelines.build --source=demo|folder:PATH|tfds:NAME --out=DIR \
-      --masks=fh,grid[,gt][,mcg][,saliency] [--saliency=mbd|spectral|geodesic] \
+      --masks=fh,grid[,gt][,mcg][,saliency][,background] [--saliency=mbd|spectral|geodesic] \
       [--workers=N] [--image_size=S] [--shard_size=N] \
       [--runner=local|beam [Beam pipeline options, e.g. --direct_num_workers=2]]
 
 The expensive segmentation and saliency run here once, never in the training
 input loop. `saliency` in --masks (or --saliency=DETECTOR) stores one saliency
 map per image (masks/saliency.py; default detector saliency.DEFAULT).
+`background` in --masks also stores a tiled background per image (the binarised
+saliency's hole filled from the surrounding background: masks/background.py), for
+the background augmentations (data_pipelines/background.py); it implies saliency.
 Sources (sources.py) say what to build; decode.py turns each input into uint8
 RGB at the stored size; this module computes masks, encodes and writes shards.
 
@@ -48,6 +51,7 @@ from data_pipelines import records, sources
 from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_ASPECT,  # noqa: F401 (API)
                                    DEFAULT_MIN_SIDE,
                                    load_image_file, prepare, resize_shorter, to_rgb_uint8)
+from data_pipelines.masks import background as background_lib
 from data_pipelines.masks import fh
 from data_pipelines.masks import saliency as saliency_lib
 from data_pipelines.sources import IMAGE_SUFFIXES  # noqa: F401 (API)
@@ -66,7 +70,11 @@ def _finish(image, index, example_id, label, specs, opts, instances=None, classe
   if instances is not None:
     rec.update(instances=records.encode_ids(instances), classes=np.asarray(classes, np.int64))
   if opts.get("saliency"):
-    rec["saliency"] = records.encode_saliency(saliency_lib.compute(image, opts["saliency"]))
+    sal = saliency_lib.compute(image, opts["saliency"])
+    rec["saliency"] = records.encode_saliency(sal)
+    if opts.get("background"):
+      rec["background"] = records.encode_image(
+          background_lib.tiled(image, sal, opts["background"]), "png")
   return rec
 
 
@@ -194,6 +202,10 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=N
   plan = sources.plan(source, opts)
   check_out_dir(out_dir, source)
   kinds = masks.split(",") if isinstance(masks, str) else list(masks)
+  background = background_lib.DEFAULT if "background" in kinds else None
+  if background:                # built from the saliency map: implies it
+    kinds.remove("background")
+    saliency = saliency or saliency_lib.DEFAULT
   saliency = _saliency_detector(kinds, saliency)
   if "gt" in kinds and not plan["has_gt"]:
     raise ValueError(f"--masks includes 'gt' but {source} has no instance maps; "
@@ -208,7 +220,7 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=N
                max_aspect=opts.get("max_aspect", DEFAULT_MAX_ASPECT),
                image_format=opts.get("image_format", "png" if plan["kind"] == "demo" else "jpeg"),
                demo=plan.get("demo"), demo_version=plan.get("demo_version"),
-               saliency=saliency)
+               saliency=saliency, background=background)
   shard_size = int(opts.get("shard_size") or (250 if plan["kind"] == "demo" else 1000))
   settings = dict(source=source, specs=specs, opts=wopts, shard_size=shard_size)
   try:   # fail now, not after the first shard's masks
@@ -236,7 +248,8 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=N
                          first_index=s * shard_size, opts=wopts, specs=specs,
                          settings=shard_settings))
   return dict(source=source, out_dir=out_dir, plan=plan, specs=specs, size=size,
-              fh_scales=tuple(fh_scales), jobs=jobs, sides=sides, saliency=saliency)
+              fh_scales=tuple(fh_scales), jobs=jobs, sides=sides, saliency=saliency,
+              background=background)
 
 
 def run_job(out_dir: str, plan: dict, job: dict) -> dict:
@@ -339,7 +352,9 @@ def finish_manifest(b: dict, seconds: float, **extra) -> dict:
       skipped=skipped, num_skipped=len(skipped), demo=plan.get("demo"),
       demo_version=plan.get("demo_version"), demo_photos=plan.get("photos"),
       build_seconds=round(seconds, 1),
-      saliency=saliency_lib.describe(b["saliency"]) if b.get("saliency") else None, **extra)
+      saliency=saliency_lib.describe(b["saliency"]) if b.get("saliency") else None,
+      background=background_lib.describe(b["background"]) if b.get("background") else None,
+      **extra)
   records.write_manifest(b["out_dir"], manifest)
   return manifest
 
@@ -375,16 +390,18 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
   """Records + manifest from in-memory examples, for tests and small custom data.
 
   examples: {split: [dict(image=uint8 [H,W,3], masks={name: id map}, label=-1,
-  instances=None, classes=None, saliency=None)]} (saliency: [H,W] in [0, 1] or
-  uint8, on every example or none); indices are positions in each list. Uses the
-  same writer and manifest as `build`, so readers see no difference.
+  instances=None, classes=None, saliency=None, background=None)]} (saliency: [H,W]
+  in [0, 1] or uint8, background: uint8 [H,W,3], each on every example or none);
+  indices are positions in each list. Uses the same writer and manifest as `build`,
+  so readers see no difference.
   """
   records.makedirs(out_dir)
   splits, names, has_gt = {}, set(), True
   all_exs = [ex for exs in examples.values() for ex in exs]
   has_saliency = {ex.get("saliency") is not None for ex in all_exs}
-  if len(has_saliency) > 1:
-    raise ValueError("write_records: give saliency on every example or on none.")
+  has_background = {ex.get("background") is not None for ex in all_exs}
+  if len(has_saliency) > 1 or len(has_background) > 1:
+    raise ValueError("write_records: give saliency (background) on every example or on none.")
   for split, exs in examples.items():
     n_shards = max(1, -(-len(exs) // shard_size))
     shards = []
@@ -402,6 +419,8 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
           rec.update(instances=records.encode_ids(ex["instances"]), classes=ex["classes"])
         if ex.get("saliency") is not None:
           rec["saliency"] = records.encode_saliency(ex["saliency"])
+        if ex.get("background") is not None:
+          rec["background"] = records.encode_image(ex["background"], "png")
         recs.append(rec)
       fname = records.shard_name(split, s, n_shards)
       side = write_shard(out_dir, fname, dict(records=recs, skipped=[]), {"source": source})
@@ -412,7 +431,8 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
                   has_gt=has_gt, splits=splits, masks={n: {"kind": n.split("_")[0]} for n in
                                                        sorted(names)},
                   skipped=[], num_skipped=0,
-                  saliency={"detector": "given"} if True in has_saliency else None)
+                  saliency={"detector": "given"} if True in has_saliency else None,
+                  background={"method": "given"} if True in has_background else None)
   records.write_manifest(out_dir, manifest)
   return manifest
 
@@ -420,10 +440,11 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
 DEMO_MASKS = ("fh", "grid", "gt")
 
 
-def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False, **opts) -> dict:
+def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
+                        background: bool = False, **opts) -> dict:
   """The demo records in out_dir, building them unless a complete, current set exists
   that holds the mask kinds `masks` (with the current settings) and, with
-  saliency=True, the saliency field.
+  saliency=True, the saliency field; with background=True, the tiled backgrounds.
 
   A set built by an older demo generator (manifest demo_version != demo.VERSION)
   is rebuilt, so training never reads scenes the code no longer makes; a set
@@ -432,6 +453,7 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False, **opts) 
   (cheap at the demo's 96 px).
   """
   kinds = list(dict.fromkeys(DEMO_MASKS + tuple(masks)))
+  keep_background = background
   try:
     manifest = records.read_manifest(out_dir)
     stored = manifest.get("masks", {})
@@ -439,11 +461,15 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False, **opts) 
         and manifest.get("demo_version") == demo_lib.VERSION):
       asked = masks_lib.expand(list(masks), fh_scales=fh.scales_for(manifest["image_size"]))
       asked_stored = {n: spec for n, spec in stored.items() if spec.get("kind") in masks}
-      if asked_stored == asked and (not saliency or records.has_field(manifest, "saliency")):
+      if (asked_stored == asked and (not saliency or records.has_field(manifest, "saliency"))
+          and (not background or records.has_field(manifest, "background"))):
         return manifest
       kinds += sorted({spec.get("kind") for spec in stored.values()} - set(kinds))
+      keep_background |= records.has_field(manifest, "background")
   except (FileNotFoundError, ValueError):
     pass
+  if keep_background:
+    kinds.append("background")
   return build("demo", out_dir, masks=kinds, saliency=saliency_lib.DEFAULT, **opts)
 
 
@@ -459,7 +485,8 @@ def main(argv=None):
   p.add_argument("--out", required=True,
                  help="output directory (local or gs://) for shards + manifest.json")
   p.add_argument("--masks", default="fh,grid",
-                 help="comma list of fh, grid, gt, mcg, and saliency (the default detector)")
+                 help="comma list of fh, grid, gt, mcg, saliency (the default detector) and "
+                 "background (tiled backgrounds; implies saliency)")
   p.add_argument("--saliency", default=None,
                  help=f"store a saliency map per image from this detector: "
                  f"{'|'.join(saliency_lib.REGISTRY)} (default with 'saliency' in --masks: "
@@ -517,6 +544,7 @@ def main(argv=None):
     sys.exit("error: " + " ".join(str(e).split()))
   counts = ", ".join(f"{s}: {v['count']}" for s, v in m["splits"].items())
   sal = f"; saliency {m['saliency']['detector']}" if m.get("saliency") else ""
+  sal += f"; backgrounds {m['background']['method']}" if m.get("background") else ""
   print(f"Wrote {a.out}: {counts}; masks {', '.join(m['masks'])}{sal}; "
         f"{m['num_skipped']} inputs skipped (see manifest.json); {m['build_seconds']} s.")
   for x in m["skipped"][:10]:

@@ -32,6 +32,9 @@ map is decoded to float32 [0, 1] and moved with the image by every crop, resize
 (bilinear, antialiased: augment.RESAMPLE) and flip; 'foreground' is the view's
 resampled saliency > foreground_threshold, as float32 {0, 1}. Records without
 the field raise records.MissingFieldError with the command that adds it.
+'background' (the stored tiled background, RGB) moves the same way (bilinear) and
+gets no colour ops; the background augmentations (data_pipelines/background.py)
+use it after every other augmentation, in the batched colour step.
 
 Boxes (MaskCo: a 'key' and a 'query' view whose specs carry a BoxSpec):
 boxes.sample moves the key crop to overlap the query crop and draws the boxes
@@ -47,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines import augment as aug
+from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from data_pipelines import boxes as boxes_lib
 from data_pipelines import records as R
@@ -54,6 +58,7 @@ from data_pipelines import views as V
 
 _EPOCH, _POS = "_epoch", "_pos"
 _FALLBACKS = "_crop_fallbacks"   # per example: saliency-constrained crops that fell back
+_BG, _BG_SLOT = "_bg_draws", 1_000_033   # background augmentations' uniforms, their key slot
 
 
 def resolve_mask_names(manifest: dict, mask_source: str, records_dir: str = "") -> list[str]:
@@ -201,6 +206,13 @@ def _view_fields(spec) -> tuple[str, ...]:
   return (aug.IMAGE,) + tuple(dense)
 
 
+def _decode_background(data, image):
+  bg = _decode_image(data)
+  tf.debugging.assert_equal(tf.shape(bg), tf.shape(image),
+                            message="background and image sizes differ (corrupt record)")
+  return bg
+
+
 def sample_mask_ids(maps, seed, num_masks):
   """num_masks ids for each masked view's id map, in view order (rule: module docstring)."""
   s = tf.random.experimental.stateless_split(seed, 3)
@@ -252,7 +264,8 @@ def _param(view, name):
 def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_masks=B.NUM_MASKS,
                    seed=0, start_step=0, host_index=None, host_count=None, split="train",
                    shuffle_window=10_000, num_parallel_calls=tf.data.AUTOTUNE,
-                   prefetch=2, foreground_threshold=0.5) -> Batches:
+                   prefetch=2, foreground_threshold=0.5,
+                   background: bg_lib.Settings | None = None) -> Batches:
   """Infinite iterator of this host's training batches with exactly `views` (batch.py keys).
 
   views: a sequence of data_pipelines.views.ViewSpec, any number, each built at
@@ -263,6 +276,9 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   depend on which fields it carries. Batch s is a function of (seed, s, host) only.
   Views with 'saliency' / 'foreground' need records with saliency; foreground =
   the view's saliency > foreground_threshold (config.data.foreground_threshold).
+  background (data_pipelines/background.py settings): the background augmentation of
+  the global views after every other augmentation; the fields it reads are dropped
+  from the batch unless the views ask for them.
   """
   for key, value, low in (("batch_size", batch_size, 1), ("num_masks", num_masks, 1),
                           ("start_step", start_step, 0)):
@@ -270,6 +286,11 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       raise ValueError(f"train_iterator: {key}={value} must be >= {low}.")
   views = tuple(views)
   _check_views(views)
+  order = list(B.train_batch_shapes(batch_size, num_masks=num_masks, specs=views))
+  views = bg_lib.with_fields(views, background)     # what the augmentation reads
+  bg_views = [s.name for s in V.global_views(views)] if background else []
+  bg_only = [k for k in B.train_batch_shapes(batch_size, num_masks=num_masks, specs=views)
+             if k not in order]
   masked = [s for s in views if V.MASKS in s.fields]
   salient = any(_needs_saliency(s) for s in views)
   if not 0.0 <= float(foreground_threshold) <= 1.0:
@@ -279,6 +300,9 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   manifest = R.read_manifest(records_dir)
   if salient:
     R.require_field(records_dir, "saliency", manifest)
+  tiled = any(V.BACKGROUND in s.fields for s in views)
+  if tiled:
+    R.require_field(records_dir, "background", manifest)
   names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
   host_index, host_count = _host(host_index, host_count)
   paths, per_epoch = host_shards(records_dir, manifest, split, host_index, host_count)
@@ -286,9 +310,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     raise ValueError(f"Host {host_index} has no {split!r} examples in {records_dir!r}.")
   start = int(start_step) * int(batch_size)
   start_epoch, offset = divmod(start, per_epoch)
-  spec = R.feature_spec(names, saliency=salient)
+  spec = R.feature_spec(names, saliency=salient, background=tiled)
   base = tf.constant([seed, 1], tf.int64)
-  order = list(B.train_batch_shapes(batch_size, num_masks=num_masks, specs=views))
 
   def make_views(el):
     ex = tf.io.parse_single_example(el["record"], spec)
@@ -307,6 +330,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
                                 message="mask and image sizes differ (corrupt record)")
     if salient:
       fields[V.SALIENCY] = _decode_saliency(ex[R.SALIENCY], image)
+    if tiled:
+      fields[V.BACKGROUND] = _decode_background(ex[R.BACKGROUND], image)
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
     fallbacks, params = [], {}
@@ -331,7 +356,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       for f in s.fields + tuple(boxes.get(s.name, ())):
         if f == V.FOREGROUND:
           out[B.key(s.name, f)] = tf.cast(data[V.SALIENCY] > foreground_threshold, tf.float32)
-        elif f == V.SALIENCY:
+        elif f in (V.SALIENCY, V.BACKGROUND):
           out[B.key(s.name, f)] = tf.clip_by_value(data[f], 0.0, 1.0)
         else:
           out[B.key(s.name, f)] = data[f]
@@ -341,6 +366,9 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       out.update({B.key(s.name, "mask_ids"): m for s, m in zip(masked, ids)})
     if fallbacks:
       out[_FALLBACKS] = tf.add_n(fallbacks)
+    if background:
+      out[_BG] = bg_lib.draws(tf.random.experimental.stateless_fold_in(key, _BG_SLOT),
+                              len(bg_views))
     return {n: out.pop(n) for n in order} | out        # batch.py's order, then internals
 
   def colour(batch):
@@ -350,6 +378,10 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     if box_pair:    # the masked box, zeroed after every other augmentation
       q = box_pair[0].name
       batch[q] = boxes_lib.erase(batch[q], batch[B.key(q, boxes_lib.BOXES)][:, 0])
+    if background:  # after every other augmentation
+      batch = bg_lib.apply(batch, bg_views, batch.pop(_BG), background)
+      for k in bg_only:
+        batch.pop(k)
     return batch
 
   epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)

@@ -11,7 +11,8 @@ One tf.train.Example per image:
   gt/classes      int64[] optional class of instance k at position k-1
   saliency/encoded    bytes   optional 8-bit grayscale PNG saliency map, same H x W as
                               the image (0..255 = 0..1; data_pipelines/masks/saliency.py)
-  background/encoded  bytes   optional tiled background image (reserved)
+  background/encoded  bytes   optional tiled background, PNG RGB uint8, same H x W as the
+                              image (data_pipelines/masks/background.py)
 The reference DetCon code stored FH ids as uint8, silently merging segments in
 images with >255 of them; 16-bit PNG keeps them apart and stays compact.
 
@@ -22,7 +23,7 @@ settings, skipped inputs and why.
 
 Schema versions: 1 = the fields above without saliency; 2 adds the optional
 saliency field, declared by the manifest's "saliency" entry (detector and
-settings). A field counts as present only when the manifest declares it, so
+settings), and the optional background field, declared by its "background" entry. A field counts as present only when the manifest declares it, so
 version-1 records (and demo records of version 1, which stored the demo's
 ground-truth foreground there) read as "no saliency"; `require_field` turns a
 missing field into a message with the command that rebuilds the records.
@@ -128,7 +129,7 @@ def example_bytes(*, image: bytes, fmt: str, height: int, width: int, index: int
   return example.SerializeToString(deterministic=True)
 
 
-def feature_spec(mask_names=(), gt=False, saliency=False) -> dict:
+def feature_spec(mask_names=(), gt=False, saliency=False, background=False) -> dict:
   """tf.io.parse_single_example spec for the fields a reader needs."""
   import tensorflow as tf
   spec = {IMAGE: tf.io.FixedLenFeature([], tf.string),
@@ -141,6 +142,8 @@ def feature_spec(mask_names=(), gt=False, saliency=False) -> dict:
     spec[GT_CLASSES] = tf.io.VarLenFeature(tf.int64)
   if saliency:
     spec[SALIENCY] = tf.io.FixedLenFeature([], tf.string)
+  if background:
+    spec[BACKGROUND] = tf.io.FixedLenFeature([], tf.string)
   return spec
 
 
@@ -258,7 +261,8 @@ def read_manifest(records_dir: str) -> dict:
 
 
 # Optional fields: the manifest key that declares each, and the build flag that adds it.
-OPTIONAL_FIELDS = {"saliency": ("saliency", "--saliency=mbd")}
+OPTIONAL_FIELDS = {"saliency": ("saliency", "--saliency=mbd"),
+                   "background": ("background", "+background")}   # '+kind': one more --masks kind
 
 
 class MissingFieldError(ValueError):
@@ -270,9 +274,12 @@ def has_field(manifest: dict, field: str) -> bool:
 
 
 def rebuild_command(records_dir: str, manifest: dict, flag: str = "") -> str:
-  """The build command that remakes these records (same source and masks) plus `flag`."""
+  """The build command that remakes these records (same source and masks) plus `flag`
+  (a flag '+KIND' adds KIND to --masks)."""
   kinds = sorted({spec.get("kind", name.split("_")[0])
-                  for name, spec in manifest.get("masks", {}).items()})
+                  for name, spec in manifest.get("masks", {}).items()}
+                 | ({flag[1:]} if flag.startswith("+") else set()))
+  flag = "" if flag.startswith("+") else flag
   source = manifest.get("source") or "SOURCE"
   parts = ["python -m data_pipelines.build", f"--source={source}", f"--out={records_dir}"]
   if kinds:

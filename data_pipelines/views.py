@@ -11,7 +11,9 @@ its own size, and the batch carries them under the names of batch.py:
   batch[batch.key(spec.name, 'saliency')]   [B, size, size] float32 in [0, 1]
   batch[batch.key(spec.name, 'foreground')] [B, size, size] float32 in {0, 1}
 (the stored saliency map, resampled bilinearly with the view; foreground is it
-thresholded at config.data.foreground_threshold); with spec.boxes (a BoxSpec,
+thresholded at config.data.foreground_threshold); with 'background'
+  batch[batch.key(spec.name, 'background')] [B, size, size, 3] float32 in [0, 1]
+(the stored tiled background, moved with the view, no colour ops); with spec.boxes (a BoxSpec,
 MaskCo) batch[batch.key(spec.name, 'boxes')] [B, N, 4] float32 and 'boxes_valid'
 [B, N] bool. Every geometric op moves the image, every dense field and the boxes
 of the view together.
@@ -27,7 +29,8 @@ import dataclasses
 MASKS = "masks"          # dense field: the mask-id map (+ its sampled ids)
 SALIENCY = "saliency"    # dense field: the stored saliency map (records need it)
 FOREGROUND = "foreground"  # the view's saliency > config.data.foreground_threshold
-FIELDS = (MASKS, SALIENCY, FOREGROUND)
+BACKGROUND = "background"  # dense field: the stored tiled background (masks/background.py)
+FIELDS = (MASKS, SALIENCY, FOREGROUND, BACKGROUND)
 FALLBACK = "fallback"    # batch[key(view, FALLBACK)]: [B] int32, 1 where a constrained
                          # crop found no overlapping candidate and fell back
 # Defaults of the constrained multi-crop rules (augment.OVERLAP_RULES): the paper's 20% of

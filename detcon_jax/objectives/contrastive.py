@@ -25,17 +25,22 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
 
 
-def info_nce(query, key, queue, *, temperature: float):
+def info_nce(query, key, queue, *, temperature: float, extra=None):
   """MoCo's InfoNCE: each query vs its key (positive) and every queue entry (negatives).
 
   query, key [N, D], queue [L, D] (rows need not be normalised: all three are
   l2-normalised here). Cross-entropy with the positive at index 0 of
   [q.k, q.queue] / temperature, averaged over the N queries, as the MoCo
-  reference. Returns (loss, top-1 accuracy of the positive).
+  reference. Returns (loss, top-1 accuracy of the positive). extra [N, D]: one more
+  negative per query, after the positive (BG Swaps' background-matched negative).
   """
   q, k, negatives = (l2_normalize(x.astype(jnp.float32)) for x in (query, key, queue))
   positive = jnp.sum(q * k, axis=-1) / temperature
-  logits = jnp.concatenate([positive[:, None], q @ negatives.T / temperature], axis=1)
+  columns = [positive[:, None]]
+  if extra is not None:
+    columns.append(jnp.sum(q * l2_normalize(extra.astype(jnp.float32)), -1)[:, None]
+                   / temperature)
+  logits = jnp.concatenate(columns + [q @ negatives.T / temperature], axis=1)
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - positive)
   return loss, jnp.mean(jnp.argmax(logits, axis=-1) == 0)
 
@@ -51,33 +56,38 @@ def _over_shards(rows_fn, num_shards: int, *arrays):
   return tuple(jnp.sum(o) for o in outs)
 
 
-def _nt_xent_rows(q, t_other, t_same, temperature):
-  """One direction of NT-Xent over [N, D] unit latents -> (sum of row losses, rows)."""
+def _nt_xent_rows(q, t_other, t_same, temperature, extra=None):
+  """One direction of NT-Xent over [N, D] unit latents -> (sum of row losses, rows);
+  extra [N, D]: one more negative per anchor (BG Swaps)."""
   n = q.shape[0]
   logits_other = q @ t_other.T / temperature                       # positive on the diagonal
   logits_same = jnp.where(jnp.eye(n, dtype=bool), LARGE_NEGATIVE, q @ t_same.T / temperature)
   lse = jnp.logaddexp(jax.nn.logsumexp(logits_other, axis=-1),
                       jax.nn.logsumexp(logits_same, axis=-1))
+  if extra is not None:
+    lse = jnp.logaddexp(lse, jnp.sum(q * extra, axis=-1) / temperature)
   return (jnp.sum(lse - jnp.diagonal(logits_other)), jnp.float32(n))
 
 
 def nt_xent(online1, online2, target1=None, target2=None, *, temperature: float,
-            num_shards: int = 1) -> jax.Array:
+            num_shards: int = 1, extra=None) -> jax.Array:
   """SimCLR's NT-Xent: each anchor vs its other view among 2N-2 negatives.
 
   online*/target* [N, D]; anchors are `online`, candidates are `target` of the
   other view (the positive and N-1 negatives) and of the same view (N-1
   negatives, self excluded). Without targets this is SimCLR; with a predictor
   output as online and an EMA projection as target it is the DetCon-B loss of
-  one global mask.
+  one global mask. extra [N, D]: one more negative for each view-1 anchor (BG
+  Swaps' background-matched negative; data_pipelines/background.py).
   """
   if target1 is None:
     target1, target2 = online1, online2
   q1, q2, t1, t2 = (l2_normalize(x.astype(jnp.float32)) for x in (online1, online2, target1, target2))
   loss = 0.0
-  for q, t_other, t_same in ((q1, t2, t1), (q2, t1, t2)):
-    total, rows = _over_shards(lambda *a: _nt_xent_rows(*a, temperature), num_shards,
-                               q, t_other, t_same)
+  extras = ([l2_normalize(extra.astype(jnp.float32))] if extra is not None else [], [])
+  for (q, t_other, t_same), e in zip(((q1, t2, t1), (q2, t1, t2)), extras):
+    total, rows = _over_shards(lambda q, o, s, *e: _nt_xent_rows(q, o, s, temperature, *e),
+                               num_shards, q, t_other, t_same, *e)
     loss += total / rows
   return loss
 

@@ -33,6 +33,11 @@ compose (configs/moco_v2.py presets +mc, +cc, +aplus, +knn):
     both stay aligned row for row; every query adds knn_weight x eq. 2
     (objectives/nearest_neighbours.py) over its knn_k neighbours, from step
     round(knn_start_fraction x steps) on (the paper: after 5 of 200 epochs).
+
+Background augmentations (data_pipelines/background.py) are input-side; BG Swaps'
+background-matched negative (batch[background.NEGATIVE], when present) goes through
+the key network in one call with the keys and is one more negative of view1's
+queries only (never enqueued).
     The neighbours come from the queues before this step's keys are pushed
     (the paper's Algorithm 2; the authors' no-warmup variant pushes first).
 """
@@ -42,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.common import ConfigError
+from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.models import heads
@@ -116,15 +122,19 @@ def contrast(params, state, batch, config, specs=None, step=0):
   query = common.forward(nets, params, state[common.BATCH_STATS], batch,
                          [s for s in specs if s.name in query_names])
   target = jax.lax.stop_gradient(state[common.TARGET])
+  key_specs = [s for s in specs if s.name in matched]
+  if bg_lib.NEGATIVE in batch:   # BG Swaps: batched with the keys (as the paper)
+    key_specs.append(V.ViewSpec(bg_lib.NEGATIVE, batch[bg_lib.NEGATIVE].shape[1]))
   key_out = jax.lax.stop_gradient(common.forward(nets, target, state[common.BATCH_STATS], batch,
-                                                 [s for s in specs if s.name in matched]))
+                                                 key_specs))
   keys = key_out.z
+  extra = {B.VIEW1: keys[bg_lib.NEGATIVE]} if bg_lib.NEGATIVE in keys else {}
   negatives = jax.lax.stop_gradient(state[QUEUE]["keys"])
   temperature = float(config.loss.temperature)
   value, accuracy = 0.0, []
   for k, queries in matched.items():
-    terms = [info_nce(query.z[q], keys[k], negatives, temperature=temperature)
-             for q in queries]
+    terms = [info_nce(query.z[q], keys[k], negatives, temperature=temperature,
+                      extra=extra.get(q)) for q in queries]
     value += sum(t[0] for t in terms) / len(terms)
     accuracy += [t[1] for t in terms]
   incoming = jnp.concatenate([keys[k] for k in matched], axis=0)

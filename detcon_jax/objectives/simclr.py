@@ -2,10 +2,15 @@
 
 One network (encoder + projector) embeds both views; the criterion compares
 the two views' projections with each other, with gradients through both.
+BG Swaps' background-matched negative (batch[background.NEGATIVE], SimCLR only)
+goes through the same network in the views' call and is one more negative of
+each view-1 anchor.
 """
 from __future__ import annotations
 
+from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
+from data_pipelines import views as V
 from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import nt_xent
 
@@ -26,9 +31,15 @@ def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -
   def loss(params, state, batch, rng, step, config):
     del rng, step
     nets = common.build_networks(config, False)
-    out = common.forward(nets, params, state[common.BATCH_STATS], batch, views(config), pool)
+    specs = views(config)
+    extra = {}
+    if bg_lib.NEGATIVE in batch:
+      specs += (V.ViewSpec(bg_lib.NEGATIVE, batch[bg_lib.NEGATIVE].shape[1]),)
+    out = common.forward(nets, params, state[common.BATCH_STATS], batch, specs, pool)
+    if bg_lib.NEGATIVE in batch:
+      extra = {"extra": out.z[bg_lib.NEGATIVE]}
     z1, z2 = out.z[B.VIEW1], out.z[B.VIEW2]
-    value, metrics = criterion(z1, z2, z1, z2, batch, config)
+    value, metrics = criterion(z1, z2, z1, z2, batch, config, **extra)
     return value, (dict(metrics, loss=value), {common.BATCH_STATS: out.batch_stats})
 
   def check(config):
@@ -39,10 +50,10 @@ def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -
   return common.Objective(name, init, loss, views=views, validate=check)
 
 
-def nt_xent_criterion(online1, online2, target1, target2, batch, config):
+def nt_xent_criterion(online1, online2, target1, target2, batch, config, extra=None):
   del batch
   return nt_xent(online1, online2, target1, target2, temperature=float(config.loss.temperature),
-                 num_shards=common.negative_shards(config)), {}
+                 num_shards=common.negative_shards(config), extra=extra), {}
 
 
 OBJECTIVE = siamese("simclr", common.global_pool, nt_xent_criterion)

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configs.common import ConfigError, validate
+from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from detcon_jax.objectives import registry
 from detcon_jax.train import checkpointing, sharding, writers
@@ -72,7 +73,8 @@ def records_batches(config, start_step: int, host_index: int, host_count: int, v
       mask_source=config.data.mask_source, num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer,
-      foreground_threshold=config.data.get("foreground_threshold", 0.5))
+      foreground_threshold=config.data.get("foreground_threshold", 0.5),
+      background=bg_lib.settings(config))
 
 
 def ensure_records(config, views=None) -> None:
@@ -83,10 +85,12 @@ def ensure_records(config, views=None) -> None:
     from data_pipelines import views as V
     from data_pipelines.masks import REGISTRY
     views = registry.get_objective(config.method).views(config) if views is None else views
+    views = bg_lib.with_fields(views, bg_lib.settings(config))
     saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) or s.min_salient_cover > 0
                    for s in views)
     kind = config.data.mask_source.split("_")[0]
     build.ensure_demo_records(config.data.records_dir, saliency=saliency,
+                              background=bg_lib.needs_tiled(bg_lib.settings(config)),
                               masks=(kind,) if kind in REGISTRY else ())
 
 
@@ -351,6 +355,11 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   if not start_step and any(k.endswith("/boxes") for k in first_host):   # MaskCo's boxes
     from detcon_jax.evaluate.visualize import view_box_images
     writer.images(0, "input/views with boxes", view_box_images(first_host))
+  if not start_step and bg_lib.settings(config):   # view1 | view2 (| Swaps' negative)
+    from detcon_jax.evaluate.visualize import side_by_side, to_uint8
+    shown = [B.VIEW1, B.VIEW2] + [bg_lib.NEGATIVE] * (bg_lib.NEGATIVE in first_host)
+    writer.images(0, "input/background augmentations",
+                  side_by_side(*[to_uint8(np.asarray(first_host[k][:8])) for k in shown]))
   host_batch = config.batch_size // jax.process_count()
   losses: dict[int, float] = {}
   status, last_saved = "done", start_step if start_step else None
