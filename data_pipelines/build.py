@@ -285,9 +285,9 @@ def _run_local(b: dict, workers: int | None, progress: bool) -> None:
         done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
         for fut in done:
           finish(pending.pop(fut), fut.result())
-    except BaseException:              # a signal (Stopped), Ctrl-C, an error: stop the
-      _stop_workers(pool)              # workers now, not after their current shard
-      raise
+    except BaseException as e:         # a signal (Stopped), Ctrl-C, an error: stop the
+      _stop_workers(pool, signalled=isinstance(e, (Stopped, KeyboardInterrupt)))
+      raise                            # workers now, not after their current shard
     pool.shutdown()
   bar.close()
 
@@ -301,12 +301,17 @@ def _exit_with_parent(parent: int) -> None:
   threading.Thread(target=watch, daemon=True).start()
 
 
-def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
-  """Terminate the workers mid-shard (shutdown alone would wait for their shards)."""
+def _stop_workers(pool: cf.ProcessPoolExecutor, signalled: bool = False) -> None:
+  """Terminate the workers mid-shard (shutdown alone would wait for their shards).
+
+  After a signal the pool is not shut down: the signal may have landed while this
+  thread held the pool's lock (inside submit), and shutdown would wait for it
+  forever; the CLI leaves with os._exit instead (main)."""
   processes = list((getattr(pool, "_processes", None) or {}).values())
-  pool.shutdown(wait=False, cancel_futures=True)
   for p in processes:
     p.terminate()
+  if not signalled:
+    pool.shutdown(wait=False, cancel_futures=True)
   for p in processes:
     p.join(5)
 
@@ -538,8 +543,9 @@ def main(argv=None):
               beam_options=beam_options, saliency=a.saliency, **opts)
   except Stopped as e:
     print(f"Stopped by {e}; complete shards are kept: rerun the same command to resume.",
-          file=sys.stderr)
-    sys.exit(128 + e.signum)
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + e.signum)   # not sys.exit: exit handlers would join the pool's threads
   except (ImportError, ValueError, OSError) as e:   # bad source, folder, out dir, masks
     sys.exit("error: " + " ".join(str(e).split()))
   counts = ", ".join(f"{s}: {v['count']}" for s, v in m["splits"].items())
