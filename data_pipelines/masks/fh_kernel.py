@@ -178,15 +178,7 @@ def _small_pass_stable(a, b, costs, forest, size, left, min_size):
                                                     min_size):
         return False
     for t in range(i, j + 1):
-      e = left[t]
-      s0 = _find(forest, a[e])
-      s1 = _find(forest, b[e])
-      if s0 == s1:
-        continue
-      if size[s0] < min_size or size[s1] < min_size:
-        _join(forest, s0, s1)
-        new = _find(forest, s0)
-        size[new] = size[s0] + size[s1]
+      _merge_if_small(forest, size, a[left[t]], b[left[t]], min_size)
     i = j + 1
   return True
 
@@ -211,14 +203,17 @@ def _labels(forest):
 def _small_pass(a, b, forest, size, min_size):
   """Pass 2 over every edge in the given (np.argsort) order, in place."""
   for e in range(a.shape[0]):
-    s0 = _find(forest, a[e])
-    s1 = _find(forest, b[e])
-    if s0 == s1:
-      continue
-    if size[s0] < min_size or size[s1] < min_size:
-      _join(forest, s0, s1)
-      new = _find(forest, s0)
-      size[new] = size[s0] + size[s1]
+    _merge_if_small(forest, size, a[e], b[e], min_size)
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_if_small(forest, size, p, q, min_size):
+  """Pass 2's step: join the components of p and q when either is under min_size."""
+  s0 = _find(forest, p)
+  s1 = _find(forest, q)
+  if s0 != s1 and (size[s0] < min_size or size[s1] < min_size):
+    _join(forest, s0, s1)
+    size[_find(forest, s0)] = size[s0] + size[s1]
 
 
 @numba.njit(cache=True, nogil=True)
