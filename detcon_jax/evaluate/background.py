@@ -1,4 +1,4 @@
-"""Background robustness: ImageNet-9 variants and BG-Gap (Xiao et al. 2021; Ryali et al. 2021 sec. 4).
+"""Background robustness: ImageNet-9 variants and BG-Gap (Xiao et al. 2021; Ryali et al. 2021).
 
 Each test image is recomposed from its ground-truth foreground (all GT instances,
 the records' instance map > 0) in five variants:

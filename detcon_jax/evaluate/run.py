@@ -30,7 +30,8 @@ import numpy as np
 
 from data_pipelines import batch as B
 from detcon_jax.evaluate import features as F
-from detcon_jax.evaluate import background, gradcam, knn, linear_probe, mask_quality, retrieval, visualize
+from detcon_jax.evaluate import background, gradcam, knn, linear_probe, mask_quality, retrieval
+from detcon_jax.evaluate import visualize
 from detcon_jax.models.resnet import STRIDE, output_stride
 
 EVAL_DIR = "eval"
@@ -210,9 +211,9 @@ EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
                    "1-NN train region label, mIoU incl. background at image resolution")),
     "background": ModelEvaluation(
         "BG-Gap", "bg_gap", "{:+.1%}", (F.POOLED, B.LABEL), _background,
-        lambda s: ("BG-Gap: linear probe (as above) fit on Original train features, top-1 on "
-                   "ImageNet-9 variants of the test split from its GT foregrounds; "
-                   "BG-Gap = Mixed-Same - Mixed-Rand (train-split tiled backgrounds)"),
+        lambda s: ("BG-Gap: a linear probe (the linear protocol) fit on Original train "
+                   "features, top-1 on ImageNet-9 variants of the test split from its GT "
+                   "foregrounds; BG-Gap = Mixed-Same - Mixed-Rand (train-split tiled backgrounds)"),
         extra_test=background.variant_features),
     "masks": DataEvaluation("mask quality", _masks),
     "gradcam": StateEvaluation("grounding IoU", "miou", "{:.3f}", _gradcam),
@@ -459,7 +460,8 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
                          max_outputs=NUM_PICTURES)
       for v in background.VARIANTS:
         if v in results["details"][name].get("background", {}):
-          tf.summary.scalar(f"eval/background_{v}_top1", results["details"][name]["background"][v])
+          tf.summary.scalar(f"eval/background_{v}_top1",
+                            results["details"][name]["background"][v])
       if name != BASELINE and "background" in pictures:
         tf.summary.image("eval/background " + " | ".join(background.VARIANTS),
                          pictures["background"], max_outputs=NUM_PICTURES)
