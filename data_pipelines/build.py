@@ -458,7 +458,7 @@ def check_demo_correlation(out_dir: str, manifest: dict, asked: float) -> None:
   """
   if not 0.0 <= float(asked) <= 1.0:
     raise DemoSettingsError(f"demo_bg_correlation={asked} must lie in [0, 1].")
-  if manifest.get("source") != "demo":
+  if not manifest or manifest.get("source") != "demo":
     return
   stored = float((manifest.get("demo") or {}).get("bg_correlation") or 0.0)
   if stored != float(asked):
@@ -483,6 +483,7 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
   """
   kinds = list(dict.fromkeys(DEMO_MASKS + tuple(masks)))
   keep_background = background
+  check_demo_correlation(out_dir, {}, opts.get("bg_correlation") or 0.0)   # before any build
   try:
     manifest = records.read_manifest(out_dir)
     check_demo_correlation(out_dir, manifest, opts.get("bg_correlation") or 0.0)

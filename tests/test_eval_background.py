@@ -128,14 +128,15 @@ def test_background_evaluation_needs_gt_foregrounds():
 def test_demo_correlation_is_recorded_and_never_reused(tmp_path):
   out = str(tmp_path / "demo")
   opts = dict(num_train=4, num_test=2, image_size=32, workers=1, progress=False)
+  with pytest.raises(build.DemoSettingsError, match=r"in \[0, 1\]"):
+    build.ensure_demo_records(out, bg_correlation=1.5, **opts)      # before any build
+  assert not (tmp_path / "demo").exists()
   m = build.ensure_demo_records(out, bg_correlation=0.9, **opts)
   assert m["demo"]["bg_correlation"] == 0.9
   before = {p.name: p.read_bytes() for p in (tmp_path / "demo").iterdir()}
   assert build.ensure_demo_records(out, bg_correlation=0.9, **opts) == m   # reused
   with pytest.raises(build.DemoSettingsError, match=r"bg_correlation=0.9, not 0;.*records_dir"):
     build.ensure_demo_records(out, **opts)
-  with pytest.raises(build.DemoSettingsError, match=r"in \[0, 1\]"):
-    build.ensure_demo_records(out, bg_correlation=1.5, **opts)
   assert {p.name: p.read_bytes() for p in (tmp_path / "demo").iterdir()} == before
   assert records.read_manifest(out) == m
 
