@@ -483,10 +483,11 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
   """
   kinds = list(dict.fromkeys(DEMO_MASKS + tuple(masks)))
   keep_background = background
-  check_demo_correlation(out_dir, {}, opts.get("bg_correlation") or 0.0)   # before any build
+  correlation = opts.get("bg_correlation") or 0.0
+  check_demo_correlation(out_dir, {}, correlation)      # a bad value fails before any build
   try:
     manifest = records.read_manifest(out_dir)
-    check_demo_correlation(out_dir, manifest, opts.get("bg_correlation") or 0.0)
+    check_demo_correlation(out_dir, manifest, correlation)
     stored = manifest.get("masks", {})
     if (manifest.get("complete") and manifest.get("source") == "demo"
         and manifest.get("demo_version") == demo_lib.VERSION):
