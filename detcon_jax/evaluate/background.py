@@ -16,6 +16,8 @@ test background would carry no class signal and BG-Gap would measure nothing.
 Tiled backgrounds are made here from the GT foreground with the build's hole
 filling (data_pipelines/masks/background.tiled: Telea inpainting of the dilated
 hole), not read from the records, whose stored backgrounds follow the saliency map.
+The pool (the first POOL_SIZE // classes train images of each class) is also in the
+probe's training set, so Mixed-Same may be slightly optimistic (a held-out pool would not be).
 
 A linear probe is fit once on the train split's Original features
 (linear_probe.fit_probe) and scored on every variant of the test split;
