@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
       records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
       build_demo=False, timeout_s=300.0, max_corrupt_fraction=0.01, verify_checksums=True,
       foreground_threshold=0.5))
+  # demo_bg_correlation: the demo preset's records correlate class and background photo
+  # on the train split with this probability (data_pipelines/demo.py; test stays uniform);
+  # a records_dir built with another value is refused, so give each value its own directory.
+  c.data.demo_bg_correlation = 0.0
   # Background augmentations (data_pipelines/background.py; Ryali et al. 2021): mode
   # none | rm | random | swaps, each global view with probability p_pos; swaps adds a
   # background-matched negative with probability p_neg (the paper's MoCo-v2: 0.2, 0.2).

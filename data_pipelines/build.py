@@ -445,6 +445,29 @@ def write_records(out_dir: str, examples: dict, *, shard_size: int = 1000, num_c
 DEMO_MASKS = ("fh", "grid", "gt")
 
 
+class DemoSettingsError(ValueError):
+  """The demo records in a directory were generated with other scene settings."""
+
+
+def check_demo_correlation(out_dir: str, manifest: dict, asked: float) -> None:
+  """Refuse demo records whose class/background correlation differs from `asked`.
+
+  They are not rebuilt in place: the directory is shared by every run started from
+  the same folder (data/demo by default), so a rebuild would switch the data under
+  other runs and their evaluations, and each alternation would cost a rebuild.
+  """
+  if not 0.0 <= float(asked) <= 1.0:
+    raise DemoSettingsError(f"demo_bg_correlation={asked} must lie in [0, 1].")
+  if not manifest or manifest.get("source") != "demo":
+    return
+  stored = float((manifest.get("demo") or {}).get("bg_correlation") or 0.0)
+  if stored != float(asked):
+    raise DemoSettingsError(
+        f"{out_dir} holds demo records with bg_correlation={stored:g}, not {float(asked):g}; "
+        "give each correlation its own directory (--config.data.records_dir=data/demo_bgcorr) "
+        "or delete this one to rebuild it.")
+
+
 def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
                         background: bool = False, **opts) -> dict:
   """The demo records in out_dir, building them unless a complete, current set exists
@@ -455,12 +478,16 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
   is rebuilt, so training never reads scenes the code no longer makes; a set
   lacking what is asked is rebuilt with it added (keeping its other masks).
   Builds use DEMO_MASKS plus those asked, and store the default saliency
-  (cheap at the demo's 96 px).
+  (cheap at the demo's 96 px). Records of another opts['bg_correlation'] (the
+  manifest's demo settings) are refused, never reused (check_demo_correlation).
   """
   kinds = list(dict.fromkeys(DEMO_MASKS + tuple(masks)))
   keep_background = background
+  correlation = opts.get("bg_correlation") or 0.0
+  check_demo_correlation(out_dir, {}, correlation)      # a bad value fails before any build
   try:
     manifest = records.read_manifest(out_dir)
+    check_demo_correlation(out_dir, manifest, correlation)
     stored = manifest.get("masks", {})
     if (manifest.get("complete") and manifest.get("source") == "demo"
         and manifest.get("demo_version") == demo_lib.VERSION):
@@ -471,6 +498,8 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
         return manifest
       kinds += sorted({spec.get("kind") for spec in stored.values()} - set(kinds))
       keep_background |= records.has_field(manifest, "background")
+  except DemoSettingsError:
+    raise
   except (FileNotFoundError, ValueError):
     pass
   if keep_background:

@@ -15,7 +15,8 @@ from detcon_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (checkpoints/, config.json).")
 _EVALS = flags.DEFINE_string("evals", "knn,linear,retrieval,masks",
-                             "Comma list of evaluations: knn, linear, retrieval, masks.")
+                             "Comma list of evaluations: knn, linear, retrieval, masks, gradcam, "
+                             "background (BG-Gap; needs GT foregrounds).")
 _DATA = flags.DEFINE_string("data", None, "Records directory (default: the run's config.data.records_dir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest that restores).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per feature-extraction batch (all devices).")

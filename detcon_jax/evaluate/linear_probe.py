@@ -48,22 +48,22 @@ def _fit(model, x, y):
     return model.fit(x, y)
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, *,
-                 sweep: str | int = "default", holdout_fraction: float = HOLDOUT_FRACTION,
-                 seed: int = 0) -> dict:
-  """Top-1 test accuracy of the best-regularised probe, with the chosen C and the sweep.
+def _labelled(features, labels):
+  x, y = np.asarray(features, np.float64), np.asarray(labels)
+  return x[y >= 0], y[y >= 0]
+
+
+def fit_probe(train_features, train_labels, *, sweep: str | int = "default",
+              holdout_fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> dict:
+  """The best-regularised probe refit on the whole train split: {scaler, model, C,
+  holdout_top1, sweep}; score() applies it to any test set (one probe, many test sets).
 
   Unlabelled (-1) examples are left out. The held-out part is stratified by
   class when every class has at least two examples.
   """
-  train_x, train_y = np.asarray(train_features, np.float64), np.asarray(train_labels)
-  test_x, test_y = np.asarray(test_features, np.float64), np.asarray(test_labels)
-  train_x, train_y = train_x[train_y >= 0], train_y[train_y >= 0]
-  test_x, test_y = test_x[test_y >= 0], test_y[test_y >= 0]
+  train_x, train_y = _labelled(train_features, train_labels)
   if len(np.unique(train_y)) < 2:
     raise ValueError("The linear probe needs at least two classes among labelled train examples.")
-  if len(test_y) == 0:
-    raise ValueError("No labelled test example (all labels are -1): probe accuracy is undefined.")
   grid = l2_grid(sweep)
 
   counts = np.unique(train_y, return_counts=True)[1]
@@ -81,9 +81,26 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *,
   scaler = StandardScaler().fit(train_x)
   model = LogisticRegression(C=grid[best], solver="lbfgs", max_iter=MAX_ITER, random_state=seed)
   model = _fit(model, scaler.transform(train_x), train_y)
-  return {
-      "top1": float(model.score(scaler.transform(test_x), test_y)),
-      "C": float(grid[best]),
-      "holdout_top1": val_scores[best],
-      "sweep": f"{len(grid)} values of C in [1e{C_RANGE[0]:g}, 1e{C_RANGE[1]:g}]",
-  }
+  return {"scaler": scaler, "model": model, "C": float(grid[best]),
+          "holdout_top1": val_scores[best],
+          "sweep": f"{len(grid)} values of C in [1e{C_RANGE[0]:g}, 1e{C_RANGE[1]:g}]"}
+
+
+def score(probe: dict, test_features, test_labels) -> float:
+  """Top-1 of a fit_probe() probe on labelled test examples."""
+  test_x, test_y = _labelled(test_features, test_labels)
+  if len(test_y) == 0:
+    raise ValueError("No labelled test example (all labels are -1): probe accuracy is undefined.")
+  return float(probe["model"].score(probe["scaler"].transform(test_x), test_y))
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, *,
+                 sweep: str | int = "default", holdout_fraction: float = HOLDOUT_FRACTION,
+                 seed: int = 0) -> dict:
+  """Top-1 test accuracy of the best-regularised probe, with the chosen C and the sweep."""
+  if not (np.asarray(test_labels) >= 0).any():
+    raise ValueError("No labelled test example (all labels are -1): probe accuracy is undefined.")
+  probe = fit_probe(train_features, train_labels, sweep=sweep,
+                    holdout_fraction=holdout_fraction, seed=seed)
+  return {"top1": score(probe, test_features, test_labels),
+          **{k: probe[k] for k in ("C", "holdout_top1", "sweep")}}

@@ -30,7 +30,8 @@ import numpy as np
 
 from data_pipelines import batch as B
 from detcon_jax.evaluate import features as F
-from detcon_jax.evaluate import gradcam, knn, linear_probe, mask_quality, retrieval, visualize
+from detcon_jax.evaluate import background, gradcam, knn, linear_probe, mask_quality, retrieval
+from detcon_jax.evaluate import visualize
 from detcon_jax.models.resnet import STRIDE, output_stride
 
 EVAL_DIR = "eval"
@@ -64,6 +65,10 @@ class ModelEvaluation:
   needs: tuple[str, ...]
   run: Callable[..., dict]
   describe: Callable[[Settings], str]
+  # (model, variables_by_name, records_dir, settings, num_classes) -> ({name: {key: test
+  # features}}, picture): features of other test images (background's variants), merged
+  # into `test` before run().
+  extra_test: Callable[..., tuple] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,14 @@ def _retrieval(train, test, s, num_classes):
   return retrieval.segment_retrieval(
       train[F.SPATIAL], train[B.SEMANTIC], test[F.SPATIAL], test[B.SEMANTIC],
       num_classes=num_classes, k=s.retrieval_k, resolution=s.retrieval_resolution, seed=s.seed)
+
+
+def _background(train, test, s, num_classes):
+  del num_classes
+  variants = {v: test[F.POOLED if v == "original" else f"{F.POOLED}/{v}"]
+              for v in background.VARIANTS}
+  return background.evaluate(train[F.POOLED], train[B.LABEL], variants, test[B.LABEL],
+                             sweep=s.linear_sweep, seed=s.seed)
 
 
 def _natural(name: str):
@@ -196,6 +209,12 @@ EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
                    f"features, bilinearly upsampled to {s.retrieval_resolution}x"
                    f"{s.retrieval_resolution}, "
                    "1-NN train region label, mIoU incl. background at image resolution")),
+    "background": ModelEvaluation(
+        "BG-Gap", "bg_gap", "{:+.1%}", (F.POOLED, B.LABEL), _background,
+        lambda s: ("BG-Gap: a linear probe (the linear protocol) fit on Original train "
+                   "features, top-1 on ImageNet-9 variants of the test split from its GT "
+                   "foregrounds; BG-Gap = Mixed-Same - Mixed-Rand (train-split tiled backgrounds)"),
+        extra_test=background.variant_features),
     "masks": DataEvaluation("mask quality", _masks),
     "gradcam": StateEvaluation("grounding IoU", "miou", "{:.3f}", _gradcam),
 }
@@ -252,7 +271,7 @@ def unsupported(manifest: dict) -> dict[str, str]:
     needs = ev.needs if isinstance(ev, ModelEvaluation) else ()
     if B.LABEL in needs and not manifest.get("num_classes"):
       out[name] = "no image labels (a folder source labels images by class subfolder)"
-    elif (B.SEMANTIC in needs or name == "masks") and not manifest.get("has_gt"):
+    elif (B.SEMANTIC in needs or name in ("masks", "background")) and not manifest.get("has_gt"):
       out[name] = ("no ground-truth instance maps (only --source=demo stores them; folder "
                    "and tfds sources do not)")
     elif name == "masks":
@@ -318,6 +337,15 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
           dense_model=model.clone(dilate_last=True) if settings.retrieval_dilated else None)
     seconds["features"] = time.time() - t
     num_classes = int(manifest["num_classes"])
+    extra_pictures = {}
+    for e in model_evals:
+      if EVALUATIONS[e].extra_test is not None:
+        t = time.time()
+        extra, extra_pictures[e] = EVALUATIONS[e].extra_test(
+            model, variables_by_name, records_dir, settings, num_classes)
+        for name in variables_by_name:
+          split_data["test"][0][name].update(extra[name])
+        seconds[f"{e} features"] = time.time() - t
     for name in variables_by_name:
       train = split_data["train"][0][name] | split_data["train"][1]
       test = split_data["test"][0][name] | split_data["test"][1]
@@ -335,6 +363,7 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
                                                  image_size=settings.image_size)))
       pictures = {n: visualize.segmentation_panels(first[B.IMAGE], first[B.SEMANTIC], p)
                   for n, p in pictures.items()}
+    pictures.update(extra_pictures)     # keyed by evaluation name, not model row
   if "masks" in evals:
     t = time.time()
     results["masks"] = EVALUATIONS["masks"].run(records_dir, manifest, settings,
@@ -377,6 +406,16 @@ def format_table(results: dict, title: str = "") -> str:
                    + (f"{speed:16.1f}" if speed else "-".rjust(16)))
     lines.append(f"  images/s/core: all maps of the kind per image, on {TIMED_IMAGES} images "
                  "at the evaluation size, CPU time of this process")
+  bg = {n: d["background"] for n, d in results.get("details", {}).items() if "background" in d}
+  if bg:
+    lines.append("background variants: linear-probe top-1 per test variant (probe fit on "
+                 "Original train features)")
+    width = max(len("model"), *(len(n) for n in bg)) + 2
+    lines.append("model".ljust(width) + "".join(v.rjust(12) for v in background.VARIANTS)
+                 + "BG-Gap".rjust(9))
+    for name, d in bg.items():
+      lines.append(name.ljust(width) + "".join(f"{d[v]:12.1%}" for v in background.VARIANTS)
+                   + f"{d['bg_gap']:+9.1%}")
   sal = results.get(SALIENCY_RESULT)
   if sal:
     lines.append(f"saliency ({sal['detector']}) against the GT foreground on the "
@@ -419,6 +458,13 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
       if name in pictures:
         tf.summary.image("eval/retrieval image | GT | prediction", pictures[name],
                          max_outputs=NUM_PICTURES)
+      for v in background.VARIANTS:
+        if v in results["details"][name].get("background", {}):
+          tf.summary.scalar(f"eval/background_{v}_top1",
+                            results["details"][name]["background"][v])
+      if name != BASELINE and "background" in pictures:
+        tf.summary.image("eval/background " + " | ".join(background.VARIANTS),
+                         pictures["background"], max_outputs=NUM_PICTURES)
       if name != BASELINE:
         for src, m in results.get("masks", {}).items():
           tf.summary.scalar("masks/abo_" + re.sub(r"\W+", "_", src).strip("_"), m["abo"])

@@ -91,7 +91,8 @@ def ensure_records(config, views=None) -> None:
     kind = config.data.mask_source.split("_")[0]
     build.ensure_demo_records(config.data.records_dir, saliency=saliency,
                               background=bg_lib.needs_tiled(bg_lib.settings(config)),
-                              masks=(kind,) if kind in REGISTRY else ())
+                              masks=(kind,) if kind in REGISTRY else (),
+                              bg_correlation=config.data.get("demo_bg_correlation", 0.0))
 
 
 def check_eval_data(config) -> None:
