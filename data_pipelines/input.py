@@ -107,7 +107,7 @@ class Batches:
   count so far (the tail of an epoch is counted once the next epoch starts,
   or at the end of a finite pass). With saliency-constrained views
   (ViewSpec.min_salient_cover), stats['constrained_crops'] counts their crops and
-  stats['crop_fallbacks'] those that took the whole image (augment.salient_crop_box).
+  stats['crop_fallbacks'] those that fell back (augment.salient_crop_box).
   """
 
   def __init__(self, ds, per_epoch: int, start_pos: int = 0, start_epoch: int = 0,
