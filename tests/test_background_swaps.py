@@ -205,3 +205,35 @@ def _rm():
   config = tiny_config("detcon_s")
   config.background.mode = "rm"
   return config
+
+
+# --- Tiled backgrounds: the largest-rectangle tiling compared in the benchmark ------------
+
+def test_largest_rectangle_against_brute_force_and_tile_fill():
+  from data_pipelines.masks import background as tiles
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    free = rng.random((6, 7)) > 0.3
+    best = max((y1 - y0) * (x1 - x0) for y0 in range(6) for y1 in range(y0 + 1, 7)
+               for x0 in range(7) for x1 in range(x0 + 1, 8) if free[y0:y1, x0:x1].all())
+    y, x, h, w = tiles.largest_rectangle(free)
+    assert h * w == best and free[y:y + h, x:x + w].all()
+  image = np.zeros((8, 8, 3), np.uint8)
+  image[..., 0] = np.arange(8)[None, :] % 2 * 200            # columns alternate 0 / 200
+  sal = np.zeros((8, 8), np.float32)
+  sal[3:8, 2:6] = 1.0                                        # row 0 stays free after dilation
+  out = tiles.tiled(image, sal, "tile")
+  np.testing.assert_array_equal(out, image)                   # the stripes continue in the hole
+  assert tiles.largest_rectangle(np.zeros((3, 3), bool)) == (0, 0, 0, 0)
+
+
+@pytest.mark.slow
+def test_benchmark_writes_the_picture(tmp_path, monkeypatch):
+  import glob
+  import sys
+  from benchmarks import masks_background
+  monkeypatch.setattr(sys, "argv", ["x", "--n=3", "--show=2", f"--tb_dir={tmp_path}"])
+  masks_background.main()
+  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(glob.glob(f"{tmp_path}/events*")[0])
+          for v in e.summary.value}
+  assert any(t.startswith("tiled backgrounds") for t in tags) and "ms_per_image/tile" in tags
