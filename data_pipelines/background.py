@@ -12,7 +12,7 @@ view independently with probability p_pos. A view's foreground m is its saliency
             detcon_s) and p_neg > 0, one extra negative per image in batch[NEGATIVE]:
             m_q * r + (1 - m_q) * q with probability p_neg (q the final query view, r the
             key view of another image of the batch), else r itself, so every query has
-            |Q| + 1 negatives (p_neg = 0 adds none: nothing to keep the count for). MoCo:
+            |Q| + 1 negatives (p_neg = 0 adds none, so that p = 0 is the plain method). MoCo:
             it goes through the key network with the keys and is never enqueued
             (objectives/moco.py); SimCLR and DetCon-S: through the network with the views,
             one more negative of each view-1 anchor (simclr.py; DetCon-S pools it under the
@@ -142,6 +142,22 @@ def apply(batch: dict, names, u, s: Settings) -> dict:
     matched = _paste(r, batch[B.key(q, V.FOREGROUND)], batch[q])   # m_q r + (1 - m_q) q
     batch[NEGATIVE] = tf.where((u[:, -2] < s.p_neg)[:, None, None, None], matched, r)
   return batch
+
+
+def check_hole(manifest: dict, foreground_threshold: float) -> bool:
+  """Warn (and return False) when the records' tiled-background hole (saliency > its
+  build threshold, masks/background.BUILD_THRESHOLD = 0.2, dilated) is smaller than the
+  train-time foreground (saliency > foreground_threshold): pasted backgrounds then keep
+  the pixels in between (weak object parts). The hole is deliberately generous and
+  fixed at build time, so it holds the foreground of any threshold >= 0.2."""
+  import logging
+  hole = float(manifest.get("background", {}).get("threshold", 0.0))
+  if float(foreground_threshold) < hole:
+    logging.warning("config.data.foreground_threshold=%s is below the tiled backgrounds' hole "
+                    "threshold %s: pasted backgrounds keep pixels of saliency in between.",
+                    foreground_threshold, hole)
+    return False
+  return True
 
 
 def validate(config) -> None:

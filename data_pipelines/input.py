@@ -303,6 +303,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   tiled = any(V.BACKGROUND in s.fields for s in views)
   if tiled:
     R.require_field(records_dir, "background", manifest)
+    bg_lib.check_hole(manifest, foreground_threshold)
   names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
   host_index, host_count = _host(host_index, host_count)
   paths, per_epoch = host_shards(records_dir, manifest, split, host_index, host_count)

@@ -52,8 +52,33 @@ def _value_and_grad(method, config, grad=True):
   return jax.jit(jax.value_and_grad(fn, has_aux=True) if grad else fn)
 
 
-@pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_detcon_s_with_one_global_mask_and_the_negative_equals_simclr(grad):
+GRAD = [False, pytest.param(True, marks=pytest.mark.slow)]   # gradients: a slower compile
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  """(params, state) of a tiny ResNet-18 at 32 px for SimCLR and DetCon-S (same layout),
+  drawn in numpy on init's shapes (He-normal kernels, unit scales and variances): the
+  tests compare two computations on the same values, and compiling init costs ~30 s."""
+  batch = B.synthetic_train_batch(4, 32, num_masks=4, seed=0)
+  shapes = jax.eval_shape(lambda k: registry.get_objective("simclr").init(
+      k, tiny_config("simclr"), batch), jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name = getattr(path[-1], "key", "")
+    if name in ("scale", "var"):
+      return np.ones(leaf.shape, leaf.dtype)
+    if len(leaf.shape) < 2:
+      return np.zeros(leaf.shape, leaf.dtype)
+    fan_in = np.prod(leaf.shape[:-1])
+    return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.mark.parametrize("grad", GRAD)
+def test_detcon_s_with_one_global_mask_and_the_negative_equals_simclr(grad, tiny_params):
   """One global mask (dedup form): DetCon-S + BG Swaps' negative is SimCLR + it: loss,
   batch norm statistics (the negative pooled under view 1's global mask in the same
   network call) and, slow-marked, gradients."""
@@ -62,8 +87,7 @@ def test_detcon_s_with_one_global_mask_and_the_negative_equals_simclr(grad):
   whole = dict(batch)
   for key in (B.MASKS1, B.MASKS2, B.MASK_IDS1, B.MASK_IDS2):
     whole[key] = np.full_like(batch[key], 7)
-  params, state = registry.get_objective("simclr").init(jax.random.key(0), tiny_config("simclr"),
-                                                        batch)
+  params, state = tiny_params
   got = {}
   for method, b in (("simclr", batch), ("detcon_s", whole)):
     config = tiny_config(method)
@@ -79,7 +103,6 @@ def test_detcon_s_with_one_global_mask_and_the_negative_equals_simclr(grad):
 
 def _detcon_s_swaps(**background):
   config = tiny_config("detcon_s")
-  config.batch_size = 8
   config.background.update(mode="swaps", **background)
   bg.validate(config)
   return config
@@ -93,9 +116,10 @@ def _iterator(path, config, settings, extra_fields=()):
                                   host_index=0, host_count=1, background=settings)
 
 
-def test_p_zero_detcon_s_swaps_is_plain_detcon_s(tmp_path):
+@pytest.mark.parametrize("grad", GRAD)
+def test_p_zero_detcon_s_swaps_is_plain_detcon_s(tmp_path, grad, tiny_params):
   """p_pos = p_neg = fg_min = 0: the same batch bit for bit (no negative), so the same
-  loss and gradient."""
+  loss (and, slow-marked, gradient)."""
   build.write_records(str(tmp_path), {"train": _examples()})
   config = _detcon_s_swaps(p_pos=0.0, p_neg=0.0, fg_min=0.0)
   settings = bg.settings(config)
@@ -105,12 +129,10 @@ def test_p_zero_detcon_s_swaps_is_plain_detcon_s(tmp_path):
   assert set(swaps) == set(plain)
   for k in plain:
     np.testing.assert_array_equal(swaps[k], plain[k], err_msg=k)
-  params, state = registry.get_objective("detcon_s").init(jax.random.key(0), config, plain)
-  fn = _value_and_grad("detcon_s", config)
-  (v0, _), g0 = fn(params, state, plain)
-  (v1, _), g1 = fn(params, state, swaps)
-  assert float(v0) == float(v1) and np.isfinite(float(v0))
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+  fn = _value_and_grad("detcon_s", config, grad)
+  out0, out1 = fn(*tiny_params, plain), fn(*tiny_params, swaps)
+  assert np.isfinite(float(jax.tree.leaves(out0)[0]))
+  for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out1)):
     np.testing.assert_array_equal(a, b)
 
 
@@ -237,3 +259,11 @@ def test_benchmark_writes_the_picture(tmp_path, monkeypatch):
   tags = {v.tag for e in tf.compat.v1.train.summary_iterator(glob.glob(f"{tmp_path}/events*")[0])
           for v in e.summary.value}
   assert any(t.startswith("tiled backgrounds") for t in tags) and "ms_per_image/tile" in tags
+
+
+def test_a_foreground_threshold_below_the_hole_threshold_is_named(caplog):
+  """The build's hole (saliency > 0.2, dilated) holds the train-time foreground for any
+  data.foreground_threshold >= 0.2; below it, the run says so."""
+  manifest = {"background": {"method": "telea", "threshold": 0.2}}
+  assert bg.check_hole(manifest, 0.5) and bg.check_hole({"background": {"method": "given"}}, 0.0)
+  assert not bg.check_hole(manifest, 0.1) and "hole threshold 0.2" in caplog.text

@@ -8,8 +8,14 @@ fast-marching inpainting (Telea 2004, cv2.INPAINT_TELEA): one pass over the hole
 no iteration settings, 2.1 ms per 96 px demo image (Navier-Stokes inpainting 1.8 ms,
 equal within the noise of a shared CPU; the saliency detector itself 2.8 ms:
 benchmarks/masks_background.py), so the build cost stays small; and unlike tiling the
-largest background rectangle it needs no rectangle search, which finds nothing usable
-on the demo, whose main object spans 76-96% of the side. An image without
+largest background rectangle (METHODS['tile'], Xiao et al.'s own fill, kept for the
+comparison) it needs no rectangle search, which finds only thin strips on the demo,
+whose main object spans 76-96% of the side: tiling one is x2.4-2.8 Telea's time,
+doubles the error against the hidden photo and repeats whatever the saliency missed
+across the hole (`benchmarks/masks_background.py --tb_dir=DIR` shows it). The hole
+threshold is fixed at build time and generous: it holds the train-time foreground
+(saliency > config.data.foreground_threshold) for any threshold >= it (background.
+check_hole warns below). An image without
 background (hole = whole image) gets its mean colour; one without foreground is
 its own background.
 """
