@@ -258,9 +258,9 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   box; uniform positions keep phi = 0 the plain crop.)
   rule='fg_min' is Ryali et al. 2021 (A.1, C.6: "RRC parameters were sampled up to 10
   times ..., defaulting to a CenterCrop"): the same draws (each a whole RRC
-  sample), phi as given (never
-  lowered), and on failure centre_crop_box (the paper's CenterCrop view, which need
-  not hold phi of the foreground) instead of the whole image.
+  sample), phi as given (never lowered), and on failure centre_crop_box (the
+  paper's CenterCrop view, which need not hold phi of the foreground) instead of
+  the whole image.
   """
   if rule not in ("cast", "fg_min"):   # views.SALIENT_RULES
     raise ValueError(f"salient_crop_box: rule {rule!r}: choose 'cast' or 'fg_min'.")

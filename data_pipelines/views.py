@@ -107,9 +107,9 @@ class ViewSpec:
   fields: tuple[str, ...] = ()
   small: bool = False           # a multi-crop small crop (never a key; see objectives)
   min_salient_cover: float = 0.0
-  salient_rule: str = "cast"
   boxes: BoxSpec | None = None  # boxes that travel with the view (MaskCo)
   constraint: Constraint | None = None   # constrained multi-crop (anchored to another view)
+  salient_rule: str = "cast"    # how min_salient_cover is met (SALIENT_RULES)
 
   def __post_init__(self):
     unknown = [f for f in self.fields if f not in FIELDS]
