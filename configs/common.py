@@ -70,7 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Background augmentations (data_pipelines/background.py; Ryali et al. 2021): mode
   # none | rm | random | swaps, each global view with probability p_pos; swaps adds a
   # background-matched negative with probability p_neg (the paper's MoCo-v2: 0.2, 0.2).
-  c.background = ml_collections.ConfigDict(dict(mode="none", p_pos=0.2, p_neg=0.2))
+  # fg_min: the global crops hold >= this fraction of the foreground (FGmin; None: 0.1
+  # with swaps, as the paper's MoCo-v2, else 0; 0: unconstrained).
+  c.background = ml_collections.ConfigDict(dict(
+      mode="none", p_pos=0.2, p_neg=0.2,
+      fg_min=ml_collections.config_dict.placeholder(float)))
   # Views (data_pipelines/views.py standard_views): two global crops of image_size px
   # with crop area in global_area, then small_crops multi-crop views of small_size px;
   # min_salient_cover > 0: the global crops cover that fraction of the salient area (CAST).

@@ -230,11 +230,21 @@ def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
 
 
 SALIENT = 0.5    # default: saliency above this is salient (the CAST reference: > 128 of 255)
+CENTRE_CROP = 224 / 256  # the background paper's CenterCrop (C.6): 224 px of a 256 px side
+
+
+def centre_crop_box(height, width, fraction=CENTRE_CROP):
+  """The centred square of side fraction x the shorter side, (y, x, h, w) int32: the
+  paper's Resize(256) + CenterCrop(224) view, at any image size."""
+  side = tf.maximum(1, tf.cast(tf.round(fraction * tf.cast(tf.minimum(height, width),
+                                                           tf.float32)), tf.int32))
+  return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
 def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi=0.2,
-                     tries=10, threshold=SALIENT):
-  """(box, fell_back): a crop_box that covers >= phi of the salient area (CAST, sec. 3.1).
+                     tries=10, threshold=SALIENT, rule="cast"):
+  """(box, fell_back): a crop_box that covers >= phi of the salient area (CAST, sec. 3.1;
+  the background paper's FGmin with rule='fg_min').
 
   saliency [H, W] in [0, 1], salient where > threshold. Up to `tries` crop_box
   draws, the first with seed itself (so phi = 0 gives crop_box(seed) exactly)
@@ -246,13 +256,21 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   (The released CAST code draws crop centres from a wide Gaussian around the
   saliency centroid and falls back to a random box around the salient bounding
   box; uniform positions keep phi = 0 the plain crop.)
+  rule='fg_min' is Ryali et al. 2021 (A.1, C.6: "RRC parameters were sampled up to 10
+  times ..., defaulting to a CenterCrop"): the same draws (each a whole RRC
+  sample), phi as given (never lowered), and on failure centre_crop_box (the
+  paper's CenterCrop view, which need not hold phi of the foreground) instead of
+  the whole image.
   """
+  if rule not in ("cast", "fg_min"):   # views.SALIENT_RULES
+    raise ValueError(f"salient_crop_box: rule {rule!r}: choose 'cast' or 'fg_min'.")
   h, w = tf.shape(saliency)[0], tf.shape(saliency)[1]
   salient = tf.cast(saliency > threshold, tf.float32)
   total = tf.reduce_sum(salient)
   table = tf.pad(tf.cumsum(tf.cumsum(salient, 0), 1), [[1, 0], [1, 0]])  # summed-area table
   pixels = tf.cast(h * w, tf.float32)
-  phi = tf.minimum(float(phi), area[0] * pixels / tf.maximum(total, 1.0))
+  phi = float(phi) if rule == "fg_min" else tf.minimum(
+      float(phi), area[0] * pixels / tf.maximum(total, 1.0))
   seeds = [seed] + [tf.random.experimental.stateless_fold_in(seed, t) for t in range(1, tries)]
   boxes = tf.stack([crop_box(s, h, w, area, ratio) for s in seeds])        # [tries, 4]
   y, x, bh, bw = tf.unstack(boxes, axis=1)
@@ -260,7 +278,8 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   covered = at(y + bh, x + bw) - at(y, x + bw) - at(y + bh, x) + at(y, x)
   ok = (covered >= phi * total) | (total == 0.0)
   found = tf.reduce_any(ok)
-  box = tf.where(found, boxes[tf.argmax(tf.cast(ok, tf.int32))], tf.stack([0, 0, h, w]))
+  fallback = centre_crop_box(h, w) if rule == "fg_min" else tf.stack([0, 0, h, w])
+  box = tf.where(found, boxes[tf.argmax(tf.cast(ok, tf.int32))], fallback)
   return box, tf.logical_not(found)
 
 
@@ -334,7 +353,7 @@ def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIE
                        "its crops need the image's saliency map.")
     box, extra["crop_fallback"] = salient_crop_box(s[0], saliency, spec.crop_area,
                                                    t["crop_ratio"], spec.min_salient_cover,
-                                                   threshold=threshold)
+                                                   threshold=threshold, rule=spec.salient_rule)
   else:
     box = crop_box(s[0], height, width, spec.crop_area, t["crop_ratio"])
   p = dict(

@@ -8,14 +8,20 @@ view independently with probability p_pos. A view's foreground m is its saliency
   'random'  the tiled background (masks/background.py, moved with the view) of another
             image of the same batch, picked uniformly among the others;
   'swaps'   as 'random', with the two global views' backgrounds from distinct images
-            (batch >= 3), plus, for methods with explicit negatives (moco_v2, simclr), one extra
-            negative per image in batch[NEGATIVE]: m_q * r + (1 - m_q) * q with probability
-            p_neg (q the final query view, r the key view of another image of the batch),
-            else r itself, so every query has |Q| + 1 negatives. MoCo: it goes through the
-            key network with the keys and is never enqueued (objectives/moco.py); SimCLR:
-            through the network with the views, a negative of view1's anchors (simclr.py).
-            DetCon-S is not yet supported (its negatives are masks, not images).
-With p_pos = 0 (and no negative) every view is the plain method's, bit for bit.
+            (batch >= 3), plus, for methods with explicit negatives (moco_v2, simclr,
+            detcon_s) and p_neg > 0, one extra negative per image in batch[NEGATIVE]:
+            m_q * r + (1 - m_q) * q with probability p_neg (q the final query view, r the
+            key view of another image of the batch), else r itself, so every query has
+            |Q| + 1 negatives (p_neg = 0 adds none, so that p = 0 is the plain method). MoCo:
+            it goes through the key network with the keys and is never enqueued
+            (objectives/moco.py); SimCLR and DetCon-S: through the network with the views,
+            one more negative of each view-1 anchor (simclr.py; DetCon-S pools it under the
+            query's own masks, negative_view and contrastive.detcon_nce); never a positive.
+            Its global crops hold >= fg_min of the foreground (the paper's FGmin = 0.1,
+            MoCo-v2 A.1: augment.salient_crop_box, rule 'fg_min'); config.background.fg_min
+            None = FG_MIN[mode], a number = that, for any mode; 0 = unconstrained crops.
+With p_pos = p_neg = fg_min = 0 every view is the plain method's, bit for bit, and there
+is no extra negative: the plain method exactly.
 Random numbers: DRAWS per view and 2 for the negative, per example from its own key
 (input.py), so a batch stays a function of (seed, step).
 """
@@ -32,7 +38,8 @@ DRAWS = 3                  # per view: apply?, gray level, which other image
 # Methods each mode composes with; swaps needs explicit negatives and the hook in the loss.
 METHODS = {"rm": ("moco_v2", "byol", "swav", "simclr", "detcon_s", "detcon_b"),
            "random": ("moco_v2", "byol", "swav", "simclr", "detcon_s", "detcon_b"),
-           "swaps": ("moco_v2", "simclr")}
+           "swaps": ("moco_v2", "simclr", "detcon_s")}
+FG_MIN = {"swaps": 0.1}    # default fg_min per mode (paper A.1, MoCo-v2); others 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Settings:
   p_pos: float
   p_neg: float = 0.0
   negative: bool = False     # build batch[NEGATIVE] (swaps on a method with negatives)
+  fg_min: float = 0.0        # global crops hold >= this fraction of the foreground
 
 
 def settings(config) -> Settings | None:
@@ -48,7 +56,10 @@ def settings(config) -> Settings | None:
   bg = config.get("background", None)
   if bg is None or bg.mode == "none":
     return None
-  return Settings(bg.mode, float(bg.p_pos), float(bg.p_neg), negative=bg.mode == "swaps")
+  fg_min = bg.get("fg_min", None)
+  return Settings(bg.mode, float(bg.p_pos), float(bg.p_neg),
+                  negative=bg.mode == "swaps" and float(bg.p_neg) > 0,
+                  fg_min=FG_MIN.get(bg.mode, 0.0) if fg_min is None else float(fg_min))
 
 
 def needs_tiled(s: Settings | None) -> bool:
@@ -56,13 +67,32 @@ def needs_tiled(s: Settings | None) -> bool:
 
 
 def with_fields(specs, s: Settings | None):
-  """The view specs with what the augmentation reads added to the global views."""
+  """The view specs with what the augmentation reads added to the global views, and
+  their crops constrained to fg_min of the foreground (rule 'fg_min') when > 0."""
   if s is None:
     return tuple(specs)
   extra = (V.FOREGROUND,) + ((V.BACKGROUND,) if needs_tiled(s) else ())
+  crop = dict(min_salient_cover=s.fg_min, salient_rule="fg_min") if s.fg_min > 0 else {}
   return tuple(spec if spec.small else dataclasses.replace(
-      spec, fields=spec.fields + tuple(f for f in extra if f not in spec.fields))
+      spec, fields=spec.fields + tuple(f for f in extra if f not in spec.fields), **crop)
       for spec in specs)
+
+
+def negative_view(batch: dict, query):
+  """(batch, ViewSpec) of batch[NEGATIVE] for a method's forward pass (SimCLR, DetCon-S).
+
+  The negative has the query view's geometry (its pixels are the query's outside m_q),
+  so a mask-pooled method pools it under the query's own masks: the batch gets
+  '<NEGATIVE>/masks' and '/mask_ids' as aliases of the query's (no copy). Each mask
+  anchor (b, k) of the query then meets the same region of a background-matched image:
+  the query's background there, another image's foreground where m_q was; with one
+  global mask this is SimCLR's image-level negative.
+  """
+  fields = tuple(f for f in query.fields if f == V.MASKS)
+  if fields:
+    batch = dict(batch, **{B.key(NEGATIVE, f): batch[B.key(query.name, f)]
+                           for f in ("masks", "mask_ids")})
+  return batch, V.ViewSpec(NEGATIVE, batch[NEGATIVE].shape[1], fields=fields)
 
 
 def draws(key, num_views: int):
@@ -114,6 +144,22 @@ def apply(batch: dict, names, u, s: Settings) -> dict:
   return batch
 
 
+def check_hole(manifest: dict, foreground_threshold: float) -> bool:
+  """Warn (and return False) when the records' tiled-background hole (saliency > its
+  build threshold, masks/background.BUILD_THRESHOLD = 0.2, dilated) is smaller than the
+  train-time foreground (saliency > foreground_threshold): pasted backgrounds then keep
+  the pixels in between (weak object parts). The hole is deliberately generous and
+  fixed at build time, so it holds the foreground of any threshold >= 0.2."""
+  import logging
+  hole = float(manifest.get("background", {}).get("threshold", 0.0))
+  if float(foreground_threshold) < hole:
+    logging.warning("config.data.foreground_threshold=%s is below the tiled backgrounds' hole "
+                    "threshold %s: pasted backgrounds keep pixels of saliency in between.",
+                    foreground_threshold, hole)
+    return False
+  return True
+
+
 def validate(config) -> None:
   """One ConfigError line for a mode, probability or method that does not fit."""
   from configs.common import ConfigError
@@ -126,8 +172,17 @@ def validate(config) -> None:
     if not 0.0 <= float(bg[name]) <= 1.0:
       raise ConfigError(f"config.background.{name}={bg[name]!r}: must be in [0, 1] "
                         "(paper: 0.2 for MoCo-v2).")
+  fg_min = bg.get("fg_min", None)
+  if fg_min is not None and not 0.0 <= float(fg_min) < 1.0:
+    raise ConfigError(f"config.background.fg_min={fg_min!r}: must be in [0, 1) (paper: 0.1 "
+                      "for MoCo-v2 + BG Swaps; 0: unconstrained crops; None: per mode).")
   if bg.mode == "none":
     return
+  views = config.get("views", None)
+  if settings(config).fg_min > 0 and views is not None and views.get("min_salient_cover", 0):
+    raise ConfigError(f"config.background.fg_min={settings(config).fg_min} and "
+                      f"config.views.min_salient_cover={views.min_salient_cover} both constrain "
+                      "the crops; set one of them to 0.")
   if config.method not in METHODS[bg.mode]:
     why = (" (BG Swaps needs a method with explicit negatives; BYOL, SwAV and DetCon-B "
            "have none)" if bg.mode == "swaps" else "")

@@ -107,7 +107,7 @@ class Batches:
   count so far (the tail of an epoch is counted once the next epoch starts,
   or at the end of a finite pass). With saliency-constrained views
   (ViewSpec.min_salient_cover), stats['constrained_crops'] counts their crops and
-  stats['crop_fallbacks'] those that took the whole image (augment.salient_crop_box).
+  stats['crop_fallbacks'] those that fell back (augment.salient_crop_box).
   """
 
   def __init__(self, ds, per_epoch: int, start_pos: int = 0, start_epoch: int = 0,
@@ -303,6 +303,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   tiled = any(V.BACKGROUND in s.fields for s in views)
   if tiled:
     R.require_field(records_dir, "background", manifest)
+    bg_lib.check_hole(manifest, foreground_threshold)
   names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
   host_index, host_count = _host(host_index, host_count)
   paths, per_epoch = host_shards(records_dir, manifest, split, host_index, host_count)

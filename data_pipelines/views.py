@@ -36,6 +36,11 @@ FALLBACK = "fallback"    # batch[key(view, FALLBACK)]: [B] int32, 1 where a cons
 # Defaults of the constrained multi-crop rules (augment.OVERLAP_RULES): the paper's 20% of
 # the small crop inside the anchor; the released code's 10% of its target area.
 RULE_OVERLAP = {"paper": 0.2, "reference": 0.1}
+# ViewSpec.salient_rule: how augment.salient_crop_box meets min_salient_cover. 'cast':
+# CAST's reference (phi lowered when even a smallest crop cannot reach it; the whole image
+# when no draw qualifies); 'fg_min': the background-augmentation paper's FGmin (Ryali et al.
+# 2021, A.1 and C.6: the fraction as given; a CenterCrop when no draw qualifies).
+SALIENT_RULES = ("cast", "fg_min")
 BOX_ROLES = ("key", "query")  # BoxSpec.role (data_pipelines/boxes.py)
 
 
@@ -93,7 +98,7 @@ class ViewSpec:
   fraction range; fields are the dense fields that travel with the view.
   min_salient_cover (CAST's phi) > 0 makes the crop cover at least that
   fraction of the image's salient area (augment.salient_crop_box; needs
-  records with saliency maps).
+  records with saliency maps), by salient_rule (SALIENT_RULES).
   """
   name: str
   size: int
@@ -104,6 +109,7 @@ class ViewSpec:
   min_salient_cover: float = 0.0
   boxes: BoxSpec | None = None  # boxes that travel with the view (MaskCo)
   constraint: Constraint | None = None   # constrained multi-crop (anchored to another view)
+  salient_rule: str = "cast"    # how min_salient_cover is met (SALIENT_RULES)
 
   def __post_init__(self):
     unknown = [f for f in self.fields if f not in FIELDS]
@@ -116,6 +122,9 @@ class ViewSpec:
     if not 0.0 <= self.min_salient_cover < 1.0:
       raise ValueError(f"View {self.name!r}: min_salient_cover {self.min_salient_cover} must "
                        "lie in [0, 1) (CAST: 0.2).")
+    if self.salient_rule not in SALIENT_RULES:
+      raise ValueError(f"View {self.name!r}: salient_rule {self.salient_rule!r}: choose one "
+                       f"of {SALIENT_RULES}.")
     if self.size < 8:
       raise ValueError(f"View {self.name!r}: size {self.size} must be >= 8.")
 

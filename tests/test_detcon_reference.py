@@ -30,8 +30,9 @@ def _unit(x):
 
 
 def reference_loss(o1, o2, t1, t2, ids1, ids2, tau=TAU, num_shards=1,
-                   same_image_negatives=True):
-  """One anchor row at a time; excluded candidates are left out of the softmax."""
+                   same_image_negatives=True, extra=None):
+  """One anchor row at a time; excluded candidates are left out of the softmax.
+  extra [B, K, D]: one more negative of each view-1 row (BG Swaps)."""
   online, target, ids = (o1, o2), (t1, t2), (np.asarray(ids1), np.asarray(ids2))
   b, k = ids[0].shape
   block = b // num_shards
@@ -57,6 +58,9 @@ def reference_loss(o1, o2, t1, t2, ids1, ids2, tau=TAU, num_shards=1,
               continue
             logits.append(q @ _unit(target[v][j, l]) / tau)
             labels.append(0.0)
+        if extra is not None and v == 0:
+          logits.append(q @ _unit(extra[i, r]) / tau)
+          labels.append(0.0)
         labels, logits = np.array(labels), np.array(logits)
         if labels.sum() == 0:
           rows.append(0.0)

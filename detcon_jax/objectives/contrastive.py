@@ -97,7 +97,8 @@ def _multiplicity(ids):
   return jnp.sum(ids[:, :, None] == ids[:, None, :], axis=-1).astype(jnp.float32)
 
 
-def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature, dedup, same_image_negatives):
+def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature, dedup, same_image_negatives,
+                 extra=None):
   """One direction of the DetCon loss over [B, K, D] unit latents.
 
   Returns (sum of weighted row losses, sum of row weights, unique rows, rows).
@@ -109,7 +110,8 @@ def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature, dedup, same_im
   dedup=True folds duplicates out: a candidate whose id occurs c times in its
   image contributes exp(logit) / c per copy, once in total, so duplicated
   masks never change the loss. same_image_negatives=False also excludes the
-  other ids of the anchor's own image (both views).
+  other ids of the anchor's own image (both views). extra [B, K, D]: one more
+  negative per anchor row (BG Swaps), never a positive, never deduplicated.
   """
   b = q.shape[0]
   same_image = jnp.eye(b, dtype=bool)[:, None, :, None]                     # [B, 1, B, 1]
@@ -126,6 +128,8 @@ def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature, dedup, same_im
     logits_other = jnp.where(same_image & other_id, LARGE_NEGATIVE, logits_other)
   lse = jnp.logaddexp(jax.nn.logsumexp(logits_other, axis=(2, 3)),
                       jax.nn.logsumexp(logits_same, axis=(2, 3)))
+  if extra is not None:
+    lse = jnp.logaddexp(lse, jnp.sum(q * extra, axis=-1) / temperature)
   positive = ids[:, :, None] == ids_other[:, None, :]                       # [B, K, K]
   num_pos = jnp.sum(positive, axis=-1)
   pos_logits = jnp.einsum("bkd,bld->bkl", q, t_other) / temperature
@@ -136,7 +140,8 @@ def _detcon_rows(q, t_other, t_same, ids, ids_other, temperature, dedup, same_im
 
 
 def detcon_nce(online1, online2, target1, target2, ids1, ids2, *, temperature: float,
-               num_shards: int = 1, form: str = "reference", same_image_negatives: bool = True):
+               num_shards: int = 1, form: str = "reference", same_image_negatives: bool = True,
+               extra=None):
   """DetCon's contrastive detection loss (paper eq. 3, batched as the reference).
 
   online*/target* [B, K, D] mask latents of views 1 and 2, ids* [B, K] their
@@ -158,6 +163,12 @@ def detcon_nce(online1, online2, target1, target2, ids1, ids2, *, temperature: f
   own image from its negatives (the reference's local_negatives=False; not to
   be confused with `num_shards`, the per-device negatives of Table 5).
 
+  extra [B, K, D]: BG Swaps' negative for each view-1 anchor (b, k): the
+  background-matched image of b pooled under b's own mask k (the same region:
+  the query's background, another image's foreground; background.negative_view).
+  It is one more candidate of that row's softmax only, as nt_xent's `extra` is
+  of a view-1 anchor; with one global mask DetCon-S + extra is SimCLR + extra.
+
   Returns (loss, metrics) with metrics['positive_fraction'] = share of unique
   anchors that have a positive.
   """
@@ -165,11 +176,14 @@ def detcon_nce(online1, online2, target1, target2, ids1, ids2, *, temperature: f
     raise ValueError(f"Unknown DetCon loss form {form!r}; choose one of {DETCON_FORMS}.")
   latents = [l2_normalize(x.astype(jnp.float32)) for x in (online1, online2, target1, target2)]
   q1, q2, t1, t2 = latents
-  rows_fn = lambda *a: _detcon_rows(*a, temperature, form == "dedup", same_image_negatives)
+  rows_fn = lambda q, o, s, i, io, *e: _detcon_rows(q, o, s, i, io, temperature,
+                                                     form == "dedup", same_image_negatives, *e)
+  extras = ([l2_normalize(extra.astype(jnp.float32))] if extra is not None else [], [])
   loss, with_pos, unique = 0.0, 0.0, 0.0
-  for q, t_other, t_same, ids, ids_other in ((q1, t2, t1, ids1, ids2), (q2, t1, t2, ids2, ids1)):
+  for (q, t_other, t_same, ids, ids_other), e in zip(
+      ((q1, t2, t1, ids1, ids2), (q2, t1, t2, ids2, ids1)), extras):
     total, weight, unique_rows, rows = _over_shards(rows_fn, num_shards,
-                                                    q, t_other, t_same, ids, ids_other)
+                                                    q, t_other, t_same, ids, ids_other, *e)
     loss += total / (jnp.where(weight > 0, weight, 1.0) if form == "dedup" else rows)
     with_pos, unique = with_pos + weight, unique + unique_rows
   return loss, {"positive_fraction": with_pos / unique}

@@ -2,15 +2,14 @@
 
 One network (encoder + projector) embeds both views; the criterion compares
 the two views' projections with each other, with gradients through both.
-BG Swaps' background-matched negative (batch[background.NEGATIVE], SimCLR only)
-goes through the same network in the views' call and is one more negative of
-each view-1 anchor.
+BG Swaps' background-matched negative (batch[background.NEGATIVE]; SimCLR and
+DetCon-S) goes through the same network in the views' call (pooled as view 1:
+background.negative_view) and is one more negative of each view-1 anchor.
 """
 from __future__ import annotations
 
 from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
-from data_pipelines import views as V
 from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import nt_xent
 
@@ -34,7 +33,8 @@ def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -
     specs = views(config)
     extra = {}
     if bg_lib.NEGATIVE in batch:
-      specs += (V.ViewSpec(bg_lib.NEGATIVE, batch[bg_lib.NEGATIVE].shape[1]),)
+      batch, negative = bg_lib.negative_view(batch, specs[0])
+      specs += (negative,)
     out = common.forward(nets, params, state[common.BATCH_STATS], batch, specs, pool)
     if bg_lib.NEGATIVE in batch:
       extra = {"extra": out.z[bg_lib.NEGATIVE]}
