@@ -232,6 +232,24 @@ def test_swav_demo_has_more_prototypes_than_dimensions():
   assert c.swav.num_prototypes > c.head.output_dim
 
 
+@pytest.mark.parametrize("preset", ["demo", "imagenet"])
+def test_swav_lars_scales_every_parameter_by_its_trust_ratio(preset):
+  """main_swav.py's LARC covers BN and biases: a 1-D leaf's first step is eta x lr x its
+  norm, whatever the gradient's scale (with BN excluded it would be lr x gradient)."""
+  from detcon_jax.train import optimizer as optimizer_lib
+  c = importlib.import_module("configs.swav").get_config(preset)
+  c.optimizer.update(warmup_steps=0, weight_decay=0.0)
+  tx, schedule = optimizer_lib.make_optimizer(c)
+  params = {"bias": jnp.asarray([3.0, 4.0]), "kernel": jnp.ones((2, 2))}
+  steps = []
+  for scale in (1.0, 100.0):
+    grads = jax.tree.map(lambda p: scale * jnp.full_like(p, 0.1), params)
+    steps.append(tx.update(grads, tx.init(params), params)[0]["bias"])
+  np.testing.assert_allclose(steps[0], steps[1], rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(steps[0]), c.optimizer.eta * schedule(0) * 5.0,
+                             rtol=1e-4)
+
+
 def test_swav_multi_crop_step_prototypes_and_queue():
   """2 x 32 px + 2 x 16 px crops; prototypes held 1 step, then unit rows; queue fills."""
   config = tiny_config("swav", small_crops=2)
