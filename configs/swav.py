@@ -3,7 +3,7 @@
 Paper settings (800-epoch ImageNet model): ResNet-50, batch 4096, multi-crop
 2 x 224 px (14-100% of the image) + 6 x 96 px (5-14%), 3000 prototypes frozen
 for the first epoch, Sinkhorn-Knopp with 3 iterations and epsilon 0.05,
-temperature 0.1, LARS (lr 4.8 = 0.3 x 4096/256, weight decay 1e-6), 10
+temperature 0.1, LARS on every parameter (lr 4.8 = 0.3 x 4096/256, weight decay 1e-6), 10
 warmup epochs and a cosine schedule, no feature queue at this batch size.
 """
 from configs import common
@@ -13,23 +13,39 @@ EPOCHS = {"imagenet": 800, "coco": common.DATASETS["coco"]["epochs"]}
 
 def get_config(arg: str | None = None):
   name, epochs = common.parse_preset("swav", arg)
+  c = _get_config(name, epochs)
+  # main_swav.py wraps SGD in apex LARC over model.parameters(): the trust ratio
+  # (and weight decay) on every parameter, batch norm and biases included. With
+  # BN and biases excluded, their steps are lr x gradient, unbounded by the trust
+  # ratio (lr 4.8 in the demo): the demo's embeddings collapsed (mean cosine
+  # 0.40 -> 0.93 in steps 10-20), but not with LARS on every parameter (0.26-0.67).
+  c.optimizer.exclude_1d = False
+  return c
+
+
+def _get_config(name, epochs):
   if name == "demo":
     c = common.demo_config("swav", "swav")
     # Multi-crop scaled to the 64 px views: 2 x 64 px + 4 x 32 px (a multiple of
     # the stride 16). 300 prototypes: more than the 64 embedding dimensions, as
-    # the paper's 3000 exceed its 128. With fewer prototypes than dimensions an
-    # embedding orthogonal to all of them scores every prototype 0, a uniform
-    # fixed point (loss = log P) that the demo fell into within 15 steps at 30
-    # prototypes (codes_entropy 0.79 -> 1.00); at 300 and 3000 it did not (0.94
-    # after 80 steps), though at 300 the codes still drift towards uniform over
-    # a few hundred steps (0.93 at step 80, 0.99 at 170; also at peak lr 0.6).
-    # 300 is about the batch plus queue (32 + 256) that Sinkhorn spreads over
-    # them, as 3000 is for the paper's 4096. Frozen for
-    # the first epoch (2500 / 32 = 78 steps); a queue of 8 batches once the
-    # first epoch is over, as SwAV does for small batches.
+    # the paper's 3000 exceed its 128 (with 30 the embeddings went orthogonal to
+    # every prototype within 15 steps: uniform codes, loss = log P). A queue of 8
+    # batches once the first epoch (2500 / 32 = 78 steps) is over, as SwAV does
+    # for small batches.
+    # epsilon 0.02, not the paper's 0.05: at batch 32 the embeddings of a batch
+    # differ by cosines of ~0.1 across prototypes, about epsilon, so at 0.05 the
+    # codes start nearly uniform (codes_entropy 0.84 at step 10) and the loss is
+    # best lowered by moving every embedding to the prototypes' flattest
+    # direction (prediction_entropy 0.96, as computed for 300 random prototypes
+    # in 64 dimensions); the codes then stay uniform (0.94-0.98, loss >= log P).
+    # Prototypes frozen for the whole run, not the paper's first epoch: released
+    # at step 78 (epsilon 0.02), they drifted until every embedding scored them
+    # alike (prediction_entropy 0.9995, codes 0.98 from step ~270; kNN 10.2%,
+    # linear 18.0%); frozen, the codes stayed 0.73-0.95 (kNN 16.0%, linear 21.0%
+    # vs 16.4% / 13.2% at random init; README, SwAV).
     c.views.update(small_crops=4, small_size=32)
-    c.swav.update(num_prototypes=300, freeze_prototypes_steps=78, queue_size=256,
-                  queue_start_step=78)
+    c.swav.update(num_prototypes=300, freeze_prototypes_steps=c.steps, queue_size=256,
+                  queue_start_step=78, epsilon=0.02)
     return c
   c = common.paper_config("swav", "swav", name, epochs or EPOCHS[name])
   images = common.DATASETS[name]["images"]

@@ -172,6 +172,49 @@ def test_swapped_prediction_known_answer():
   np.testing.assert_allclose(float(swav.swapped_prediction(codes, scores, 0.1)), want, rtol=1e-6)
 
 
+def swav_loss_reference(scores, num_assign, temperature, eps, iterations, queued=None):
+  """main_swav.py's loss on one process (float64), and its gradient w.r.t. each crop's
+  scores (codes detached: d/ds_v of -sum q log softmax(s_v / T) is (softmax - q) / T)."""
+  scores = [np.asarray(s, np.float64) for s in scores]
+  n, crops = scores[0].shape[0], len(scores)
+  value, grads = 0.0, [np.zeros_like(s) for s in scores]
+  for i in range(num_assign):
+    out = scores[i] if queued is None else np.concatenate([queued[i], scores[i]])
+    q = sinkhorn_reference(out, eps, iterations)[-n:]
+    for v in range(crops):
+      if v != i:
+        x = scores[v] / temperature
+        logp = x - x.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        value -= np.mean(np.sum(q * logp, axis=1)) / (crops - 1)
+        grads[v] += (np.exp(logp) - q) / (temperature * n * (crops - 1))
+  return value / num_assign, [g / num_assign for g in grads]
+
+
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_swav_loss_and_gradient_match_the_reference(with_queue):
+  """2 code crops + 3 others, 6 samples, 5 prototypes; a queue of 4 (used, or left out by weight 0)."""
+  rng = np.random.default_rng(2)
+  protos = _unit(rng.normal(size=(5, 8)))
+  scores = [_unit(rng.normal(size=(6, 8))) @ protos.T for _ in range(5)]
+  queued = [_unit(rng.normal(size=(4, 8))) @ protos.T for _ in range(2)]
+  kwargs = dict(temperature=0.1, epsilon=0.05, iterations=3)
+  if with_queue:
+    want, want_grads = swav_loss_reference(scores, 2, 0.1, 0.05, 3, queued)
+    weights = jnp.ones(4)
+  else:
+    want, want_grads = swav_loss_reference(scores, 2, 0.1, 0.05, 3)
+    weights = jnp.zeros(4)
+
+  def f(s):
+    return swav.swav_loss(list(s), 2, queued=[jnp.asarray(q, jnp.float32) for q in queued],
+                          queue_weights=weights, **kwargs)[0]
+  stacked = jnp.asarray(np.stack(scores), jnp.float32)
+  np.testing.assert_allclose(float(f(stacked)), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(stacked)), np.stack(want_grads),
+                             rtol=1e-4, atol=1e-7)
+
+
 def test_swav_collapse_diagnostics_known_answers():
   """codes_entropy / prediction_entropy: 1 = uniform (collapsed), 0 = one-hot."""
   np.testing.assert_allclose(float(swav._normalized_entropy(jnp.full((3, 4), 0.25))), 1.0,
@@ -187,6 +230,24 @@ def test_swav_demo_has_more_prototypes_than_dimensions():
   """Fewer prototypes than embedding dimensions admit a uniform fixed point (configs/swav.py)."""
   c = importlib.import_module("configs.swav").get_config("demo")
   assert c.swav.num_prototypes > c.head.output_dim
+
+
+@pytest.mark.parametrize("preset", ["demo", "imagenet"])
+def test_swav_lars_scales_every_parameter_by_its_trust_ratio(preset):
+  """main_swav.py's LARC covers BN and biases: a 1-D leaf's first step is eta x lr x its
+  norm, whatever the gradient's scale (with BN excluded it would be lr x gradient)."""
+  from detcon_jax.train import optimizer as optimizer_lib
+  c = importlib.import_module("configs.swav").get_config(preset)
+  c.optimizer.update(warmup_steps=0, weight_decay=0.0)
+  tx, schedule = optimizer_lib.make_optimizer(c)
+  params = {"bias": jnp.asarray([3.0, 4.0]), "kernel": jnp.ones((2, 2))}
+  steps = []
+  for scale in (1.0, 100.0):
+    grads = jax.tree.map(lambda p: scale * jnp.full_like(p, 0.1), params)
+    steps.append(tx.update(grads, tx.init(params), params)[0]["bias"])
+  np.testing.assert_allclose(steps[0], steps[1], rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(steps[0]), c.optimizer.eta * schedule(0) * 5.0,
+                             rtol=1e-4)
 
 
 def test_swav_multi_crop_step_prototypes_and_queue():

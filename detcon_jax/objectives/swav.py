@@ -54,10 +54,40 @@ def swapped_prediction(codes, scores, temperature: float):
   return -jnp.mean(jnp.sum(codes * jax.nn.log_softmax(scores / temperature, axis=-1), axis=-1))
 
 
+def swav_loss(scores, num_assign: int, *, temperature: float, epsilon: float,
+              iterations: int, queued=None, queue_weights=None):
+  """SwAV's loss from per-crop scores (list of [N, P]; the first num_assign crops give codes).
+
+  For each code crop i, Sinkhorn codes from its detached scores (after the
+  queued scores queued[i] [Q, P], weighted by queue_weights [Q]); every other
+  crop v predicts them: the sum over v != i of swapped_prediction, divided by
+  (crops - 1); then the mean over code crops (main_swav.py's train()).
+  Returns (loss, codes list).
+  """
+  value, all_codes = 0.0, []
+  for i in range(num_assign):
+    detached, weights = jax.lax.stop_gradient(scores[i]), None
+    if queued is not None:
+      detached = jnp.concatenate([jax.lax.stop_gradient(queued[i]), detached])
+      weights = jnp.concatenate([queue_weights, jnp.ones(scores[i].shape[:1], jnp.float32)])
+    codes = jax.lax.stop_gradient(sinkhorn(detached, epsilon=epsilon, iterations=iterations,
+                                           weights=weights)[-scores[i].shape[0]:])
+    all_codes.append(codes)
+    value += sum(swapped_prediction(codes, scores[v], temperature)
+                 for v in range(len(scores)) if v != i) / (len(scores) - 1)
+  return value / num_assign, all_codes
+
+
 def _normalized_entropy(probs):
   """Mean entropy of rows [N, P] over log P: 0 = one-hot, 1 = uniform."""
   ent = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-12)), axis=-1)
   return jnp.mean(ent) / jnp.log(probs.shape[-1])
+
+
+def _mean_similarity(z):
+  """Mean cosine between different rows of unit vectors z [N, D] (1 = one embedding for all)."""
+  n = z.shape[0]
+  return (jnp.sum(z @ z.T) - jnp.sum(z * z)) / (n * (n - 1))
 
 
 def _prototypes_used(scores):
@@ -97,35 +127,27 @@ def loss(params, state, batch, rng, step, config):
   prototypes = params[PROTOTYPES]
   scores = {n: v @ prototypes.T for n, v in z.items()}
   assign = [s.name for s in V.global_views(specs)]
-  names = [s.name for s in specs]
+  names = assign + [s.name for s in specs if s.name not in assign]
   s = config.swav
-  use_queue = None
-  value = 0.0
-  code_entropy = 0.0
-  for i, a in enumerate(assign):
-    detached = jax.lax.stop_gradient(scores[a])
-    weights = None
-    if QUEUE in state:
-      q = state[QUEUE]
-      use_queue = (step >= int(s.queue_start_step)) & queue_lib.is_full(q)
-      queued = jax.lax.stop_gradient(q["keys"][:, i] @ prototypes.T)
-      detached = jnp.concatenate([queued, detached])
-      weights = jnp.concatenate([jnp.full(queued.shape[:1], use_queue, jnp.float32),
-                                 jnp.ones(scores[a].shape[:1], jnp.float32)])
-    codes = sinkhorn(detached, epsilon=float(s.epsilon), iterations=int(s.sinkhorn_iterations),
-                     weights=weights)[-scores[a].shape[0]:]
-    codes = jax.lax.stop_gradient(codes)
-    code_entropy += _normalized_entropy(codes) / len(assign)
-    others = [n for n in names if n != a]
-    value += sum(swapped_prediction(codes, scores[n], float(config.loss.temperature))
-                 for n in others) / len(others)
-  value = value / len(assign)
+  queued = queue_weights = use_queue = None
+  if QUEUE in state:
+    q = state[QUEUE]
+    use_queue = (step >= int(s.queue_start_step)) & queue_lib.is_full(q)
+    queued = [q["keys"][:, i] @ prototypes.T for i in range(len(assign))]
+    queue_weights = jnp.full(q["keys"].shape[:1], use_queue, jnp.float32)
+  value, codes = swav_loss([scores[n] for n in names], len(assign),
+                           temperature=float(config.loss.temperature), epsilon=float(s.epsilon),
+                           iterations=int(s.sinkhorn_iterations), queued=queued,
+                           queue_weights=queue_weights)
+  code_entropy = sum(_normalized_entropy(c) for c in codes) / len(codes)
   new_state = dict(state, **{common.BATCH_STATS: out.batch_stats})
-  # Collapse diagnostics: 1.0 = uniform (the trivial fixed point, loss = log P).
+  # Collapse diagnostics: 1.0 = uniform (the trivial fixed point, loss = log P); the
+  # codes turn uniform when the batch's embeddings do not differ (embedding_similarity 1).
   metrics = {"loss": value, "codes_entropy": code_entropy,
              "prediction_entropy": _normalized_entropy(
                  jax.nn.softmax(scores[assign[0]] / float(config.loss.temperature))),
-             "prototypes_used": _prototypes_used(scores[assign[0]])}
+             "prototypes_used": _prototypes_used(scores[assign[0]]),
+             "embedding_similarity": _mean_similarity(z[assign[0]])}
   if QUEUE in state:
     new_state[INCOMING] = jax.lax.stop_gradient(jnp.stack([z[a] for a in assign], axis=1))
     metrics["queue_in_use"] = use_queue.astype(jnp.float32)
