@@ -47,7 +47,7 @@ import numpy as np
 
 from data_pipelines import demo as demo_lib
 from data_pipelines import masks as masks_lib
-from data_pipelines import records, sources
+from data_pipelines import records, sources, tfds_segmentation
 from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_ASPECT,  # noqa: F401 (API)
                                    DEFAULT_MIN_SIDE,
                                    load_image_file, prepare, resize_shorter, to_rgb_uint8)
@@ -99,7 +99,7 @@ def process_shard(job: dict) -> dict:
                           ex["instances"], ex["classes"]))
       continue
     if job["kind"] == "folder":
-      path, label = item
+      (path, label), gt = item, None
       index, example_id = job["first_index"] + len(recs) + len(skipped), path
       try:
         image = load_image_file(path)
@@ -107,14 +107,17 @@ def process_shard(job: dict) -> dict:
         skipped.append(dict(split=split, input=path, reason=f"{type(e).__name__}: {e}"))
         continue
     else:                                    # tfds: decoded by payload()
-      index, image, label = item
+      index, image, label, gt = item
       example_id = f"{split}/{index}"
+    raw_shape = np.shape(image)
     image, reason = _prepare(np.asarray(image), opts)
+    if not reason and gt is not None:
+      gt, reason = tfds_segmentation.fit(gt, raw_shape, image.shape)
     if reason:
       skipped.append(dict(split=split, input=example_id, reason=reason))
       continue
     try:
-      recs.append(_finish(image, index, example_id, label, specs, opts))
+      recs.append(_finish(image, index, example_id, label, specs, opts, *(gt or (None, None))))
     except ValueError as e:
       skipped.append(dict(split=split, input=example_id, reason=str(e)))
   return dict(records=recs, skipped=skipped)

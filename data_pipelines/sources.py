@@ -4,7 +4,8 @@
   folder:PATH   image files under PATH (local or gs://), laid out as tfds ImageFolder:
                 PATH/[train|test|val/]CLASS/**/IMAGE, class = subfolder (see plan_folder)
   tfds:NAME     a TensorFlow Datasets builder (prepared in --data_dir, or from
-                manual_dir downloads, e.g. imagenet2012)
+                manual_dir downloads, e.g. imagenet2012); GT instance maps where
+                tfds_segmentation.py lists its segmentation feature (oxford_iiit_pet)
 
 A plan is a plain dict: kind, per-split item lists, and dataset-level facts
 (classes, ground truth). Items are small (an index or a path), so they travel
@@ -148,17 +149,24 @@ def plan_tfds(name: str, opts: dict) -> dict:
     raise ValueError(f"tfds:{name} has no readable splits; prepare it first, e.g. "
                      f"`tfds build {name} --data_dir=DIR --manual_dir=DOWNLOADS` "
                      "(see the README), then pass --data_dir=DIR.")
-  return dict(kind="tfds", name=name, data_dir=opts.get("data_dir"), has_gt=False,
+  from data_pipelines import tfds_segmentation
+  has_gt = tfds_segmentation.lookup(name, info.features) is not None
+  return dict(kind="tfds", name=name, data_dir=opts.get("data_dir"), has_gt=has_gt,
               num_classes=len(names) if names else 0, class_names=names,
               splits={s: list(range(n)) for s, n in counts.items()})
 
 
 def tfds_payload(plan_: dict, split: str, items) -> list:
-  """Decoded (index, image, label) of a contiguous tfds slice (mock_data applies here)."""
+  """Decoded (index, image, label, gt) of a contiguous tfds slice (mock_data applies
+  here); gt: (instance map, classes) from tfds_segmentation where has_gt, else None."""
   import tensorflow_datasets as tfds
+
+  from data_pipelines import tfds_segmentation
   builder = tfds.builder(plan_["name"], data_dir=plan_["data_dir"])
   ds = builder.as_dataset(split=f"{split}[{items[0]}:{items[-1] + 1}]", shuffle_files=False)
   out = []
   for i, ex in zip(items, tfds.as_numpy(ds)):
-    out.append((i, ex["image"], int(ex.get("label", -1))))
+    label = int(ex.get("label", -1))
+    gt = tfds_segmentation.instances(plan_["name"], ex, label) if plan_["has_gt"] else None
+    out.append((i, ex["image"], label, gt))
   return out

@@ -272,8 +272,8 @@ def unsupported(manifest: dict) -> dict[str, str]:
     if B.LABEL in needs and not manifest.get("num_classes"):
       out[name] = "no image labels (a folder source labels images by class subfolder)"
     elif (B.SEMANTIC in needs or name in ("masks", "background")) and not manifest.get("has_gt"):
-      out[name] = ("no ground-truth instance maps (only --source=demo stores them; folder "
-                   "and tfds sources do not)")
+      out[name] = ("no ground-truth instance maps (only --source=demo and tfds datasets with a "
+                   "segmentation feature in data_pipelines/tfds_segmentation.py store them)")
     elif name == "masks":
       continue
     elif "test" not in manifest.get("splits", {}):
