@@ -31,8 +31,9 @@ def trimap_foreground(mask: np.ndarray) -> np.ndarray:
 
 
 def binary_foreground(mask: np.ndarray) -> np.ndarray:
-  """A 0..255 foreground mask (annotator-averaged grey levels) -> instance 1 where
-  at least half agree (> 127)."""
+  """A 0..255 grey foreground mask -> instance 1 above mid-grey (> 127). CUB-200-2011's
+  masks are grey levels (cv2 reads them with flags=0); the threshold is not checked
+  against the real files here (nothing is downloaded in tests)."""
   m = np.asarray(mask)
   m = m[..., 0] if m.ndim == 3 else m
   return (m > 127).astype(np.int32)
