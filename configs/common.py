@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from detcon_jax.errors import ConfigError  # noqa: F401  (configs.common.ConfigError, as before)
+
 # Dataset sizes used to turn epochs into steps (documented in the presets).
 IMAGENET_TRAIN_IMAGES = 1_281_167   # ILSVRC-2012 train
 COCO_TRAIN_IMAGES = 118_287         # COCO train2017
@@ -17,10 +19,6 @@ AUGMENTS = ("byol", "simclr", "moco_v2", "swav", "moco_v2_aplus")  # views.AUGME
 SCHEDULES = ("cosine", "piecewise")  # detcon_jax.train.optimizer.LR_SCHEDULES
 OPTIMIZERS = ("lars", "sgd", "adamw")  # detcon_jax.train.optimizer.OPTIMIZERS
 DETCON_FORMS = ("reference", "dedup")  # detcon_jax.objectives.contrastive.DETCON_FORMS
-
-
-class ConfigError(ValueError):
-  """An impossible or inconsistent config; the message names the key and the fix."""
 
 
 def steps_for_epochs(epochs: float, num_images: int, batch_size: int) -> int:

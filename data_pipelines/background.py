@@ -162,7 +162,7 @@ def check_hole(manifest: dict, foreground_threshold: float) -> bool:
 
 def validate(config) -> None:
   """One ConfigError line for a mode, probability or method that does not fit."""
-  from configs.common import ConfigError
+  from detcon_jax.errors import ConfigError
   bg = config.get("background", None)
   if bg is None:
     return

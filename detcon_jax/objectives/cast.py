@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.common import ConfigError
+from detcon_jax.errors import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.models import heads

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from configs.common import ConfigError
+from detcon_jax.errors import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.models import heads

@@ -34,7 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from configs.common import ConfigError
+from detcon_jax.errors import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import boxes as boxes_lib
 from data_pipelines import views as V

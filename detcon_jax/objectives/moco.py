@@ -46,7 +46,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from configs.common import ConfigError
+from detcon_jax.errors import ConfigError
 from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from data_pipelines import views as V

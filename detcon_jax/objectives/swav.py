@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from configs.common import ConfigError
+from detcon_jax.errors import ConfigError
 from data_pipelines import views as V
 from detcon_jax.objectives import common
 from detcon_jax.objectives import queue as queue_lib

@@ -29,14 +29,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from detcon_jax.errors import WorkdirError
+
 CHECKPOINT_DIR = "checkpoints"
 SET_ASIDE_DIR = "checkpoints_unrestorable"   # where train moves checkpoints that do not restore
 CONFIG_FILE = "config.json"
 LOCK_FILE = "lock"
-
-
-class WorkdirError(RuntimeError):
-  """The workdir cannot be used: not writable, held by another run, or no checkpoint restores."""
 
 
 def resolve_workdir(workdir: str) -> str:

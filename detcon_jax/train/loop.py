@@ -30,7 +30,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from configs.common import ConfigError, validate
+from configs.common import validate
+from detcon_jax.errors import (USER_ERRORS, ConfigError, InputError, NonFiniteLossError,
+                               WorkdirError)
 from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from detcon_jax.objectives import registry
@@ -41,14 +43,6 @@ from detcon_jax.train.state import init_train_state, make_optimizer, make_train_
 TB_DIR = writers.TB_DIR
 # BatchSource(config, start_step, host_index, host_count) -> iterator of host batches.
 BatchSource = Callable[..., Iterator[dict]]
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/inf; the run stopped without writing a checkpoint."""
-
-
-class InputError(RuntimeError):
-  """The input stalled, ended, or read more unreadable records than allowed."""
 
 
 # --- Data ------------------------------------------------------------------
@@ -297,7 +291,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
         jax.eval_shape(init, init_rng, abstract_batch(objective, config)), replicated)
     ts, start_step, skipped = checkpointing.restore(manager, abstract)
     if ts is None:
-      raise checkpointing.WorkdirError(
+      raise WorkdirError(
           f"No checkpoint in {manager.directory} restores (steps {skipped}, see the warnings "
           "above); move them away to start over, or use a new --workdir.")
     if skipped:
@@ -501,10 +495,6 @@ def summary_line(s: dict) -> str:
           f"{s['wall_s']:.1f}s (+{s['compile_s']:.1f}s compile) | {s['step_time_s']:.3f} s/step | "
           f"{s['img_per_s_per_device']:.1f} img/s/device | {loss} | {records}"
           f"checkpoint {s['checkpoint']}")
-
-
-# Errors a user can act on: the CLI prints them as one `error:` line.
-USER_ERRORS = (ConfigError, NonFiniteLossError, InputError, checkpointing.WorkdirError)
 
 __all__ = ["train", "init_train_state", "make_train_step",
            "NonFiniteLossError", "InputError", "ConfigError", "USER_ERRORS", "records_batches",
