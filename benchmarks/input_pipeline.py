@@ -178,24 +178,17 @@ def print_fh_rates(a, cores):
             f"{r:.1f} images/s = x{k / r:.2f}; maps identical: {same}")
   else:
     print("FH kernel: numba not installed; the build uses scikit-image per scale")
-  try:
-    import cv2  # noqa: F401
-    backends = list(fh.BACKENDS)
-  except ImportError:
-    backends = ["skimage"]
+  backends = list(fh.BACKENDS)
   for size, scales, label in ((96, fh.scales_for(96), "demo 96px, scales"),
                               (224, fh.PAPER_SCALES, "224px, paper scales")):
-    if "opencv" not in backends:
-      break
     imgs = _images(a.fh_images, size)
     rates = {b: fh_rate(imgs, scales, b) for b in backends}
     txt = ", ".join(f"{b} {r:.1f}" for b, r in rates.items())
     ratio = f"; opencv/skimage(kernel) {rates['opencv'] / rates['skimage']:.1f}x"
     print(f"FH precompute, {label} {scales} (3 maps/image), 1 core: {txt} images/s{ratio}")
-    if "opencv" in backends:
-      for s, ari, ab, ns, no, same in agreement(imgs[:20], scales):
-        print(f"  opencv vs skimage, scale {s}: ARI {ari:.3f}, ABO {ab:.3f}, segments "
-              f"{ns:.1f} vs {no:.1f}, identical maps {same:.0%}")
+    for s, ari, ab, ns, no, same in agreement(imgs[:20], scales):
+      print(f"  opencv vs skimage, scale {s}: ARI {ari:.3f}, ABO {ab:.3f}, segments "
+            f"{ns:.1f} vs {no:.1f}, identical maps {same:.0%}")
 
   imgs = _images(a.fh_images * cores, 96)
   chunks = [imgs[i::cores * 4] for i in range(cores * 4)]

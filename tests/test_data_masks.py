@@ -68,7 +68,6 @@ def test_ids_above_255_survive_png_and_the_tf_reader():
 
 
 def test_opencv_backend_gives_a_valid_segmentation():
-  pytest.importorskip("cv2")
   img = demo.example("train", 1, size=96)["image"]
   ids = fh.compute(img, 180, backend="opencv")
   assert ids.shape == (96, 96) and ids.min() == 0

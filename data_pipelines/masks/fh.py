@@ -25,6 +25,7 @@ silent substitute.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 PAPER_SCALES = (500, 1000, 1500)
@@ -79,12 +80,7 @@ def compute(image: np.ndarray, scale: float = 1000, sigma: float = PAPER_SIGMA,
     from skimage.segmentation import felzenszwalb
     seg = felzenszwalb(image, scale=scale, sigma=sigma, min_size=min_size)
   elif backend == "opencv":
-    try:
-      import cv2
-      make = cv2.ximgproc.segmentation.createGraphSegmentation
-    except (ImportError, AttributeError) as e:
-      raise ImportError("The opencv FH backend needs opencv-contrib-python-headless "
-                        "(pip install '.[opencv]'); or use backend='skimage'.") from e
+    make = cv2.ximgproc.segmentation.createGraphSegmentation   # contrib, a core dependency
     seg = make(sigma=sigma, k=float(scale), min_size=min_size).processImage(
         np.ascontiguousarray(image[..., ::-1]))     # OpenCV expects BGR
   else:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 
+import cv2
 import numpy as np
 
 LEVELS = (16, 8, 4)
@@ -45,7 +46,6 @@ def name(level: int) -> str:
 
 def boundary_strength(image: np.ndarray, sigma: float = EDGE_SIGMA) -> np.ndarray:
   """Gradient magnitude of the smoothed Lab image (OpenCV Gaussian + Sobel), [H, W] float32."""
-  import cv2
   lab = cv2.cvtColor(np.asarray(image, np.float32) / 255.0, cv2.COLOR_RGB2Lab)
   lab = cv2.GaussianBlur(lab, (0, 0), sigma)
   gy, gx = cv2.Sobel(lab, cv2.CV_32F, 0, 1), cv2.Sobel(lab, cv2.CV_32F, 1, 0)

@@ -24,6 +24,7 @@ config.data.foreground_threshold.
 """
 from __future__ import annotations
 
+import cv2
 import numba
 import numpy as np
 
@@ -43,7 +44,6 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def _lab(image: np.ndarray) -> np.ndarray:
   """float32 CIE Lab of a uint8 RGB image (OpenCV's, L in [0, 100])."""
-  import cv2
   return cv2.cvtColor(np.asarray(image, np.float32) / 255.0, cv2.COLOR_RGB2Lab)
 
 
@@ -146,7 +146,6 @@ def _reconstruct(marker, mask):
 
 def _smooth_by_reconstruction(sal: np.ndarray, radius: int) -> np.ndarray:
   """Opening then closing by reconstruction (MB+'s morphological smoothing)."""
-  import cv2
   if radius < 1:
     return sal
   kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)
@@ -157,7 +156,6 @@ def _smooth_by_reconstruction(sal: np.ndarray, radius: int) -> np.ndarray:
 
 def mbd(image: np.ndarray, passes: int = MBD_PASSES, plus: bool = True) -> np.ndarray:
   """MB (plus=False: summed per-channel barrier distances) or MB+ saliency of uint8 RGB."""
-  import cv2
   h, w = image.shape[:2]
   scale = min(1.0, MBD_WORK_SIDE / max(h, w))
   small = image if scale == 1.0 else cv2.resize(
@@ -188,12 +186,7 @@ def spectral(image: np.ndarray, colour: bool = True) -> np.ndarray:
   field can vanish; colour=True (default) runs it on each Lab channel and sums
   the maps, a common colour extension of Hou & Zhang. colour=False: OpenCV's map.
   """
-  import cv2
-  try:
-    det = cv2.saliency.StaticSaliencySpectralResidual_create()
-  except AttributeError as e:
-    raise ImportError("The 'spectral' detector needs opencv-contrib-python-headless "
-                      "(cv2.saliency); or use --saliency=mbd.") from e
+  det = cv2.saliency.StaticSaliencySpectralResidual_create()   # contrib, a core dependency
   if colour:
     lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2Lab)
     planes = [np.ascontiguousarray(lab[..., c]) for c in range(3)]
