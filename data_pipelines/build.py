@@ -517,7 +517,7 @@ def main(argv=None):
                               epilog="With --runner=beam, flags this CLI does not know are Beam "
                               "pipeline options, e.g. --direct_num_workers=2, or for Dataflow "
                               "--beam_runner=DataflowRunner --project=P --region=R "
-                              "--temp_location=gs://B/tmp --extra_package=WHEEL (see README).")
+                              "--temp_location=gs://B/tmp --extra_package=WHEEL (see docs/data.md).")
   p.add_argument("--source", required=True, help="demo | folder:PATH | tfds:NAME")
   p.add_argument("--out", required=True,
                  help="output directory (local or gs://) for shards + manifest.json")

@@ -91,7 +91,7 @@ def plan_folder(path: str) -> dict:
   """
   if not _isdir(path):
     raise FileNotFoundError(f"--source=folder:{path}: no such directory; give a folder of "
-                            "images, laid out PATH/CLASS/IMAGE (see the README).")
+                            "images, laid out PATH/CLASS/IMAGE (see docs/data.md).")
   join = posixpath.join if _remote(path) else os.path.join
   subdirs = _subdirs(path)
   split_dirs = {s: join(path, s) for s in ("train", "test", "val") if s in subdirs}
@@ -148,7 +148,7 @@ def plan_tfds(name: str, opts: dict) -> dict:
   if not counts:
     raise ValueError(f"tfds:{name} has no readable splits; prepare it first, e.g. "
                      f"`tfds build {name} --data_dir=DIR --manual_dir=DOWNLOADS` "
-                     "(see the README), then pass --data_dir=DIR.")
+                     "(see docs/data.md), then pass --data_dir=DIR.")
   from data_pipelines import tfds_segmentation
   has_gt = tfds_segmentation.lookup(name, info.features) is not None
   return dict(kind="tfds", name=name, data_dir=opts.get("data_dir"), has_gt=has_gt,

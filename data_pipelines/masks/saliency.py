@@ -18,7 +18,7 @@ themselves give the map, computed once at build time:
 Every detector returns float32 [H, W] min-max normalised to [0, 1] (a flat
 map is all zeros); records store it as 8-bit PNG (records.encode_saliency).
 The default is 'mbd': the best AUC and F-measure on the demo's ground truth and
-fast enough (benchmarks/masks_saliency.py; README). `foreground(map, threshold)` is
+fast enough (benchmarks/masks_saliency.py; docs/data.md). `foreground(map, threshold)` is
 the binarised foreground that configs threshold with
 config.data.foreground_threshold.
 """

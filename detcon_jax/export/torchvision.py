@@ -98,5 +98,5 @@ def save(state_dict: dict[str, np.ndarray], path: str) -> None:
     import torch
   except ImportError as e:
     raise ImportError(f"Writing a torchvision state dict needs PyTorch: {INSTALL_HINT} "
-                      "(see README for the exact torch/torchvision pair).") from e
+                      "(see docs/tpu.md, Export, for the exact torch/torchvision pair).") from e
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, path)
