@@ -199,7 +199,8 @@ _LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}", "tensorstore
 
 
 def _from_library(tb) -> bool:
-  return any(lib in frame.filename for frame, _ in traceback.walk_tb(tb) for lib in _LIBRARIES)
+  return any(lib in frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)
+             for lib in _LIBRARIES)
 
 
 class _Divert(logging.Filter):
