@@ -9,6 +9,7 @@ detcon_jax.train.sharding.maybe_initialize_distributed).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -33,6 +34,7 @@ def main(argv):
 def train_and_exit(config, workdir, **train_kw):
   """loop.train, its outcome as the exit status and at most a line on stderr: an
   `error:` line (status 1) for a user error, 128+signal when stopped."""
+  import jax
   from detcon_jax.train import checkpointing, loop
   try:
     summary = loop.train(config, workdir, **train_kw)
@@ -50,6 +52,15 @@ def train_and_exit(config, workdir, **train_kw):
     if summary["status"] == "preempted":
       print(f"Stopped at step {summary['step']}; rerun the same command to resume.",
             file=sys.stderr)
+    if jax.process_count() == 1:
+      # Everything is saved and closed: leave now, as the build's CLI does. Exit
+      # handlers would join the worker pool of a demo build stopped mid-way (forever
+      # if the signal landed inside its lock), and tearing down XLA and TensorFlow
+      # takes seconds that a scheduler's grace period may not have. (Several hosts
+      # exit normally: jax.distributed shuts down at exit.)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(status)
     sys.exit(status)
 
 
