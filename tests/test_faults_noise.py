@@ -6,11 +6,13 @@ WORKDIR/checkpoint_errors.log. The runs go through the train CLI's wrappers
 (cli.run, train_and_exit) with the tiny objective, in a child process."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 
 from detcon_jax.train import checkpointing
@@ -99,7 +101,7 @@ def test_corrupt_checkpoints_are_one_line_each(tmp_path):
   `error:` line (and one warning per step) naming the log with the traces."""
   run(tiny_config(steps=4), tmp_path / "latest")            # checkpoints 2, 4
   ckpts = tmp_path / "latest" / checkpointing.CHECKPOINT_DIR
-  os.system(f"cp -r {tmp_path / 'latest'} {tmp_path / 'all'}")
+  shutil.copytree(tmp_path / "latest", tmp_path / "all")
   _corrupt(ckpts / "4")
   for step in (2, 4):
     _corrupt(tmp_path / "all" / checkpointing.CHECKPOINT_DIR / str(step))
@@ -136,10 +138,5 @@ def test_a_second_ctrl_c_is_one_line_and_the_checkpoint_restores(tmp_path):
     state = manager.restore(steps[-1])           # the newest checkpoint is whole
   finally:
     manager.close()
-  assert int(state["step"]) == steps[-1] and all(
-      np.isfinite(x).all() for x in jax_leaves(state["params"]))
-
-
-def jax_leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
+  assert int(state["step"]) == steps[-1]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
