@@ -288,8 +288,8 @@ def _run_local(b: dict, workers: int | None, progress: bool) -> None:
         done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
         for fut in done:
           finish(pending.pop(fut), fut.result())
-    except BaseException as e:         # a signal (Stopped), Ctrl-C, an error: stop the
-      _stop_workers(pool, signalled=isinstance(e, (Stopped, KeyboardInterrupt)))
+    except BaseException as e:         # a signal (Stopped, train's Interrupted), Ctrl-C, an
+      _stop_workers(pool, signalled=not isinstance(e, Exception))   # error: stop the
       raise                            # workers now, not after their current shard
     pool.shutdown()
   bar.close()

@@ -9,6 +9,7 @@ detcon_jax.train.sharding.maybe_initialize_distributed).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -25,17 +26,41 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from detcon_jax.train import loop, sharding
+  from detcon_jax.train import sharding
   sharding.maybe_initialize_distributed()   # before anything touches jax devices
+  train_and_exit(_CONFIG.value, _WORKDIR.value)
+
+
+def train_and_exit(config, workdir, **train_kw):
+  """loop.train, its outcome as the exit status and at most a line on stderr: an
+  `error:` line (status 1) for a user error, 128+signal when stopped."""
+  import jax
+  from detcon_jax.train import checkpointing, loop
   try:
-    summary = loop.train(_CONFIG.value, _WORKDIR.value)
+    summary = loop.train(config, workdir, **train_kw)
   except loop.USER_ERRORS as e:
     cli.fail(e)
+  except KeyboardInterrupt:   # a second Ctrl-C: stopped at once (the pending save finished)
+    steps = checkpointing.complete_steps(
+        f"{checkpointing.resolve_workdir(workdir)}/{checkpointing.CHECKPOINT_DIR}")
+    where = (f"the newest checkpoint is step {steps[-1]}; rerun the same command to resume"
+             if steps else "no checkpoint was written")
+    print(f"Stopped at once by a second Ctrl-C; {where}.", file=sys.stderr)
+    sys.exit(130)
   status = loop.exit_status(summary)
   if status is not None:
     if summary["status"] == "preempted":
       print(f"Stopped at step {summary['step']}; rerun the same command to resume.",
             file=sys.stderr)
+    if jax.process_count() == 1:
+      # Everything is saved and closed: leave now, as the build's CLI does. Exit
+      # handlers would join the worker pool of a demo build stopped mid-way (forever
+      # if the signal landed inside its lock), and tearing down XLA and TensorFlow
+      # takes seconds that a scheduler's grace period may not have. (Several hosts
+      # exit normally: jax.distributed shuts down at exit.)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(status)
     sys.exit(status)
 
 

@@ -5,12 +5,16 @@ The train state is a plain dict {'step', 'params', 'state', 'opt_state'}
 (see detcon_jax.train.state.init_train_state) saved whole, so a resumed run
 continues bit for bit. A checkpoint that does not restore (truncated, files
 missing) is skipped for the newest one that does, with a warning naming it.
+What orbax, asyncio and TensorStore print when a save or restore fails (hundreds
+of tracebacks from their threads) goes to WORKDIR/checkpoint_errors.log
+(quiet_library_errors); the user gets one line (save_failed).
 SIGTERM (TPU preemption) and SIGINT (Ctrl-C) only set a flag; the loop saves
 at the next step boundary and exits.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -18,9 +22,11 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +41,7 @@ CHECKPOINT_DIR = "checkpoints"
 SET_ASIDE_DIR = "checkpoints_unrestorable"   # where train moves checkpoints that do not restore
 CONFIG_FILE = "config.json"
 LOCK_FILE = "lock"
+ERROR_LOG = "checkpoint_errors.log"   # library tracebacks of failed saves and restores
 
 
 def resolve_workdir(workdir: str) -> str:
@@ -128,7 +135,172 @@ def make_manager(workdir: str, keep: int | None = None,
 
 
 def save(manager: ocp.CheckpointManager, step: int, train_state) -> None:
-  manager.save(step, args=ocp.args.StandardSave(train_state), force=True)
+  """Start writing `step` (asynchronous); a failure of this or the previous save is
+  a one-line WorkdirError (see save_failed)."""
+  wait(manager, manager.latest_step())   # the previous save, named if it failed
+  with save_failed(manager, step):
+    manager.save(step, args=ocp.args.StandardSave(train_state), force=True)
+
+
+def wait(manager: ocp.CheckpointManager, step) -> None:
+  """Wait for the pending save of `step` to be on disk (WorkdirError if it failed)."""
+  with save_failed(manager, step):
+    manager.wait_until_finished()
+
+
+def closing(manager: ocp.CheckpointManager):
+  """ExitStack.push callback: close the manager (finishing its pending save); a failure
+  is a WorkdirError, or only logged when another error is already on its way out."""
+  def close(exc_type, exc, tb):
+    del exc_type, tb
+    try:
+      with save_failed(manager, None):
+        manager.close()
+    except WorkdirError:
+      if exc is None:
+        raise
+  return close
+
+
+def complete_steps(directory) -> list[int]:
+  """The steps with a finished checkpoint folder (orbax writes into STEP.orbax-checkpoint-tmp*
+  and renames it when complete)."""
+  path = epath.Path(str(directory))
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+# --- Library noise of failed saves and restores --------------------------------
+
+class _ErrorLog:
+  """Appends to WORKDIR/checkpoint_errors.log; to a temp file when the workdir takes no
+  more bytes (a full disk) or is remote. `path` is where the last entry went."""
+
+  def __init__(self, workdir: str):
+    self.paths = [] if "://" in workdir else [os.path.join(workdir, ERROR_LOG)]
+    self.paths.append(os.path.join(tempfile.gettempdir(), f"detcon_jax-{os.getpid()}-{ERROR_LOG}"))
+    self.path = None
+    self._lock = threading.Lock()
+
+  def write(self, text: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with self._lock:
+      for path in self.paths:
+        try:
+          with open(path, "a") as f:
+            f.write(f"--- {stamp}\n{text.rstrip()}\n")
+          self.path = path
+          return
+        except OSError:
+          continue
+
+
+_LOGS: list[_ErrorLog] = []   # the active quiet_library_errors, innermost last
+_LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}", "tensorstore")
+
+
+def _from_library(tb) -> bool:
+  return any(lib in frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)
+             for lib in _LIBRARIES)
+
+
+class _Divert(logging.Filter):
+  """On the absl, asyncio and root loggers: orbax's and asyncio's records (its "Task
+  exception was never retrieved" too) go to the error log instead of the console."""
+
+  def __init__(self, log: _ErrorLog):
+    super().__init__()
+    self._log, self._format = log, logging.Formatter(
+        "%(levelname)s %(name)s %(pathname)s:%(lineno)d [%(threadName)s] %(message)s")
+
+  def filter(self, record) -> bool:
+    if record.name != "asyncio" and not any(lib in record.pathname for lib in _LIBRARIES):
+      return True
+    self._log.write(self._format.format(record))
+    return False
+
+
+@contextlib.contextmanager
+def quiet_library_errors(workdir: str):
+  """Route what orbax/asyncio/TensorStore print about failed saves and restores (log
+  records, exceptions of their threads, callbacks into a closed event loop) to
+  WORKDIR/checkpoint_errors.log for the duration; everything else prints as before."""
+  log = _ErrorLog(resolve_workdir(workdir))
+  divert = _Divert(log)
+  loggers = [logging.getLogger(), logging.getLogger("absl"), logging.getLogger("asyncio")]
+  previous_thread_hook, previous_unraisable = threading.excepthook, sys.unraisablehook
+
+  def thread_hook(args):
+    if _from_library(args.exc_traceback):
+      log.write(f"Exception in thread {getattr(args.thread, 'name', '?')}:\n"
+                + "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                     args.exc_traceback)))
+    else:
+      previous_thread_hook(args)
+
+  def unraisable_hook(u):
+    if _from_library(u.exc_traceback):
+      log.write("".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
+    else:
+      previous_unraisable(u)
+
+  for logger in loggers:
+    logger.addFilter(divert)
+  threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
+  _LOGS.append(log)
+  try:
+    yield log
+  finally:
+    _LOGS.remove(log)
+    threading.excepthook, sys.unraisablehook = previous_thread_hook, previous_unraisable
+    for logger in loggers:
+      logger.removeFilter(divert)
+
+
+def error_log() -> str:
+  """Where the innermost quiet_library_errors writes (named in error messages)."""
+  log = _LOGS[-1] if _LOGS else None
+  return (log.path or log.paths[0]) if log else "(none)"
+
+
+def log_exception(e: BaseException) -> str:
+  """The full trace of e to the error log; returns the log's path."""
+  log = _LOGS[-1] if _LOGS else _ErrorLog(tempfile.gettempdir())
+  log.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+  return log.path or "(no writable place for the log)"
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _disk_full(e: BaseException) -> bool:
+  return (getattr(e, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in str(e)
+          or "No space left" in str(e))
+
+
+@contextlib.contextmanager
+def save_failed(manager: ocp.CheckpointManager, step):
+  """A save that fails (a full disk, a vanished or read-only folder) -> one-line
+  WorkdirError naming the step, the newest complete checkpoint and the log holding
+  the library's traceback."""
+  try:
+    yield
+  except Exception as e:   # orbax/tensorstore raise ValueError, OSError, RuntimeError...
+    if isinstance(e, WorkdirError):
+      raise
+    path = log_exception(e)
+    try:
+      done = complete_steps(manager.directory)
+    except OSError:
+      done = []
+    what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    cause = "the disk is full" if _disk_full(e) else "it failed"
+    hint = " Free space there, or lower --config.checkpoint.keep." if _disk_full(e) else ""
+    resume = (f"The newest complete checkpoint is step {done[-1]}: a rerun resumes there."
+              if done else "No checkpoint is complete yet.")
+    raise WorkdirError(f"Saving {what} in {manager.directory} failed: {cause} "
+                       f"({_first_line(e, 120)}). {resume}{hint} Full trace: {path}") from None
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -136,7 +308,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   abstract_state.
 
   Returns (train_state, step, skipped): skipped lists the newer steps that did
-  not restore, each named in a warning. (None, 0, skipped) when none restores
+  not restore, each named in a warning (its trace in the error log, error_log()). (None, 0, skipped) when none restores
   (or there is none). An explicit `step` that fails raises WorkdirError.
   """
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
@@ -145,10 +317,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     try:
       return manager.restore(s, args=ocp.args.StandardRestore(abstract_state)), int(s), skipped
     except Exception as e:   # orbax/tensorstore raise many kinds for a damaged checkpoint
-      problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+      problem, path = _first_line(e), log_exception(e)
       if step is not None:
         raise WorkdirError(f"Checkpoint step {s} in {manager.directory} does not restore "
-                           f"({problem}).") from None
+                           f"({problem}; full trace: {path}).") from None
       logging.warning("Checkpoint step %d in %s does not restore (%s); trying the one before.",
                       s, manager.directory, problem)
       skipped.append(int(s))
@@ -240,14 +412,16 @@ def restore_train_state(workdir: str, step: int | None = None):
   abstract = jax.eval_shape(lambda r, b: state_lib.init_train_state(objective, tx, config, r, b),
                             jax.random.PRNGKey(0), batch)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  manager = make_manager(workdir, read_only=True)
-  try:
-    state, step, skipped = restore(manager, abstract_with_sharding(abstract, device), step)
-  finally:
-    manager.close()
+  with quiet_library_errors(workdir):
+    manager = make_manager(workdir, read_only=True)
+    try:
+      state, step, skipped = restore(manager, abstract_with_sharding(abstract, device), step)
+    finally:
+      manager.close()
+    log = error_log()
   if state is None and skipped:
     raise WorkdirError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} restores "
-                       f"(steps {skipped}, see the warnings above).")
+                       f"(steps {skipped}, see the warnings above; full traces: {log}).")
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}; "
                             "train first (python -m detcon_jax.train --workdir=...).")
@@ -256,8 +430,10 @@ def restore_train_state(workdir: str, step: int | None = None):
 
 # --- Preemption --------------------------------------------------------------
 
-class Interrupted(Exception):
-  """A stop signal arrived while nothing was left to save (see PreemptionFlag.abortable)."""
+class Interrupted(BaseException):
+  """A stop signal arrived while nothing was left to save (see PreemptionFlag.abortable).
+  A BaseException, like KeyboardInterrupt: `except Exception` in the evaluation or the
+  demo build must not swallow it."""
 
 
 class PreemptionFlag:

@@ -261,9 +261,9 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
     checkpointing.ensure_writable(workdir)
   lock = checkpointing.workdir_lock(workdir) if primary else contextlib.nullcontext()
   with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as flag, lock, \
-       contextlib.ExitStack() as cleanup:
+       checkpointing.quiet_library_errors(workdir), contextlib.ExitStack() as cleanup:
     manager = checkpointing.make_manager(workdir, config.checkpoint.keep)
-    cleanup.callback(manager.close)
+    cleanup.push(checkpointing.closing(manager))
     return _run(config, workdir, objective, batches, flag, manager, cleanup, t_start)
 
 
@@ -293,22 +293,34 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
     if ts is None:
       raise WorkdirError(
           f"No checkpoint in {manager.directory} restores (steps {skipped}, see the warnings "
-          "above); move them away to start over, or use a new --workdir.")
+          "above); move them away to start over, or use a new --workdir. Full traces: "
+          f"{checkpointing.error_log()}")
     if skipped:
       moved = checkpointing.set_aside(manager, workdir, skipped) if primary else []
       say(f"warning: checkpoint step(s) {skipped} do not restore; resuming from step "
           f"{start_step} instead (moved to {', '.join(moved)}).")
   if start_step >= config.steps:
+    summary = dict(method=config.method, status="done", start_step=start_step, step=start_step,
+                   losses={}, signal=None, checkpoint=os.path.join(
+                       workdir, checkpointing.CHECKPOINT_DIR, str(start_step)))
+    if config.eval.at_end and not writers.evaluated(workdir, start_step):
+      say(f"{workdir} is trained to step {start_step} but not evaluated yet; evaluating.")
+      return _evaluate_at_end(config, workdir, start_step, flag, summary)
     say(f"{workdir} is already trained to step {start_step} (config.steps={config.steps}); "
         "nothing to do. Raise --config.steps to train further.")
-    return dict(method=config.method, status="done", start_step=start_step, step=start_step,
-                losses={}, signal=None,
-                checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(start_step)))
+    return summary
 
   # Data: a missing shard, mask field or records dir fails here, before compiling.
   try:   # checks the records against the config: manifest, shards, mask source, hosts
     if batches is None:   # (the demo build refuses a records_dir of another source)
-      ensure_records(config, objective.views(config))
+      try:
+        with flag.abortable():   # a signal stops the demo build now (complete shards stay)
+          ensure_records(config, objective.views(config))
+      except checkpointing.Interrupted:
+        say(f"Stopped by {signal_name(flag.signum)} while building the demo records in "
+            f"{config.data.records_dir}; complete shards are kept for the rerun.")
+        return dict(method=config.method, status="preempted", start_step=start_step,
+                    step=start_step, losses={}, signal=flag.signum, checkpoint=None)
       check_eval_data(config)
       batches = functools.partial(records_batches, views=objective.views(config))
     source = batches(config, start_step, jax.process_index(), jax.process_count())
@@ -367,7 +379,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
       out = checkpointing.to_host(m)
       loss = float(out["loss"])
       if not np.isfinite(loss):
-        manager.wait_until_finished()
+        checkpointing.wait(manager, last_saved)
         raise NonFiniteLossError(
             f"Loss is {loss} at step {s} (lr {float(out['lr']):.4g}). Stopped; no checkpoint "
             f"was written after step {last_saved}. Lower --config.optimizer.base_lr, raise "
@@ -424,14 +436,16 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
       writer.scalars(step, values)
       bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}")
       t_log, log_from = now, step
-      check_corrupt(config, skipped, read, last_saved)
+      # At the last step the whole run is judged, before its final checkpoint: a run
+      # that fails here is not "already trained" on the rerun, which judges it again.
+      check_corrupt(config, skipped, read, last_saved, final=step == config.steps)
     every = config.checkpoint.every_steps
     eval_every = config.eval.every_steps
     if (every and step % every == 0) or (eval_every and step % eval_every == 0):
       save(step)
     if eval_every and step % eval_every == 0 and step < config.steps:
       t_eval = time.time()
-      manager.wait_until_finished()
+      checkpointing.wait(manager, step)
       try:
         with flag.abortable():   # saved: a signal need not wait for the evaluation
           writers.run_evaluations(config, workdir, step)
@@ -442,7 +456,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
       t_log, eval_s = t_log + paused, eval_s + paused
   if last_saved != step:
     save(step)
-  manager.wait_until_finished()
+  checkpointing.wait(manager, step)
   bar.close()
 
   wall = time.time() - t_run - eval_s
@@ -460,15 +474,23 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
                  records_read=read, records_skipped=skipped,
                  checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step)))
   say(summary_line(summary))
-  check_corrupt(config, skipped, read, last_saved, final=True)
   if status == "done" and config.eval.at_end:
-    try:
-      with flag.abortable():
-        summary["eval"] = writers.run_evaluations(config, workdir, step)
-    except checkpointing.Interrupted:
-      summary["signal"] = flag.signum
-      say(f"Evaluation stopped by {signal_name(flag.signum)}; the run is trained and saved. "
-          f"Evaluate it with: python -m detcon_jax.evaluate --workdir={workdir}")
+    return _evaluate_at_end(config, workdir, step, flag, summary)
+  return summary
+
+
+def _evaluate_at_end(config, workdir: str, step: int, flag, summary: dict) -> dict:
+  """config.eval.evals on the final checkpoint. The run is finished once its result file
+  (WORKDIR/eval/step_N.json) is written: a run stopped here exits 128+signal, and the
+  rerun (already trained) runs the evaluation."""
+  try:
+    with flag.abortable():
+      summary["eval"] = writers.run_evaluations(config, workdir, step)
+  except checkpointing.Interrupted:
+    summary["signal"] = flag.signum
+    say(f"Evaluation stopped by {signal_name(flag.signum)}; the run is trained and saved. "
+        "Rerun the same command to evaluate it (or: python -m detcon_jax.evaluate "
+        f"--workdir={workdir}).")
   return summary
 
 

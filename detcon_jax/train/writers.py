@@ -55,3 +55,11 @@ def run_evaluations(config, workdir: str, step: int):
   """
   from detcon_jax.evaluate.run import evaluate_workdir
   return evaluate_workdir(workdir, evals=tuple(config.eval.evals), step=step)
+
+
+def evaluated(workdir: str, step: int) -> bool:
+  """Whether the evaluation of `step` was written (WORKDIR/eval/step_N.json): what
+  marks a run with config.eval.at_end as finished."""
+  from etils import epath
+  from detcon_jax.evaluate.run import EVAL_DIR
+  return (epath.Path(workdir) / EVAL_DIR / f"step_{step}.json").exists()
