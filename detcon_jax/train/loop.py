@@ -256,6 +256,7 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
            objective=objective)
   workdir = checkpointing.resolve_workdir(workdir)
+  checkpointing.check_own_workdir(workdir)   # never writes over files a run did not make
   primary = jax.process_index() == 0
   if primary:
     checkpointing.ensure_writable(workdir)
