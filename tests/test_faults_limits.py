@@ -111,20 +111,22 @@ def small_records(tmp_path_factory):
 
 def test_views_larger_than_the_stored_images_are_refused(small_records, tmp_path):
   config = tiny_config(**{"image_size": 64, "batch_size": 2,
-                          "data.records_dir": str(small_records)})
+                          "data.records_dir": str(small_records),
+                          "data.mask_source": "grid"})
   with pytest.raises(ConfigError, match=r"^config.image_size=64: larger than the records' "
                      r"images in .* \(shorter side 32 px\)"):
     loop.train(config, str(tmp_path / "run"), objective=TinyObjective())
   assert not (tmp_path / "run" / "config.json").exists()
   manifest = records.read_manifest(str(small_records))
-  common.validate_records(tiny_config(batch_size=2), manifest)     # 32 px views fit
+  common.validate_records(tiny_config(batch_size=2), manifest)   # 32 px views fit
   small = tiny_config(**{"batch_size": 2, "views.small_crops": 2, "views.small_size": 48})
   with pytest.raises(ConfigError, match=r"^config.views.small_size=48"):
     common.validate_records(small, manifest)
 
 
 def test_a_batch_larger_than_the_train_split_is_refused(small_records, tmp_path):
-  config = tiny_config(**{"batch_size": 8, "data.records_dir": str(small_records)})
+  config = tiny_config(**{"batch_size": 8, "data.records_dir": str(small_records),
+                          "data.mask_source": "grid"})
   with pytest.raises(ConfigError, match=r"^config.batch_size=8: larger than the 3 train images"):
     loop.train(config, str(tmp_path / "run"), objective=TinyObjective())
   assert not (tmp_path / "run" / "config.json").exists()

@@ -322,9 +322,9 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
     if batches is None:   # (the demo build refuses a records_dir of another source)
       from data_pipelines import records
       ensure_records(config, objective.views(config))
+      check_eval_data(config)
       validate_records(config, records.read_manifest(config.data.records_dir),
                        config.data.records_dir)   # image size, batch vs the records
-      check_eval_data(config)
       batches = functools.partial(records_batches, views=objective.views(config))
     source = batches(config, start_step, jax.process_index(), jax.process_count())
   except ConfigError:   # names its key already
