@@ -8,6 +8,7 @@ counts it sees.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from detcon_jax.errors import ConfigError  # noqa: F401  (configs.common.ConfigError, as before)
 
@@ -97,6 +98,21 @@ def _fail(key: str, value, fix: str):
   raise ConfigError(f"config.{key}={value!r}: {fix}")
 
 
+# Sizes and counts that must be > 0 (key -> an example value): 0 or less would stall the
+# input (a shuffle window of no records) or fail deep inside a library. The others
+# (batch_size, image_size, num_masks, ...) have their own checks in validate().
+POSITIVE = {"data.shuffle_buffer": 1024, "head.hidden_dim": 2048, "head.output_dim": 128}
+
+
+def _get(c, key: str):
+  """c['a.b'] for a dotted key, None where the config lacks it."""
+  for part in key.split("."):
+    if c is None or part not in c:
+      return None
+    c = c[part]
+  return c
+
+
 def known_methods() -> list[str]:
   from detcon_jax.objectives import registry  # lazy: configs load without jax
   return sorted(registry.OBJECTIVES)
@@ -138,7 +154,13 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
           "the piecewise schedule drops the rate at 96% of steps; warmup must end before.")
   if c.batch_size <= 0:
     _fail("batch_size", c.batch_size, "must be > 0 (global batch over all devices).")
-  from detcon_jax.models.resnet import output_stride  # lazy: configs load without jax
+  for key, example in POSITIVE.items():
+    value = _get(c, key)
+    if value is not None and not value > 0:
+      _fail(key, value, f"must be > 0 (e.g. --config.{key}={example}).")
+  from detcon_jax.models.resnet import DEPTHS, output_stride  # lazy: configs load without jax
+  if c.model.depth not in DEPTHS:
+    _fail("model.depth", c.model.depth, f"choose one of {sorted(DEPTHS)}.")
   stride = output_stride(bool(c.model.get("stem_pool", True)))
   if c.image_size <= 0 or c.image_size % stride:
     _fail("image_size", c.image_size,
@@ -161,7 +183,7 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
   if views is not None:
     if int(views.small_crops) < 0:
       _fail("views.small_crops", views.small_crops, "must be >= 0 (0: no multi-crop).")
-    if int(views.small_crops) and int(views.small_size) % stride:
+    if int(views.small_crops) and (int(views.small_size) <= 0 or int(views.small_size) % stride):
       _fail("views.small_size", views.small_size,
             f"must be a positive multiple of the network stride {stride}.")
     if not 0.0 <= float(views.get("min_salient_cover", 0.0)) < 1.0:
@@ -193,6 +215,8 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
   if not 0 <= c.data.max_corrupt_fraction < 1:
     _fail("data.max_corrupt_fraction", c.data.max_corrupt_fraction,
           "must be in [0, 1) (0.01: stop when over 1% of the records read are unreadable).")
+  if c.eval.get("every_steps", 0) < 0:
+    _fail("eval.every_steps", c.eval.every_steps, "must be >= 0 (0: only at the end).")
   if c.checkpoint.every_steps < 0:
     _fail("checkpoint.every_steps", c.checkpoint.every_steps, "must be >= 0 (0: only at the end).")
   if c.checkpoint.keep < 1:
@@ -211,6 +235,137 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
   background.validate(c)
   objective.validate(c)
   return config
+
+
+def validate_records(config, manifest: dict, records_dir: str = "") -> None:
+  """Raise ConfigError when the records cannot serve config: views larger than the
+  stored images (only upsampled, at any memory cost) or a global batch larger than
+  the train split (a batch would hold the same image twice: identical negatives)."""
+  c, where = config, f" in {records_dir}" if records_dir else ""
+  stored = manifest.get("image_size")
+  meaning = manifest.get("image_size_meaning", "shorter side")
+  sizes = [("image_size", c.image_size)]
+  views = c.get("views", None)
+  if views is not None and int(views.get("small_crops", 0)):
+    sizes.append(("views.small_size", views.small_size))
+  for key, size in sizes:
+    if stored and size > stored:
+      _fail(key, size, f"larger than the records' images{where} ({meaning} {stored} px): "
+            "views would only be upsampled. Lower it, or rebuild the records with "
+            f"python -m data_pipelines.build --image_size={size} ...")
+  count = manifest.get("splits", {}).get("train", {}).get("count")
+  if count is not None and c.batch_size > count:
+    _fail("batch_size", c.batch_size, f"larger than the {count} train images of the "
+          f"records{where}: a batch would hold the same image twice. Lower it.")
+
+
+# Host batches alive at once: tf.data's prefetch (2, data_pipelines/input.py), the
+# HostBatches queue (1) and the batches ahead of the step on the mesh (2, loop._on_mesh).
+BATCHES_IN_FLIGHT = 5
+# Tensors the backward pass keeps per convolution: its output, the batch norm's, the ReLU's.
+TENSORS_PER_CONV = 3
+
+
+def activation_floats(image_size: int, depth: int, width: float, stem_pool: bool) -> int:
+  """Floats of one image's encoder activations kept for the backward pass (rough):
+  TENSORS_PER_CONV x the output size (H x W x C) of every conv of the ResNet (stem, every
+  block's convs, at its stage's output resolution; downsample convs not counted)."""
+  from detcon_jax.models.resnet import DEPTHS, EXPANSION  # lazy: configs load without jax
+  kind, blocks = DEPTHS[depth]
+  side = image_size / 2                                     # stem conv: stride 2
+  total = side * side * 64 * width
+  side /= 2 if stem_pool else 1
+  for stage, n in enumerate(blocks):
+    side /= 2 if stage else 1
+    planes = 64 * 2 ** stage * width
+    convs = ([planes, planes * EXPANSION[kind]] if kind == "basic"
+             else [planes, planes, planes * EXPANSION[kind]])
+    total += n * side * side * sum(convs)
+  return int(TENSORS_PER_CONV * total)
+
+
+def memory_estimate(config, specs, *, process_count: int = 1, device_count: int = 1) -> dict:
+  """A rough, low estimate of the memory one training step needs, in bytes per host.
+
+  input: the host batch (data_pipelines/batch.py train_batch_shapes: every view's
+  image, mask ids, saliency... at its own size) x BATCHES_IN_FLIGHT.
+  activations: activation_floats() per example and view, x the host batch, in
+  config.model.dtype; per_device: the same for one device's share of the batch.
+  Not counted: parameters and optimizer state, the heads, a target network's
+  forward pass, XLA's temporaries, tf.data's decode buffers -- the true peak is
+  higher, so a config this refuses cannot fit; one it passes may still not.
+  """
+  from data_pipelines import batch as B  # lazy: configs load without jax
+  host_batch = config.batch_size // max(process_count, 1)
+  shapes = B.train_batch_shapes(host_batch, num_masks=config.loss.num_masks, specs=specs)
+  batch_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                    for shape, dtype in shapes.values())
+  per_example = sum(activation_floats(s.size, config.model.depth, config.model.width,
+                                      bool(config.model.get("stem_pool", True)))
+                    for s in specs) * (2 if config.model.dtype == "bfloat16" else 4)
+  devices_here = max(device_count // max(process_count, 1), 1)
+  return dict(input=BATCHES_IN_FLIGHT * batch_bytes, activations=per_example * host_batch,
+              per_device=per_example * -(-host_batch // devices_here))
+
+
+def available_memory() -> int | None:
+  """Bytes of RAM this process may still take: psutil's available memory (else
+  /proc/meminfo's MemAvailable, else os.sysconf's free pages), lowered to a cgroup's
+  limit minus its usage where a container caps memory; None if nothing says."""
+  import os
+  free = None
+  try:
+    import psutil
+    free = int(psutil.virtual_memory().available)
+  except ImportError:
+    try:
+      with open("/proc/meminfo") as f:
+        free = next(int(line.split()[1]) * 1024 for line in f
+                    if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+      try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+      except (OSError, ValueError, AttributeError):
+        pass
+  for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                        "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    try:
+      with open(limit) as f, open(usage) as g:
+        cap = int(f.read()) - int(g.read())   # 'max' (no limit) fails int()
+    except (OSError, ValueError):
+      continue
+    if cap < 2 ** 60:                          # cgroup v1 writes 'no limit' as a huge number
+      free = cap if free is None else min(free, cap)
+  return free
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2 ** 30:.1f} GiB"
+
+
+def check_memory(config, specs, *, platform: str = "cpu", process_count: int = 1,
+                 device_count: int = 1, available: int | None = None,
+                 device_limit: int | None = None) -> None:
+  """Refuse (ConfigError naming image_size and batch_size) a config whose memory_estimate
+  exceeds what the machine has, before anything is allocated: on CPU the input and the
+  activations against available_memory() (given: `available`); on an accelerator the
+  input against it and one device's activations against its `device_limit` (bytes)."""
+  est = memory_estimate(config, specs, process_count=process_count, device_count=device_count)
+  available = available_memory() if available is None else available
+  on_host = est["input"] + (est["activations"] if platform == "cpu" else 0)
+  checks = [(on_host, available, "host memory available")]
+  if platform != "cpu":
+    checks.append((est["per_device"], device_limit, f"memory of one {platform} device"))
+  views = ", ".join(f"{s.name} {s.size} px" for s in specs)
+  for need, limit, what in checks:
+    if limit and need > limit:
+      raise ConfigError(
+          f"config.image_size={config.image_size}, config.batch_size={config.batch_size}: "
+          f"a training step needs about {_gib(need)} by a rough, low estimate (input batches "
+          f"{_gib(est['input'])}, activations {_gib(est['activations'])} for views {views}; "
+          f"configs/common.py memory_estimate), more than the {_gib(limit)} of {what}. Lower "
+          "--config.image_size or --config.batch_size.")
 
 
 # --- Presets ---------------------------------------------------------------

@@ -158,32 +158,98 @@ def _done(out_dir, fname, settings):
 
 # ----------------------------------------------------------------- the build
 class OtherSourceError(ValueError):
-  """The output directory holds records of another source (never written into)."""
+  """The output directory holds what a build must not replace (never written into):
+  records of another source, files that are not records (a user's own), or records
+  of the same source built with other settings (unless overwrite=True)."""
 
 
-def check_out_dir(out_dir: str, source: str) -> None:
-  """Refuse an out_dir whose manifest.json, or any shard sidecar, names another source,
-  so that a build (or the demo preset's build_demo) never replaces a user's records."""
-  found = set()
+def _json(path: str):
   try:
-    found.add(json.loads(records.read_text(records.join(out_dir, records.MANIFEST)))["source"])
-  except Exception:   # no (readable) manifest: nothing to protect there
-    pass
-  if not found and not records.is_remote(out_dir) and os.path.isdir(out_dir):
-    for name in os.listdir(out_dir):   # an interrupted build of another source
-      if name.endswith(".tfrecord.json"):
-        try:
-          found.add(json.loads(records.read_text(os.path.join(out_dir, name)))["settings"]
-                    ["source"])
-        except Exception:
-          pass
-  other = sorted(str(f) for f in found if f != source)
+    return json.loads(records.read_text(path))
+  except Exception:   # unreadable or not JSON: not ours
+    return None
+
+
+def _is_records_manifest(m) -> bool:
+  return isinstance(m, dict) and all(k in m for k in ("schema_version", "source", "splits"))
+
+
+def _is_sidecar(side) -> bool:
+  return (isinstance(side, dict) and "file" in side
+          and isinstance(side.get("settings"), dict) and "source" in side["settings"])
+
+
+def _changed(stored: dict, settings: dict) -> list[str]:
+  """'what: before -> now' for the build settings that differ (masks, image size...)."""
+  new = json.loads(json.dumps(settings))
+  flat = lambda d: {**{k: v for k, v in d.items() if k != "opts"},   # noqa: E731
+                    **{k: v for k, v in (d.get("opts") or {}).items()}}
+  old, new = flat(stored), flat(new)
+  show = lambda k, v: ",".join(v) if k == "specs" else repr(v)   # noqa: E731
+  return [f"{'masks' if k == 'specs' else k}: {show(k, old.get(k, {}))} -> "
+          f"{show(k, new.get(k, {}))}" for k in sorted(old.keys() | new.keys())
+          if k != "inputs" and old.get(k) != new.get(k)]
+
+
+def check_out_dir(out_dir: str, source: str, settings: dict | None = None,
+                  overwrite: bool = False) -> None:
+  """Refuse an out_dir that holds anything but this project's records of `source`, so
+  that a build (or the demo preset's build_demo) never replaces what it did not write.
+
+  Ours: a records manifest.json, shard sidecars (<shard>.json), shards with a sidecar
+  or listed in the manifest, and the temporaries of an interrupted write. Refused: any
+  other file (named), records whose manifest or sidecars name another source, and --
+  given `settings` -- records of this source built with other settings (other masks,
+  image size...), unless overwrite (the build then replaces them).
+  """
+  names = records.listdir(out_dir)
+  manifest, sides, foreign = None, {}, []
+  if records.MANIFEST in names:
+    manifest = _json(records.join(out_dir, records.MANIFEST))
+    if not _is_records_manifest(manifest):
+      foreign.append(records.MANIFEST)
+      manifest = None
+  for name in names:
+    if name.endswith(".tfrecord.json"):
+      side = _json(records.join(out_dir, name))
+      if _is_sidecar(side):
+        sides[name[:-len(".json")]] = side
+      else:
+        foreign.append(name)
+  listed = {s.get("file") for split in (manifest or {}).get("splits", {}).values()
+            for s in split.get("shards", [])}
+  for name in names:
+    if name in (records.MANIFEST, records.MANIFEST + ".tmp") or name.endswith(
+        (".tfrecord.json", ".tfrecord.json.tmp")):
+      continue
+    if name.endswith(".tfrecord") and (name in sides or name in listed):
+      continue
+    if name.startswith("tmp") and name.endswith(".tfrecord.tmp"):   # records.write_shard's
+      continue
+    foreign.append(name)
+  if foreign:
+    raise OtherSourceError(
+        f"{records.join(out_dir, sorted(foreign)[0])} is not part of this project's records; "
+        f"refusing to build {source} records in {out_dir}. Choose another --out (for the demo "
+        "preset: --config.data.records_dir) or an empty directory.")
+  found = {str(manifest["source"])} if manifest else set()
+  found |= {str(side["settings"]["source"]) for side in sides.values()}
+  other = sorted(f for f in found if f != source)
   if other:
     raise OtherSourceError(
         f"{out_dir} holds records built from {other[0]} ({records.MANIFEST}); refusing to "
         f"write {source} records there. Choose another --out (for the demo preset: "
         "--config.data.records_dir), delete the directory to replace them, or train on "
         "them with --config.data.build_demo=False.")
+  if settings is None or overwrite:
+    return
+  for name, side in sorted(sides.items()):
+    changed = _changed(side["settings"], settings)
+    if changed:
+      raise OtherSourceError(
+          f"{out_dir} holds {source} records built with other settings ({'; '.join(changed)}; "
+          f"{name}.json); refusing to replace them. Pass --overwrite to rebuild them with "
+          "these settings, or choose another --out.")
 
 
 def _saliency_detector(kinds: list, saliency) -> str | None:
@@ -199,11 +265,12 @@ def _saliency_detector(kinds: list, saliency) -> str | None:
 
 
 def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=None,
-               **opts) -> dict:
+               overwrite: bool = False, **opts) -> dict:
   """Everything a runner needs: the source plan, mask specs, and the shard jobs
-  still to do (complete shards with matching sidecars are kept in 'sides')."""
+  still to do (complete shards with matching sidecars are kept in 'sides').
+  overwrite: replace records of this source built with other settings (refused
+  otherwise: check_out_dir)."""
   plan = sources.plan(source, opts)
-  check_out_dir(out_dir, source)
   kinds = masks.split(",") if isinstance(masks, str) else list(masks)
   background = background_lib.DEFAULT if "background" in kinds else None
   if background:                # built from the saliency map: implies it
@@ -226,6 +293,7 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=N
                saliency=saliency, background=background)
   shard_size = int(opts.get("shard_size") or (250 if plan["kind"] == "demo" else 1000))
   settings = dict(source=source, specs=specs, opts=wopts, shard_size=shard_size)
+  check_out_dir(out_dir, source, settings, overwrite)
   try:   # fail now, not after the first shard's masks
     records.makedirs(out_dir)
     if not records.is_remote(out_dir):
@@ -368,7 +436,8 @@ def finish_manifest(b: dict, seconds: float, **extra) -> dict:
 
 
 def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | None = None,
-          runner: str = "local", beam_options=(), saliency: str | None = None, **opts) -> dict:
+          runner: str = "local", beam_options=(), saliency: str | None = None,
+          overwrite: bool = False, **opts) -> dict:
   """Build records for `source` into out_dir and return the manifest.
 
   opts: image_size (demo side / real shorter side), shard_size, fh_scales,
@@ -380,11 +449,13 @@ def build(source: str, out_dir: str, masks=("fh", "grid", "gt"), workers: int | 
   ('saliency' among the masks means the default detector).
   runner: 'local' (processes, `workers` of them) or 'beam' (beam_options are
   Beam pipeline flags, e.g. ['--direct_num_workers=2'] or Dataflow's).
+  overwrite: replace records of this source in out_dir built with other settings
+  (other masks, image size...); without it they are refused (check_out_dir).
   """
   if runner not in RUNNERS:
     raise ValueError(f"Unknown runner {runner!r}; choose one of {RUNNERS}.")
   t0 = time.time()
-  b = plan_build(source, out_dir, masks, saliency=saliency, **opts)
+  b = plan_build(source, out_dir, masks, saliency=saliency, overwrite=overwrite, **opts)
   if runner == "beam":
     from data_pipelines import beam
     beam.run(b, list(beam_options))
@@ -507,7 +578,8 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
     pass
   if keep_background:
     kinds.append("background")
-  return build("demo", out_dir, masks=kinds, saliency=saliency_lib.DEFAULT, **opts)
+  return build("demo", out_dir, masks=kinds, saliency=saliency_lib.DEFAULT, overwrite=True,
+               **opts)   # the demo's own records: rebuilt with what is asked added
 
 
 def main(argv=None):
@@ -553,12 +625,15 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=None, help="demo only")
   p.add_argument("--bg_correlation", type=float, default=None, help="demo only, in [0, 1]")
   p.add_argument("--data_dir", default=None, help="tfds data_dir")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace records of the same source in --out built with other settings "
+                 "(other --masks, --image_size...); refused without it")
   a, rest = p.parse_known_args(argv)
   if rest and a.runner != "beam":
     p.error(f"unrecognized arguments: {' '.join(rest)} (Beam options need --runner=beam)")
   opts = {k: v for k, v in vars(a).items()
           if v is not None and k not in ("source", "out", "masks", "saliency", "workers",
-                                         "runner", "beam_runner")}
+                                         "runner", "beam_runner", "overwrite")}
   if "fh_scales" in opts:
     opts["fh_scales"] = tuple(int(s) for s in opts["fh_scales"].split(","))
   opts["grid_sizes"] = tuple(int(s) for s in a.grid_sizes.split(","))
@@ -572,7 +647,7 @@ def main(argv=None):
     signal.signal(signum, _raise_stopped)
   try:
     m = build(a.source, a.out, masks=a.masks, workers=a.workers, runner=a.runner,
-              beam_options=beam_options, saliency=a.saliency, **opts)
+              beam_options=beam_options, saliency=a.saliency, overwrite=a.overwrite, **opts)
   except Stopped as e:
     print(f"Stopped by {e}; complete shards are kept: rerun the same command to resume.",
           file=sys.stderr, flush=True)

@@ -172,6 +172,14 @@ def makedirs(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
 
 
+def listdir(directory: str) -> list[str]:
+  """Names in a directory (local or remote); [] when it does not exist."""
+  if is_remote(directory):
+    gfile = _gfile()
+    return [n.rstrip("/") for n in gfile.listdir(directory)] if gfile.isdir(directory) else []
+  return os.listdir(directory) if os.path.isdir(directory) else []
+
+
 def write_text(path: str, text: str) -> None:
   """Atomic on local disks (temp + rename); a single object write on GCS (also atomic)."""
   if is_remote(path):

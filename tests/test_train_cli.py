@@ -33,7 +33,7 @@ def test_missing_mask_source_fails_before_compiling(tmp_path):
       "splits": {"train": {"count": 1, "shards": [{"file": "x.tfrecord", "count": 1}]}}}))
   with tf.io.TFRecordWriter(str(records / "x.tfrecord")) as w:   # present: verified first
     w.write(b"")
-  config = tiny_config()
+  config = tiny_config(batch_size=1)   # no larger than the records' 1 train image
   config.data.update(records_dir=str(records), mask_source="fh")
   with pytest.raises(loop.ConfigError, match=r"config.data.*'fh'.*grid_4"):
     loop.train(config, str(tmp_path / "run"), objective=TinyObjective())

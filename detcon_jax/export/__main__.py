@@ -3,7 +3,8 @@
 torchvision: a state dict for torchvision.models.resnet{depth}() that loads
 with strict=True (fc is zero; replace it for your task). Needs PyTorch:
 pip install -e '.[export]'. Mistakes (a missing workdir, an --out that is a
-directory or in a missing or read-only one) end in one `error:` line.
+directory or in a missing or read-only one, an existing --out without --overwrite)
+end in one `error:` line.
 """
 from __future__ import annotations
 
@@ -19,15 +20,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (checkpo
 _FORMAT = flags.DEFINE_enum("format", "torchvision", FORMATS, "Export format.")
 _OUT = flags.DEFINE_string("out", None, "Output file, e.g. resnet50.pt.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest that restores).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (refused "
+                               "otherwise).")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def check_out(out: str) -> None:
-  """Fail before the slow restore when --out cannot be written."""
+def check_out(out: str, overwrite: bool = False) -> None:
+  """Fail before the slow restore when --out cannot be written, or exists (a file the
+  user may want: replaced only with --overwrite)."""
   parent = os.path.dirname(os.path.abspath(out))
   if os.path.isdir(out) or out.endswith(os.sep):
     cli.fail(f"--out={out} is a directory; give a file path, e.g. "
              f"--out={os.path.join(out, 'resnet.pt')}.")
+  if os.path.lexists(out) and not overwrite:
+    cli.fail(f"--out={out} exists; refusing to replace it. Pass --overwrite to replace it, "
+             "or choose another --out.")
   if not os.path.isdir(parent):
     cli.fail(f"--out={out}: the directory {parent} does not exist; create it first.")
   try:
@@ -39,9 +46,9 @@ def check_out(out: str) -> None:
 
 def main(argv):
   del argv
+  check_out(_OUT.value, _OVERWRITE.value)   # before the slow imports and restore
   from detcon_jax.export import torchvision as tv
   from detcon_jax.train import checkpointing
-  check_out(_OUT.value)
   try:
     import torch  # noqa: F401  (fail before the slow restore)
   except ImportError:

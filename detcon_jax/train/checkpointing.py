@@ -45,8 +45,50 @@ ERROR_LOG = "checkpoint_errors.log"   # library tracebacks of failed saves and r
 
 
 def resolve_workdir(workdir: str) -> str:
-  """Local paths made absolute; URLs (gs://... on TPU pods) kept as they are."""
+  """Local paths made absolute; URLs (gs://... on TPU pods) kept as they are. An empty
+  workdir is refused: it would be the current directory."""
+  if not str(workdir or "").strip():
+    raise WorkdirError("--workdir is empty; give the run its own directory, e.g. "
+                       "--workdir=runs/demo.")
   return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+# What train and evaluate write into a workdir (the lock, config.json and its temporary
+# while it is replaced, checkpoints, TensorBoard runs, evaluation results).
+RUN_ENTRIES = (CONFIG_FILE, LOCK_FILE, CHECKPOINT_DIR, SET_ASIDE_DIR, "tb", "tb_random_init",
+               "eval")
+# Keys every run's config.json has (configs/common.py base_config): how a run's config
+# is told from someone else's config.json.
+RUN_CONFIG_KEYS = ("method", "seed", "steps", "batch_size", "model", "optimizer", "data")
+
+
+def is_run_config(text: str) -> bool:
+  """True when text is a config.json that save_config wrote (a run's config)."""
+  try:
+    stored = json.loads(text)
+  except ValueError:
+    return False
+  return isinstance(stored, dict) and all(k in stored for k in RUN_CONFIG_KEYS)
+
+
+def check_own_workdir(workdir: str) -> None:
+  """Raise WorkdirError unless workdir is missing, empty or holds only what runs write
+  (RUN_ENTRIES, with a config.json that is a run's), so that a run never writes over
+  files it did not make (e.g. --workdir=. in a project folder)."""
+  path = epath.Path(workdir)
+  if not path.exists():
+    return
+  if not path.is_dir():
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory; choose another "
+                       "--workdir.")
+  for entry in sorted(path.iterdir(), key=lambda p: p.name):
+    name = entry.name
+    if name == CONFIG_FILE and not is_run_config(entry.read_text()):
+      raise WorkdirError(f"{entry} is not a training run's config; refusing to train into "
+                         f"{workdir} (it would replace that file). Choose another --workdir.")
+    if name not in RUN_ENTRIES and not name.startswith(CONFIG_FILE + ".tmp"):
+      raise WorkdirError(f"{entry} was not written by a training run; refusing to train into "
+                         f"{workdir}. Use a new or empty --workdir (or one of a previous run).")
 
 
 def ensure_writable(workdir: str) -> None:

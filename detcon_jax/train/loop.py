@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from configs.common import validate
+from configs.common import check_memory, validate, validate_records
 from detcon_jax.errors import (USER_ERRORS, ConfigError, InputError, NonFiniteLossError,
                                WorkdirError)
 from data_pipelines import background as bg_lib
@@ -255,7 +255,11 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
   objective = registry.get_objective(config.method) if objective is None else objective
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
            objective=objective)
+  check_memory(config, objective.views(config), platform=jax.devices()[0].platform,
+               process_count=jax.process_count(), device_count=jax.device_count(),
+               device_limit=device_memory())   # before anything is allocated
   workdir = checkpointing.resolve_workdir(workdir)
+  checkpointing.check_own_workdir(workdir)   # never writes over files a run did not make
   primary = jax.process_index() == 0
   if primary:
     checkpointing.ensure_writable(workdir)
@@ -265,6 +269,14 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
     manager = checkpointing.make_manager(workdir, config.checkpoint.keep)
     cleanup.push(checkpointing.closing(manager))
     return _run(config, workdir, objective, batches, flag, manager, cleanup, t_start)
+
+
+def device_memory() -> int | None:
+  """Bytes one accelerator holds (None on CPU, or where the backend does not say)."""
+  try:
+    return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  except Exception:   # not every backend implements memory_stats
+    return None
 
 
 def abstract_batch(objective, config) -> dict:
@@ -313,6 +325,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   # Data: a missing shard, mask field or records dir fails here, before compiling.
   try:   # checks the records against the config: manifest, shards, mask source, hosts
     if batches is None:   # (the demo build refuses a records_dir of another source)
+      from data_pipelines import records
       try:
         with flag.abortable():   # a signal stops the demo build now (complete shards stay)
           ensure_records(config, objective.views(config))
@@ -322,8 +335,12 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
         return dict(method=config.method, status="preempted", start_step=start_step,
                     step=start_step, losses={}, signal=flag.signum, checkpoint=None)
       check_eval_data(config)
+      validate_records(config, records.read_manifest(config.data.records_dir),
+                       config.data.records_dir)   # image size, batch vs the records
       batches = functools.partial(records_batches, views=objective.views(config))
     source = batches(config, start_step, jax.process_index(), jax.process_count())
+  except ConfigError:   # names its key already
+    raise
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"config.data (records_dir={config.data.records_dir!r}): {e}") from e
   host_input = HostBatches(source, config.data.timeout_s, flag)
