@@ -350,8 +350,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   abstract_state.
 
   Returns (train_state, step, skipped): skipped lists the newer steps that did
-  not restore, each named in a warning (its trace in the error log, error_log()). (None, 0, skipped) when none restores
-  (or there is none). An explicit `step` that fails raises WorkdirError.
+  not restore, each named in a warning (its trace in the error log, error_log()).
+  (None, 0, skipped) when none restores (or there is none). An explicit `step`
+  that fails raises WorkdirError.
   """
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
   skipped = []
