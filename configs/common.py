@@ -284,13 +284,13 @@ def activation_floats(image_size: int, depth: int, width: float, stem_pool: bool
   return int(TENSORS_PER_CONV * total)
 
 
-def memory_estimate(config, specs, *, process_count: int = 1, device_count: int = 1) -> dict:
+def memory_estimate(config, specs, *, process_count: int = 1) -> dict:
   """A rough, low estimate of the memory one training step needs, in bytes per host.
 
   input: the host batch (data_pipelines/batch.py train_batch_shapes: every view's
   image, mask ids, saliency... at its own size) x BATCHES_IN_FLIGHT.
   activations: activation_floats() per example and view, x the host batch, in
-  config.model.dtype; per_device: the same for one device's share of the batch.
+  config.model.dtype (where the devices are: host RAM on CPU).
   Not counted: parameters and optimizer state, the heads, a target network's
   forward pass, XLA's temporaries, tf.data's decode buffers -- the true peak is
   higher, so a config this refuses cannot fit; one it passes may still not.
@@ -303,9 +303,7 @@ def memory_estimate(config, specs, *, process_count: int = 1, device_count: int 
   per_example = sum(activation_floats(s.size, config.model.depth, config.model.width,
                                       bool(config.model.get("stem_pool", True)))
                     for s in specs) * (2 if config.model.dtype == "bfloat16" else 4)
-  devices_here = max(device_count // max(process_count, 1), 1)
-  return dict(input=BATCHES_IN_FLIGHT * batch_bytes, activations=per_example * host_batch,
-              per_device=per_example * -(-host_batch // devices_here))
+  return dict(input=BATCHES_IN_FLIGHT * batch_bytes, activations=per_example * host_batch)
 
 
 def available_memory() -> int | None:
@@ -345,27 +343,24 @@ def _gib(n: float) -> str:
 
 
 def check_memory(config, specs, *, platform: str = "cpu", process_count: int = 1,
-                 device_count: int = 1, available: int | None = None,
-                 device_limit: int | None = None) -> None:
+                 available: int | None = None) -> None:
   """Refuse (ConfigError naming image_size and batch_size) a config whose memory_estimate
-  exceeds what the machine has, before anything is allocated: on CPU the input and the
-  activations against available_memory() (given: `available`); on an accelerator the
-  input against it and one device's activations against its `device_limit` (bytes)."""
-  est = memory_estimate(config, specs, process_count=process_count, device_count=device_count)
+  exceeds the host memory available (available_memory(), or `available`), before anything
+  is allocated: the input batches, plus the activations on CPU, where the devices' memory
+  is host memory. (An accelerator that runs out fails with XLA's own error, on the device;
+  the host is not at risk, so the activations are not judged there.)"""
+  est = memory_estimate(config, specs, process_count=process_count)
   available = available_memory() if available is None else available
-  on_host = est["input"] + (est["activations"] if platform == "cpu" else 0)
-  checks = [(on_host, available, "host memory available")]
-  if platform != "cpu":
-    checks.append((est["per_device"], device_limit, f"memory of one {platform} device"))
-  views = ", ".join(f"{s.name} {s.size} px" for s in specs)
-  for need, limit, what in checks:
-    if limit and need > limit:
-      raise ConfigError(
-          f"config.image_size={config.image_size}, config.batch_size={config.batch_size}: "
-          f"a training step needs about {_gib(need)} by a rough, low estimate (input batches "
-          f"{_gib(est['input'])}, activations {_gib(est['activations'])} for views {views}; "
-          f"configs/common.py memory_estimate), more than the {_gib(limit)} of {what}. Lower "
-          "--config.image_size or --config.batch_size.")
+  need = est["input"] + (est["activations"] if platform == "cpu" else 0)
+  if available and need > available:
+    views = ", ".join(f"{s.name} {s.size} px" for s in specs)
+    raise ConfigError(
+        f"config.image_size={config.image_size}, config.batch_size={config.batch_size}: "
+        f"a training step needs about {_gib(need)} of host memory by a rough, low estimate "
+        f"(input batches {_gib(est['input'])}"
+        + (f", activations {_gib(est['activations'])}" if platform == "cpu" else "")
+        + f" for views {views}; configs/common.py memory_estimate), more than the "
+        f"{_gib(available)} available. Lower --config.image_size or --config.batch_size.")
 
 
 # --- Presets ---------------------------------------------------------------

@@ -171,7 +171,7 @@ def _json(path: str):
 
 
 def _is_records_manifest(m) -> bool:
-  return isinstance(m, dict) and all(k in m for k in ("schema_version", "source", "splits"))
+  return isinstance(m, dict) and all(k in m for k in ("schema_version", "source"))
 
 
 def _is_sidecar(side) -> bool:

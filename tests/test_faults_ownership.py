@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from data_pipelines import build, records
+from data_pipelines import build
 from detcon_jax.errors import ConfigError, WorkdirError
 from detcon_jax.train import checkpointing, loop
 from test_build_reliability import _build, _folder

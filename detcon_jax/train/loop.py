@@ -256,8 +256,7 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
            objective=objective)
   check_memory(config, objective.views(config), platform=jax.devices()[0].platform,
-               process_count=jax.process_count(), device_count=jax.device_count(),
-               device_limit=device_memory())   # before anything is allocated
+               process_count=jax.process_count())   # before anything is allocated
   workdir = checkpointing.resolve_workdir(workdir)
   checkpointing.check_own_workdir(workdir)   # never writes over files a run did not make
   primary = jax.process_index() == 0
@@ -269,14 +268,6 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
     manager = checkpointing.make_manager(workdir, config.checkpoint.keep)
     cleanup.push(checkpointing.closing(manager))
     return _run(config, workdir, objective, batches, flag, manager, cleanup, t_start)
-
-
-def device_memory() -> int | None:
-  """Bytes one accelerator holds (None on CPU, or where the backend does not say)."""
-  try:
-    return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-  except Exception:   # not every backend implements memory_stats
-    return None
 
 
 def abstract_batch(objective, config) -> dict:
