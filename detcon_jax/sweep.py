@@ -86,8 +86,10 @@ def run_sweep(config, seeds, root: str, *, objective=None, batches=None) -> int 
   """
   from detcon_jax.errors import USER_ERRORS
   from detcon_jax.train import checkpointing, loop
+  from configs.common import validate
   if not seeds:
     raise ValueError("--seeds is empty; give seeds as --seeds=0,1,2.")
+  validate(config, objective=objective)   # a mistake fails before any seed starts
   done = []
   with checkpointing.PreemptionFlag() as flag:   # a signal between two seeds
     for seed in seeds:
