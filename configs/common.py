@@ -89,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 10
   # evals: names in detcon_jax.evaluate.run.EVALUATIONS; every_steps 0 = only at the end.
-  c.eval = ml_collections.ConfigDict(dict(at_end=False, every_steps=0,
+  # at_steps: steps also evaluated (the efficiency curve), their checkpoints kept.
+  c.eval = ml_collections.ConfigDict(dict(at_end=False, every_steps=0, at_steps=(),
                                           evals=("knn", "linear", "retrieval", "masks")))
   return c
 
@@ -223,6 +224,10 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("checkpoint.keep", c.checkpoint.keep, "must be >= 1.")
   if c.log_every_steps <= 0:
     _fail("log_every_steps", c.log_every_steps, "must be > 0.")
+  at_steps = tuple(c.eval.get("at_steps", ()))
+  if not all(isinstance(s, int) and 1 <= s <= c.steps for s in at_steps):
+    _fail("eval.at_steps", at_steps, f"must be steps in [1, steps={c.steps}] "
+          "(e.g. --config.eval.at_steps=100,200,400).")
   if process_count is not None and c.batch_size % process_count:
     _fail("batch_size", c.batch_size,
           f"must be divisible by the host count {process_count}; use a multiple of it.")

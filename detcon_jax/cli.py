@@ -16,11 +16,12 @@ def fail(message) -> None:
   sys.exit("error: " + " ".join(str(message).split()))
 
 
-def run(main, config_flag=None) -> None:
+def run(main, config_flag=None, positional: bool = False) -> None:
   """absl's app.run, with command-line mistakes as one `error:` line.
 
   config_flag: the DEFINE_config_file holder, if any; its file is loaded here
   (ml_collections loads it lazily), so that a missing file fails here too.
+  positional: main takes arguments besides flags (argv[1:]; compare's roots).
   """
   def parse(argv):
     try:
@@ -29,7 +30,7 @@ def run(main, config_flag=None) -> None:
         config_flag.value.keys()   # loads the config file
     except Exception as e:   # flags.Error, KeyError/AttributeError, OSError, ConfigError...
       fail(describe(e, argv))
-    if len(rest) > 1:
+    if len(rest) > 1 and not positional:
       fail(f"unexpected arguments {rest[1:]}; every option is a --flag=value.")
     if not flags.FLAGS["verbosity"].present:   # orbax/jax INFO lines drown the output
       logging.set_verbosity(logging.WARNING)

@@ -275,7 +275,7 @@ def test_detcon_b_step_layout_and_gradients(bootstrap_init):
       lambda p, s, b: objective.loss(p, s, b, jax.random.key(1), 0, tiny_config("detcon_b")),
       has_aux=True))
   (value, (metrics, new_state)), grads = fn(params, state, batch)
-  assert np.isfinite(float(value)) and set(metrics) == {"loss", "positive_fraction", "tau"}
+  assert np.isfinite(float(value)) and set(metrics) == {"loss", "positive_fraction", "tau", "chance"}
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert new_state["target"] is not None and all(
       bool((a == b).all()) for a, b in zip(jax.tree.leaves(new_state["target"]),

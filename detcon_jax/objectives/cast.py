@@ -201,7 +201,9 @@ def loss(params, state, batch, rng, step, config):
                                   *maps.shape[1:3])
   l_att, counted = attention_loss(cam, saliency, c.cosine)
   value = total_loss(l_moco, l_att, float(c.attention_weight), c.total)
+  # chance: the loss with MoCo's similarities uniform and the attention loss as it is
   metrics = dict(metrics, loss=value, loss_moco=l_moco, loss_att=l_att,
+                 chance=total_loss(metrics["chance"], l_att, float(c.attention_weight), c.total),
                  att_images=counted / cam.shape[0])
   return value, (metrics, new_state)
 

@@ -11,6 +11,13 @@ global batch sharded on the data axis: DetCon Table 5, "local negatives").
 It is computed block-diagonally (reshape to [shards, B/shards, ...] and vmap),
 so local negatives also cost less, and anchors are still averaged over the
 global batch.
+
+Chance level (the metric 'chance' of every contrastive objective): the loss when
+every similarity is equal, so that each anchor's softmax is uniform over its
+candidates: log(candidates per anchor), averaged over anchors and summed over
+directions as the loss is. It is the loss function itself applied to `uniform`
+latents, so it counts exactly the candidates the loss counts (excluded pairs,
+local negatives, duplicates, invalid boxes, BG Swaps' extra negative).
 """
 from __future__ import annotations
 
@@ -23,6 +30,12 @@ DETCON_FORMS = ("reference", "dedup")  # detcon_nce(form=...): the public code |
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+
+
+def uniform(x):
+  """Latents [..., D] -> equal unit latents [..., 1]: every similarity the same, so a loss
+  of them is its chance level (None stays None)."""
+  return None if x is None else jnp.ones(x.shape[:-1] + (1,), jnp.float32)
 
 
 def info_nce(query, key, queue, *, temperature: float, extra=None):

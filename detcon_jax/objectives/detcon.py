@@ -15,7 +15,7 @@ from __future__ import annotations
 from data_pipelines import batch as B
 from detcon_jax.objectives import common
 from detcon_jax.objectives.byol import bootstrap
-from detcon_jax.objectives.contrastive import detcon_nce
+from detcon_jax.objectives.contrastive import detcon_nce, uniform
 from detcon_jax.objectives.simclr import siamese
 
 
@@ -23,12 +23,14 @@ def detcon_criterion(online1, online2, target1, target2, batch, config, extra=No
   """Reads loss.detcon_form ("reference", the public code, by default; or "dedup")
   and loss.detcon_same_image_negatives (True by default, as the reference);
   extra [B, K, D]: BG Swaps' negative, pooled under view 1's masks."""
-  return detcon_nce(online1, online2, target1, target2, batch[B.MASK_IDS1], batch[B.MASK_IDS2],
-                    temperature=float(config.loss.temperature),
-                    num_shards=common.negative_shards(config),
-                    form=config.loss.get("detcon_form", "reference"),
-                    same_image_negatives=bool(
-                        config.loss.get("detcon_same_image_negatives", True)), extra=extra)
+  loss = lambda o1, o2, t1, t2, e, tau: detcon_nce(
+      o1, o2, t1, t2, batch[B.MASK_IDS1], batch[B.MASK_IDS2], temperature=tau,
+      num_shards=common.negative_shards(config), form=config.loss.get("detcon_form", "reference"),
+      same_image_negatives=bool(config.loss.get("detcon_same_image_negatives", True)), extra=e)
+  value, metrics = loss(online1, online2, target1, target2, extra, float(config.loss.temperature))
+  u = uniform   # chance: log(candidates per mask anchor), averaged as the loss (about 2 log 2BK)
+  chance, _ = loss(u(online1), u(online2), u(target1), u(target2), u(extra), 1.0)
+  return value, dict(metrics, chance=chance)
 
 
 DETCON_S = siamese("detcon_s", common.masks_pool, detcon_criterion, views=common.masked_views)

@@ -42,7 +42,7 @@ from detcon_jax.models import heads
 from detcon_jax.models.resnet import compute_dtype
 from detcon_jax.models.roi_align import roi_align
 from detcon_jax.objectives import common, moco
-from detcon_jax.objectives.contrastive import region_nce
+from detcon_jax.objectives.contrastive import region_nce, uniform
 
 QUERY, KEY, MPH = B.VIEW1, B.VIEW2, "mph"
 BOXES, VALID = boxes_lib.BOXES, boxes_lib.BOXES_VALID
@@ -120,12 +120,13 @@ def loss(params, state, batch, rng, step, config):
                         pool=region_pool(config, target[MPH], stats[MPH], key_spec.size)).z
   keys = jax.lax.stop_gradient(keys[KEY])
   key_valid = batch[B.key(KEY, VALID)]
-  value, accuracy, rows = region_nce(
-      query.z[QUERY][:, 0], keys, batch[B.key(QUERY, VALID)][:, 0], key_valid,
-      temperature=float(config.loss.temperature), num_shards=common.negative_shards(config),
-      intra=bool(config.loss.intra_negatives))
+  loss = lambda q, k, tau: region_nce(
+      q, k, batch[B.key(QUERY, VALID)][:, 0], key_valid, temperature=tau,
+      num_shards=common.negative_shards(config), intra=bool(config.loss.intra_negatives))
+  value, accuracy, rows = loss(query.z[QUERY][:, 0], keys, float(config.loss.temperature))
+  chance, _, _ = loss(uniform(query.z[QUERY][:, 0]), uniform(keys), 1.0)   # log(1 + negatives)
   new_state = dict(state, **{common.BATCH_STATS: dict(query.batch_stats, **{MPH: stats[MPH]})})
-  metrics = {"loss": value, "accuracy": accuracy,
+  metrics = {"loss": value, "accuracy": accuracy, "chance": chance,
              "boxes/rows_kept": rows / key_valid.shape[0],
              "boxes/valid_negatives": jnp.mean(key_valid[:, 1:].astype(jnp.float32))}
   return value, (metrics, new_state)

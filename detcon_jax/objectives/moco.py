@@ -55,7 +55,7 @@ from detcon_jax.models.resnet import num_features
 from detcon_jax.objectives import common
 from detcon_jax.objectives import nearest_neighbours as nn_lib
 from detcon_jax.objectives import queue as queue_lib
-from detcon_jax.objectives.contrastive import info_nce, l2_normalize
+from detcon_jax.objectives.contrastive import info_nce, l2_normalize, uniform
 
 QUEUE, INCOMING = "queue", "incoming"
 # kNN-MoCo: the queue of backbone features, aligned with QUEUE, and this step's rows for it
@@ -131,15 +131,13 @@ def contrast(params, state, batch, config, specs=None, step=0):
   extra = {B.VIEW1: keys[bg_lib.NEGATIVE]} if bg_lib.NEGATIVE in keys else {}
   negatives = jax.lax.stop_gradient(state[QUEUE]["keys"])
   temperature = float(config.loss.temperature)
-  value, accuracy = 0.0, []
-  for k, queries in matched.items():
-    terms = [info_nce(query.z[q], keys[k], negatives, temperature=temperature,
-                      extra=extra.get(q)) for q in queries]
-    value += sum(t[0] for t in terms) / len(terms)
-    accuracy += [t[1] for t in terms]
+  value, accuracy = instance_loss(matched, query.z, keys, negatives, extra, temperature)
+  u = lambda tree: {k: uniform(v) for k, v in tree.items()}
+  chance, _ = instance_loss(matched, u(query.z), u(keys), uniform(negatives), u(extra), 1.0)
   incoming = jnp.concatenate([keys[k] for k in matched], axis=0)
   new_state = dict(state, **{common.BATCH_STATS: query.batch_stats, INCOMING: incoming})
-  metrics = {"loss": value, "accuracy": sum(accuracy) / len(accuracy), "loss_inst": value}
+  metrics = {"loss": value, "accuracy": sum(accuracy) / len(accuracy), "loss_inst": value,
+             "chance": chance}
   if knn_enabled(config):
     pooled = lambda maps, names: jnp.concatenate([heads.global_pool(maps[n]) for n in names])
     aux = nn_lib.knn_loss(
@@ -149,12 +147,27 @@ def contrast(params, state, batch, config, specs=None, step=0):
     weight = jnp.where(step >= knn_start_step(config), float(config.loss.knn_weight), 0.0)
     value = value + weight * aux
     new_state[INCOMING_G] = l2_normalize(pooled(key_out.maps, list(matched)))
-    metrics.update(loss=value, loss_knn=aux, knn_weight=weight)
+    # eq. 2 at uniform similarities: -log(1 / L) for every neighbour
+    chance = chance + weight * jnp.log(float(negatives.shape[0]))
+    metrics.update(loss=value, loss_knn=aux, knn_weight=weight, chance=chance)
   fallbacks = [batch[B.key(s.name, V.FALLBACK)] for s in specs
                if s.name in query_names and s.constraint is not None]
   if fallbacks:
     metrics["views/constraint_fallbacks"] = jnp.mean(jnp.stack(fallbacks).astype(jnp.float32))
   return value, metrics, new_state, query
+
+
+def instance_loss(matched, queries, keys, negatives, extra, temperature):
+  """InfoNCE summed over the key views, each the mean over the queries matched to it ->
+  (loss, [top-1 accuracy per query view]). With `uniform` latents: the chance level,
+  log(queue + 1) per key view (+1 candidate for queries with BG Swaps' negative)."""
+  value, accuracy = 0.0, []
+  for k, names in matched.items():
+    terms = [info_nce(queries[q], keys[k], negatives, temperature=temperature,
+                      extra=extra.get(q)) for q in names]
+    value += sum(t[0] for t in terms) / len(terms)
+    accuracy += [t[1] for t in terms]
+  return value, accuracy
 
 
 def momentum_update(params, state, momentum: float):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from detcon_jax.objectives import common
-from detcon_jax.objectives.contrastive import nt_xent
+from detcon_jax.objectives.contrastive import nt_xent, uniform
 
 
 def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -> common.Objective:
@@ -51,9 +51,13 @@ def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -
 
 
 def nt_xent_criterion(online1, online2, target1, target2, batch, config, extra=None):
+  """NT-Xent, and its chance level (2 log(2N - 1) on one shard, + BG Swaps' negative)."""
   del batch
-  return nt_xent(online1, online2, target1, target2, temperature=float(config.loss.temperature),
-                 num_shards=common.negative_shards(config), extra=extra), {}
+  loss = lambda o1, o2, t1, t2, e, tau: nt_xent(o1, o2, t1, t2, temperature=tau, extra=e,
+                                                num_shards=common.negative_shards(config))
+  value = loss(online1, online2, target1, target2, extra, float(config.loss.temperature))
+  u = uniform
+  return value, {"chance": loss(u(online1), u(online2), u(target1), u(target2), u(extra), 1.0)}
 
 
 OBJECTIVE = siamese("simclr", common.global_pool, nt_xent_criterion)

@@ -160,15 +160,22 @@ def workdir_lock(workdir: str):
     os.close(fd)
 
 
-def make_manager(workdir: str, keep: int | None = None,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """Keeps the last `keep` checkpoints; saves are asynchronous (device->host
-  copies happen before save() returns, so donated buffers are safe)."""
+def make_manager(workdir: str, keep: int | None = None, read_only: bool = False,
+                 keep_steps=()) -> ocp.CheckpointManager:
+  """Keeps the last `keep` checkpoints, and those at `keep_steps` (config.eval.at_steps:
+  evaluated, kept for later); saves are asynchronous (device->host copies happen
+  before save() returns, so donated buffers are safe)."""
   if read_only:
     # Not orbax's read_only=True, which logs two warnings on every open (they
     # landed above the quality table): no save interval, no creation, no
     # max_to_keep (so nothing is ever deleted), and callers only restore.
     options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0)
+  elif keep_steps:
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True,
+        preservation_policy=policies.AnyPreservationPolicy(
+            [policies.LatestN(keep), policies.CustomSteps(list(keep_steps))]))
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True)

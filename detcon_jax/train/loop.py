@@ -91,7 +91,7 @@ def ensure_records(config, views=None) -> None:
 
 def check_eval_data(config) -> None:
   """The records serve the evaluations config.eval runs: fail now, not after training."""
-  if not (config.eval.at_end or config.eval.get("every_steps")):
+  if not (config.eval.at_end or config.eval.get("every_steps") or config.eval.get("at_steps")):
     return
   from data_pipelines import records
   from detcon_jax.evaluate import run as eval_run
@@ -265,7 +265,8 @@ def train(config, workdir: str, *, objective=None, batches: BatchSource | None =
   lock = checkpointing.workdir_lock(workdir) if primary else contextlib.nullcontext()
   with checkpointing.PreemptionFlag(install=jax.process_count() == 1) as flag, lock, \
        checkpointing.quiet_library_errors(workdir), contextlib.ExitStack() as cleanup:
-    manager = checkpointing.make_manager(workdir, config.checkpoint.keep)
+    manager = checkpointing.make_manager(workdir, config.checkpoint.keep,
+                                         keep_steps=tuple(config.eval.get("at_steps", ())))
     cleanup.push(checkpointing.closing(manager))
     return _run(config, workdir, objective, batches, flag, manager, cleanup, t_start)
 
@@ -377,6 +378,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
                   side_by_side(*[to_uint8(np.asarray(first_host[k][:8])) for k in shown]))
   host_batch = config.batch_size // jax.process_count()
   losses: dict[int, float] = {}
+  chance = None   # the objective's chance level (metric 'chance'), at the last log
   status, last_saved = "done", start_step if start_step else None
   pending = []   # (step, device metrics) dispatched but not yet read back
 
@@ -442,16 +444,17 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
       values.update({f"data/{k}": v for k, v in getattr(source, "stats", {}).items()})
       values["data/corrupt_fraction"] = skipped / max(read, 1)
       writer.scalars(step, values)
+      chance = values.get("chance", chance)
       bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}")
       t_log, log_from = now, step
       # At the last step the whole run is judged, before its final checkpoint: a run
       # that fails here is not "already trained" on the rerun, which judges it again.
       check_corrupt(config, skipped, read, last_saved, final=step == config.steps)
     every = config.checkpoint.every_steps
-    eval_every = config.eval.every_steps
-    if (every and step % every == 0) or (eval_every and step % eval_every == 0):
+    evaluate = evaluate_at(config, step)
+    if (every and step % every == 0) or evaluate:
       save(step)
-    if eval_every and step % eval_every == 0 and step < config.steps:
+    if evaluate and step < config.steps:
       t_eval = time.time()
       checkpointing.wait(manager, step)
       try:
@@ -476,13 +479,14 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
                  start_step=start_step, step=step,
                  loss_first=float(np.mean(ordered[:window])) if ordered else None,
                  loss_last=float(np.mean(ordered[-window:])) if ordered else None,
+                 chance=chance,
                  losses=losses, setup_s=setup_s, compile_s=compile_s, wall_s=wall,
                  step_time_s=wall / max(ran, 1),
                  img_per_s_per_device=config.batch_size * ran / max(wall, 1e-9) / devices,
                  records_read=read, records_skipped=skipped,
                  checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step)))
   say(summary_line(summary))
-  if status == "done" and config.eval.at_end:
+  if status == "done" and (config.eval.at_end or step in tuple(config.eval.get("at_steps", ()))):
     return _evaluate_at_end(config, workdir, step, flag, summary)
   return summary
 
@@ -502,6 +506,13 @@ def _evaluate_at_end(config, workdir: str, step: int, flag, summary: dict) -> di
   return summary
 
 
+def evaluate_at(config, step: int) -> bool:
+  """Whether the run evaluates (and keeps) the checkpoint at `step` before its end:
+  config.eval.every_steps, config.eval.at_steps."""
+  every = config.eval.every_steps
+  return bool(every and step % every == 0) or step in tuple(config.eval.get("at_steps", ()))
+
+
 def signal_name(signum) -> str:
   return signal.Signals(signum).name
 
@@ -519,6 +530,8 @@ def summary_line(s: dict) -> str:
   """One line for the end of a run."""
   loss = (f"loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} (first/last log interval)"
           if s["loss_first"] is not None else "no steps run")
+  if s.get("chance") is not None:   # contrastive methods: the loss of a uniform guess
+    loss += f", chance {s['chance']:.4f}"
   records = (f"{s['records_skipped']} of {s['records_read']} records read were unreadable "
              "(skipped) | " if s.get("records_read") else "")
   return (f"[{s['method']}] {s['status']}: steps {s['start_step']}->{s['step']} in "
