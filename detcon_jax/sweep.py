@@ -121,8 +121,10 @@ def run_sweep(config, seeds, root: str, *, objective=None, batches=None) -> int 
       done.append(seed)
   if flag.is_set():
     return 128 + flag.signum
-  print(f"Sweep {root}: seeds {done} finished. Compare sweeps with: python -m "
-        f"detcon_jax.compare {root} OTHER_ROOT ...", flush=True)
+  print(f"Sweep {root}: seeds {done} finished. " + (
+      f"Compare sweeps with: python -m detcon_jax.compare {root} OTHER_ROOT ..."
+      if eval_steps(config) else "No evaluation was asked for (config.eval.at_end, "
+      "config.eval.at_steps), so there is nothing for detcon_jax.compare to read."), flush=True)
   return None
 
 
