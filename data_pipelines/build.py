@@ -179,15 +179,22 @@ def _is_sidecar(side) -> bool:
           and isinstance(side.get("settings"), dict) and "source" in side["settings"])
 
 
+def _flat_settings(settings: dict) -> dict:
+  """Build settings with the worker options lifted to the top and 'specs' named 'masks'."""
+  flat = {("masks" if k == "specs" else k): v for k, v in settings.items() if k != "opts"}
+  flat.update(settings.get("opts") or {})
+  return flat
+
+
 def _changed(stored: dict, settings: dict) -> list[str]:
   """'what: before -> now' for the build settings that differ (masks, image size...)."""
-  new = json.loads(json.dumps(settings))
-  flat = lambda d: {**{k: v for k, v in d.items() if k != "opts"},   # noqa: E731
-                    **{k: v for k, v in (d.get("opts") or {}).items()}}
-  old, new = flat(stored), flat(new)
-  show = lambda k, v: ",".join(v) if k == "specs" else repr(v)   # noqa: E731
-  return [f"{'masks' if k == 'specs' else k}: {show(k, old.get(k, {}))} -> "
-          f"{show(k, new.get(k, {}))}" for k in sorted(old.keys() | new.keys())
+  old, new = _flat_settings(stored), _flat_settings(json.loads(json.dumps(settings)))
+
+  def show(key, value):
+    return ",".join(value) if key == "masks" and isinstance(value, dict) else repr(value)
+
+  return [f"{k}: {show(k, old.get(k))} -> {show(k, new.get(k))}"
+          for k in sorted(old.keys() | new.keys())
           if k != "inputs" and old.get(k) != new.get(k)]
 
 

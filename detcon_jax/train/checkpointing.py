@@ -71,6 +71,13 @@ def is_run_config(text: str) -> bool:
   return isinstance(stored, dict) and all(k in stored for k in RUN_CONFIG_KEYS)
 
 
+def _is_run_config_file(path) -> bool:
+  try:
+    return path.is_file() and is_run_config(path.read_text())
+  except (OSError, UnicodeDecodeError):   # unreadable: not one this project can vouch for
+    return False
+
+
 def check_own_workdir(workdir: str) -> None:
   """Raise WorkdirError unless workdir is missing, empty or holds only what runs write
   (RUN_ENTRIES, with a config.json that is a run's), so that a run never writes over
@@ -81,9 +88,13 @@ def check_own_workdir(workdir: str) -> None:
   if not path.is_dir():
     raise WorkdirError(f"--workdir={workdir} is a file, not a directory; choose another "
                        "--workdir.")
-  for entry in sorted(path.iterdir(), key=lambda p: p.name):
+  try:
+    entries = sorted(path.iterdir(), key=lambda p: p.name)
+  except OSError:   # unreadable: ensure_writable says what is wrong with it
+    return
+  for entry in entries:
     name = entry.name
-    if name == CONFIG_FILE and not is_run_config(entry.read_text()):
+    if name == CONFIG_FILE and not _is_run_config_file(entry):
       raise WorkdirError(f"{entry} is not a training run's config; refusing to train into "
                          f"{workdir} (it would replace that file). Choose another --workdir.")
     if name not in RUN_ENTRIES and not name.startswith(CONFIG_FILE + ".tmp"):
