@@ -13,6 +13,7 @@ import pytest
 
 from detcon_jax.evaluate import run as eval_run
 from detcon_jax.train import checkpointing, loop, writers
+from test_build_reliability import _alive, _children
 from test_faults import _real_config, _records
 from test_train_tiny_objective import TinyObjective, run, tiny_config
 
@@ -72,16 +73,18 @@ cli.run(main)
 """
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc for child processes")
 def test_sigterm_during_the_demo_build_inside_train_stops_it_within_seconds(tmp_path):
   records = tmp_path / "records"
   proc = subprocess.Popen([sys.executable, "-c", BUILDING, str(tmp_path / "run"), str(records)],
                           env=ENV, cwd=ROOT, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
   deadline = time.time() + 300
-  while not records.exists():                # the build has started
+  while len(_children(proc.pid)) < 2:        # the build's workers have started
     assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
     time.sleep(0.2)
   time.sleep(2)
+  kids = _children(proc.pid)
   proc.send_signal(signal.SIGTERM)
   t = time.time()
   out, err = proc.communicate(timeout=120)
@@ -90,6 +93,11 @@ def test_sigterm_during_the_demo_build_inside_train_stops_it_within_seconds(tmp_
   assert "Stopped by SIGTERM while building the demo records" in out
   assert "Traceback" not in err and not (records / "manifest.json").exists()
   assert stopped_in < 5, stopped_in          # the build takes ~40 s on one core
+  deadline = time.time() + 5                  # no worker outlives it by more than seconds
+  while any(map(_alive, kids)) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(map(_alive, kids)), [open(f"/proc/{k}/cmdline").read() for k in kids
+                                      if _alive(k)]
   print(f"SIGTERM during train's demo build: exit 143 after {stopped_in:.1f}s")
 
 

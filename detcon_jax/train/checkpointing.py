@@ -283,7 +283,8 @@ class _Divert(logging.Filter):
 def quiet_library_errors(workdir: str):
   """Route what orbax/asyncio/TensorStore print about failed saves and restores (log
   records, exceptions of their threads, callbacks into a closed event loop) to
-  WORKDIR/checkpoint_errors.log for the duration; everything else prints as before."""
+  WORKDIR/checkpoint_errors.log for the duration (the callbacks: also after it);
+  everything else prints as before."""
   log = _ErrorLog(resolve_workdir(workdir))
   divert = _Divert(log)
   loggers = [logging.getLogger(), logging.getLogger("absl"), logging.getLogger("asyncio")]
@@ -311,9 +312,12 @@ def quiet_library_errors(workdir: str):
     yield log
   finally:
     _LOGS.remove(log)
-    threading.excepthook, sys.unraisablehook = previous_thread_hook, previous_unraisable
+    threading.excepthook = previous_thread_hook
     for logger in loggers:
       logger.removeFilter(divert)
+    # sys.unraisablehook stays (chained): TensorStore completes futures into orbax's
+    # closed event loops up to interpreter exit ("Event loop is closed", after the
+    # error line), and those still go to this log.
 
 
 def error_log() -> str:
