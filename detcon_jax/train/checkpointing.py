@@ -212,12 +212,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir!r}: is this a training workdir "
                             "(python -m detcon_jax.train --workdir=...)?")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    stored = json.loads(path.read_text())
   except ValueError as e:   # cut short (disk full, a copy interrupted) or edited by hand
     raise WorkdirError(
         f"{path} is not valid JSON ({e}); it holds the run's config, which resuming, "
         "evaluating and exporting rebuild the run from. Restore it from a copy, or use a new "
         "--workdir.") from None
+  return ml_collections.ConfigDict(stored)
 
 
 # --- A trained encoder, for evaluation and export ---------------------------
