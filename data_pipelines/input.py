@@ -93,6 +93,9 @@ def host_shards(records_dir, manifest, split, host_index, host_count):
   """(paths, example count) of this host's shards: shards[host_index::host_count]."""
   paths = R.shard_paths(records_dir, manifest, split)
   counts = [s["count"] for s in manifest["splits"][split]["shards"]]
+  if not paths:   # an interrupted or emptied build, or a manifest edited by hand
+    raise ValueError(f"Split {split!r} of {records_dir!r} lists no shards in {R.MANIFEST}; "
+                     f"rebuild the records: `{R.rebuild_command(records_dir, manifest)}`.")
   if len(paths) < host_count:
     raise ValueError(f"Split {split!r} has {len(paths)} shards for {host_count} hosts; "
                      "rebuild with a smaller --shard_size so every host gets a shard.")

@@ -261,7 +261,15 @@ def read_manifest(records_dir: str) -> dict:
     raise FileNotFoundError(
         f"No {MANIFEST} in {records_dir!r}: build records first, e.g. "
         f"`python -m data_pipelines.build --source=demo --out={records_dir}`.")
-  manifest = json.loads(read_text(path))
+  try:
+    manifest = json.loads(read_text(path))
+  except ValueError as e:   # cut short (an interrupted copy, a full disk) or edited by hand
+    raise ValueError(f"{path} is not valid JSON ({e}); it lists the shards, so the records "
+                     "cannot be read without it. Copy it again from where the records came "
+                     "from, or rerun the build that made them (python -m data_pipelines.build "
+                     f"--source=... --out={records_dir}; its complete shards are kept).") from None
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path} is not a records manifest (a JSON object); rebuild the records.")
   if manifest.get("schema_version") not in READABLE_VERSIONS:
     raise ValueError(f"{path} has schema version {manifest.get('schema_version')}, this "
                      f"code reads {list(READABLE_VERSIONS)}; rebuild the records.")

@@ -78,6 +78,20 @@ def images_under(path: str) -> list[str]:
   return sorted(out)
 
 
+def _utf8(path: str) -> bool:
+  """False for a local name os.walk decoded with surrogate escapes (bytes not UTF-8)."""
+  try:
+    path.encode("utf-8")
+    return True
+  except UnicodeEncodeError:
+    return False
+
+
+def _printable(path: str) -> str:
+  """The path with its non-UTF-8 bytes as \\xNN, printable and JSON-safe."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def plan_folder(path: str) -> dict:
   """The ImageFolder convention: PATH/[SPLIT/]CLASS/**/IMAGE.
 
@@ -103,7 +117,10 @@ def plan_folder(path: str) -> dict:
     items = []
     for f in images_under(sd):
       parts = f[len(sd):].lstrip("/" + os.sep).replace(os.sep, "/").split("/")
-      if len(parts) > 1:
+      if not _utf8(f):   # the records store the path as example/id (UTF-8)
+        outside.append(dict(split=split, input=_printable(f), reason="the file name is not "
+                            "valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8) to use it"))
+      elif len(parts) > 1:
         items.append((f, class_names.index(parts[0])))
       elif class_names:
         outside.append(dict(split=split, input=f, reason="not in a class subfolder "

@@ -22,6 +22,8 @@ def run(main, config_flag=None, positional: bool = False) -> None:
   config_flag: the DEFINE_config_file holder, if any; its file is loaded here
   (ml_collections loads it lazily), so that a missing file fails here too.
   positional: main takes arguments besides flags (argv[1:]; compare's roots).
+  Storage errors on a URL (gs://... unreachable: no network, no credentials, no
+  such bucket) end in one line too, naming the flag that gave the URL.
   """
   def parse(argv):
     try:
@@ -35,7 +37,39 @@ def run(main, config_flag=None, positional: bool = False) -> None:
     if not flags.FLAGS["verbosity"].present:   # orbax/jax INFO lines drown the output
       logging.set_verbosity(logging.WARNING)
     return rest
-  app.run(main, flags_parser=parse)
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except Exception as e:
+      message = storage_error(e, sys.argv)
+      if message is None:
+        raise
+      fail(message)
+  app.run(guarded, flags_parser=parse)
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+")
+
+
+def storage_error(e: BaseException, argv) -> str | None:
+  """One line for a TensorFlow file-system error on a URL (tf.io.gfile, which orbax and
+  tf.data use for gs://), naming the flag whose value it is under; None for others."""
+  if not any(t.__name__ == "OpError" and t.__module__.startswith("tensorflow")
+             for t in type(e).__mro__):
+    return None
+  text = " ".join(str(getattr(e, "message", e)).split())
+  url = _URL.search(text)
+  if url is None:
+    return None
+  url = url.group(0).rstrip(".,;:)")
+  detail = text.split("error details: ")[-1].split(" when ")[0].strip()
+  given = [a for a in argv if a.startswith("--") and "=" in a
+           and "://" in a and url.startswith(a.split("=", 1)[1].rstrip("/"))]
+  where = f"{given[-1]}: " if given else ""
+  return (f"{where}cannot access {url} ({type(e).__name__}: {detail}); check the network, "
+          "the bucket name and the credentials (gcloud auth application-default login), "
+          "or use a local path.")
 
 
 def _chain(e):
@@ -65,6 +99,10 @@ def describe(e: BaseException, argv) -> str:
   if config_errors:                      # raised by get_config (e.g. an unknown preset)
     return f"{_arg(argv, '--config=')}: {config_errors[-1]}"
   first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  if isinstance(e, AttributeError) and "get_config" in str(e):   # e.g. an empty file
+    return (f"{_arg(argv, '--config=')}: the file defines no get_config(); a config file "
+            "defines get_config(preset) returning the config, e.g. "
+            "--config=configs/detcon_b.py:demo.")
   if (isinstance(e, (KeyError, AttributeError))                # --config.<key> that the
       or re.match(r"Unknown command line flag 'config\.", first)):   # config lacks
     return _unknown_key(e, argv)
@@ -74,22 +112,48 @@ def describe(e: BaseException, argv) -> str:
   return first
 
 
+def _overrides(argv) -> list[str]:
+  """The --config.a.b=v arguments (--noconfig.a.b too), in order."""
+  return [a for a in argv if a.startswith(("--config.", "--noconfig."))]
+
+
+def _key_path(arg: str) -> list[str]:
+  """'--config.a.b=v' -> ['config', 'a', 'b']."""
+  return arg.split("=")[0].lstrip("-").removeprefix("no").split(".")
+
+
+def _first_unknown(config, argv):
+  """(argument, unknown path, hint) for the first override whose key the config lacks,
+  walking the loaded config (the exception's text does not say which argument)."""
+  for arg in _overrides(argv):
+    node, path = config, _key_path(arg)
+    for i, part in enumerate(path[1:], start=1):
+      if not hasattr(node, "keys"):
+        return arg, ".".join(path), f" ({'.'.join(path[:i])} is a value, not a section)"
+      if part not in node.keys():
+        close = difflib.get_close_matches(part, list(node.keys()), n=3)
+        hint = (f" (did you mean {', '.join(close)}?)" if close
+                else f" (keys there: {sorted(node.keys())})")
+        return arg, ".".join(path[:i + 1]), hint
+      node = node[part]
+  return None
+
+
 def _unknown_key(e, argv) -> str:
   """--config.a.b=v where the config has no a.b: name the argument, and the nearest keys."""
-  missing = re.findall(r"'(?:config\.)?([^']+)'", str(e))
-  name = missing[0].split(".")[-1] if missing else ""
-  overrides = [a for a in argv if a.startswith("--config.")]
-  arg = next((a for a in overrides if name in a.split("=")[0].split(".")[1:]),
-             overrides[0] if overrides else "--config")
-  path = arg.split("=")[0][len("--"):]
-  hint = ""
+  found = None
   try:
-    node = _load_config(argv)
-    for part in path.split(".")[1:-1]:
-      node = node[part]
-    close = difflib.get_close_matches(path.split(".")[-1], list(node.keys()), n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else f" (keys there: {sorted(node)})"
-  except Exception:   # the config does not load, or the path runs through a leaf
+    found = _first_unknown(_load_config(argv), argv)
+  except Exception:   # the config does not load: name what the exception names
     pass
+  if found is None:
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    missing = re.findall(r"'(?:config\.)?([^'\s]+)'", text)
+    name = missing[0].split(".")[-1] if missing else ""
+    overrides = _overrides(argv)
+    arg = next((a for a in overrides if name in _key_path(a)[1:]),
+               overrides[0] if overrides else "--config")
+    found = arg, ".".join(_key_path(arg)), ""
+  arg, path, hint = found
   return (f"{arg}: {path} is not a config key{hint}; the keys and their defaults are in "
           "configs/common.py.")

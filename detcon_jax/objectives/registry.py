@@ -18,6 +18,7 @@ before after_update. params = {'encoder', 'projector', ...}; state =
 """
 from __future__ import annotations
 
+from detcon_jax.errors import ConfigError
 from detcon_jax.objectives import byol, cast, common, detcon, maskco, moco, simclr, swav
 
 OBJECTIVES = {
@@ -33,9 +34,9 @@ OBJECTIVES = {
 
 
 def get_objective(name: str) -> common.Objective:
-  if name not in OBJECTIVES:
-    raise ValueError(f"Unknown method {name!r} (config.method); known methods: "
-                     f"{', '.join(sorted(OBJECTIVES))}.")
+  if name not in OBJECTIVES:   # a user's --config.method (or a run's config.json)
+    raise ConfigError(f"config.method={name!r}: unknown method; choose one of "
+                      f"{sorted(OBJECTIVES)} (--config=configs/<method>.py:<preset>).")
   return OBJECTIVES[name]
 
 

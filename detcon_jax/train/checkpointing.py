@@ -376,6 +376,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   (None, 0, skipped) when none restores (or there is none). An explicit `step`
   that fails raises WorkdirError.
   """
+  check_step(manager, step)
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
   skipped = []
   for s in steps:
@@ -390,6 +391,18 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
                       s, manager.directory, problem)
       skipped.append(int(s))
   return None, 0, skipped
+
+
+def check_step(manager: ocp.CheckpointManager, step: int | None) -> None:
+  """An explicit step (--step) must be one the workdir holds: else name the ones it does."""
+  if step is None:
+    return
+  steps = sorted(int(s) for s in manager.all_steps())
+  if step not in steps:
+    raise WorkdirError(
+        f"No checkpoint step {step} in {manager.directory}; "
+        + (f"it holds steps {steps}: pass one of them to --step, or leave --step out for "
+           "the newest." if steps else "it holds none: train first."))
 
 
 def set_aside(manager: ocp.CheckpointManager, workdir: str, steps) -> list[str]:
@@ -435,7 +448,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir!r}: is this a training workdir "
                             "(python -m detcon_jax.train --workdir=...)?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    stored = json.loads(path.read_text())
+  except ValueError as e:   # cut short (disk full, a copy interrupted) or edited by hand
+    raise WorkdirError(
+        f"{path} is not valid JSON ({e}); it holds the run's config, which resuming, "
+        "evaluating and exporting rebuild the run from. Restore it from a copy, or use a new "
+        "--workdir.") from None
+  return ml_collections.ConfigDict(stored)
 
 
 # --- A trained encoder, for evaluation and export ---------------------------
@@ -469,6 +489,12 @@ def restore_train_state(workdir: str, step: int | None = None):
   from detcon_jax.train import state as state_lib
 
   config = load_config(workdir)
+  if step is not None:   # a step that does not exist fails before the model is traced
+    manager = make_manager(workdir, read_only=True)
+    try:
+      check_step(manager, step)
+    finally:
+      manager.close()
   objective = registry.get_objective(config.method)
   tx, _ = state_lib.make_optimizer(objective, config)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in

@@ -83,10 +83,21 @@ def ensure_records(config, views=None) -> None:
     saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) or s.min_salient_cover > 0
                    for s in views)
     kind = config.data.mask_source.split("_")[0]
-    build.ensure_demo_records(config.data.records_dir, saliency=saliency,
-                              background=bg_lib.needs_tiled(bg_lib.settings(config)),
-                              masks=(kind,) if kind in REGISTRY else (),
-                              bg_correlation=config.data.get("demo_bg_correlation", 0.0))
+    background = bg_lib.needs_tiled(bg_lib.settings(config))
+    try:
+      build.ensure_demo_records(config.data.records_dir, saliency=saliency,
+                                background=background,
+                                masks=(kind,) if kind in REGISTRY else (),
+                                bg_correlation=config.data.get("demo_bg_correlation", 0.0))
+    except OSError as e:   # the build's message names its --out, which train users never pass
+      reason = getattr(e.__context__, "strerror", None) or e.strerror or str(e)
+      needs = [f"{kind} masks" if kind in REGISTRY else "",
+               "saliency maps" if saliency else "", "tiled backgrounds" if background else ""]
+      raise ConfigError(
+          f"config.data.records_dir={config.data.records_dir!r}: the demo records there must "
+          f"be built or upgraded for this config ({', '.join(n for n in needs if n)}), but "
+          f"the directory cannot be written ({reason}). Make it writable, or point "
+          "--config.data.records_dir at a writable directory.") from None
 
 
 def check_eval_data(config) -> None:
@@ -391,9 +402,8 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
       if not np.isfinite(loss):
         checkpointing.wait(manager, last_saved)
         raise NonFiniteLossError(
-            f"Loss is {loss} at step {s} (lr {float(out['lr']):.4g}). Stopped; no checkpoint "
-            f"was written after step {last_saved}. Lower --config.optimizer.base_lr, raise "
-            "--config.optimizer.warmup_steps, or check the input data.")
+            f"Loss is {loss} at step {s} (lr {float(out['lr']):.4g}). Stopped; "
+            + diverged_advice(workdir, last_saved))
       losses[s] = loss
     pending.clear()
     return out
@@ -402,8 +412,8 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
     nonlocal last_saved
     drain()
     if not checkpointing.all_finite(ts["params"]):
-      raise NonFiniteLossError(f"Parameters are not finite after step {step - 1}; "
-                               "no checkpoint written. Lower --config.optimizer.base_lr.")
+      raise NonFiniteLossError(f"Parameters are not finite after step {step - 1}. Stopped; "
+                               + diverged_advice(workdir, last_saved))
     checkpointing.save(manager, step, ts)
     last_saved = step
 
@@ -511,6 +521,24 @@ def evaluate_at(config, step: int) -> bool:
   config.eval.every_steps, config.eval.at_steps."""
   every = config.eval.every_steps
   return bool(every and step % every == 0) or step in tuple(config.eval.get("at_steps", ()))
+
+
+def diverged_advice(workdir: str, last_saved) -> str:
+  """What to do after a NaN/inf: the fix (a lower learning rate, a longer warmup) is a
+  config change, so where checkpoints exist it needs a new workdir.
+
+  Why not resume with the lower learning rate: a researcher reads a run's config.json
+  (and evaluations and exports rebuild from it) as the config every step was trained
+  with, and a resume continues it exactly (check_resumable); a run spliced from two
+  learning rates would be described by neither. The inputs and per-step rng are
+  deterministic, so the new run in a new workdir is reproducible from its own config."""
+  fixes = ("Lower --config.optimizer.base_lr, raise --config.optimizer.warmup_steps, or "
+           "check the input data")
+  if last_saved is None:   # nothing saved: the same workdir starts over
+    return f"nothing was saved. {fixes}, and rerun (the same --workdir starts over)."
+  return (f"no checkpoint was written after step {last_saved}. {fixes}, in a new --workdir: "
+          f"{workdir} holds checkpoints of this config, and a resume must continue it "
+          "unchanged.")
 
 
 def signal_name(signum) -> str:
