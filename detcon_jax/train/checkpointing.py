@@ -95,6 +95,8 @@ def check_own_workdir(workdir: str) -> None:
   for entry in entries:
     name = entry.name
     if name == CONFIG_FILE and not _is_run_config_file(entry):
+      if (path / CHECKPOINT_DIR).exists():   # a run's config.json, damaged: say so
+        load_config(workdir)
       raise WorkdirError(f"{entry} is not a training run's config; refusing to train into "
                          f"{workdir} (it would replace that file). Choose another --workdir.")
     if name not in RUN_ENTRIES and not name.startswith(CONFIG_FILE + ".tmp"):
