@@ -89,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   # evals: names in detcon_jax.evaluate.run.EVALUATIONS; every_steps 0 = only at the end.
   c.eval = ml_collections.ConfigDict(dict(at_end=False, every_steps=0,
-                                          evals=("knn", "linear", "retrieval", "masks")))
+                                          evals=("knn", "linear", "retrieval", "seg_linear",
+                                                 "multilabel", "masks")))
   return c
 
 

@@ -34,11 +34,29 @@ INDEX = "index"                            # [B] int32 example index (global)
 # Evaluation batches (plain reader: resize + centre crop, no augmentation).
 IMAGE = "image"                            # [B, H, W, 3] float32 in [0, 1]
 SEMANTIC = "semantic"                      # [B, H, W] int32, 0 = background, c+1 = class c
+# Semantic labels have one source: records with GT (manifest has_gt) store each
+# image's instance map and its instances' classes (gt/instances, gt/classes);
+# the eval reader maps instance k to classes[k-1] + 1 (data_pipelines/input.py
+# eval_iterator), so the demo gets background + its 12 classes and a tfds
+# segmentation dataset background + the image's class. Multi-label targets are
+# the classes present in that map (present_classes). IGNORE_LABEL marks pixels
+# scored nowhere (padding of augmented crops; VOC's object borders).
+IGNORE_LABEL = 255
 INSTANCES = "instances"                    # [B, H, W] int32, 0 = background
 MASK_PREFIX = "mask/"                      # "mask/<source>": [B, H, W] int32 id maps
 SALIENCY = "saliency"                      # [B, H, W] float32 in [0, 1] (records with saliency)
 
 NUM_MASKS = 16
+
+
+def present_classes(semantic, num_classes: int) -> np.ndarray:
+  """bool [N, num_classes]: class c is present where some pixel of the image is c + 1."""
+  sem = np.asarray(semantic).reshape(len(semantic), -1)
+  out = np.zeros((len(sem), num_classes + 1), bool)
+  rows = np.repeat(np.arange(len(sem)), sem.shape[1])
+  keep = (sem.ravel() >= 0) & (sem.ravel() <= num_classes)
+  out[rows[keep], sem.ravel()[keep]] = True
+  return out[:, 1:]
 
 
 def train_batch_shapes(batch_size: int, image_size: int | None = None,
