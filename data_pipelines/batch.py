@@ -29,6 +29,8 @@ VIEW1, VIEW2 = "view1", "view2"            # [B, H, W, 3] float32 in [0, 1]
 MASKS1, MASKS2 = key(VIEW1, "masks"), key(VIEW2, "masks")            # [B, H, W] int32 id maps
 MASK_IDS1, MASK_IDS2 = key(VIEW1, "mask_ids"), key(VIEW2, "mask_ids")  # [B, K] int32 sampled ids
 LABEL = "label"                            # [B] int32 image label (-1: none)
+LABELS = "labels"                          # [B, num_classes] float32 multi-hot: the classes of
+                                           # the image's GT instances (train_iterator multi_hot)
 INDEX = "index"                            # [B] int32 example index (global)
 
 # Evaluation batches (plain reader: resize + centre crop, no augmentation).

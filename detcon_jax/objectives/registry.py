@@ -18,7 +18,8 @@ before after_update. params = {'encoder', 'projector', ...}; state =
 """
 from __future__ import annotations
 
-from detcon_jax.objectives import byol, cast, common, detcon, maskco, moco, simclr, swav
+from detcon_jax.objectives import byol, cast, common, detcon, maskco, moco, simclr, supervised
+from detcon_jax.objectives import swav
 
 OBJECTIVES = {
     "simclr": simclr.OBJECTIVE,
@@ -29,6 +30,7 @@ OBJECTIVES = {
     "swav": swav.OBJECTIVE,
     "cast": cast.OBJECTIVE,
     "maskco": maskco.OBJECTIVE,
+    "supervised": supervised.OBJECTIVE,
 }
 
 
