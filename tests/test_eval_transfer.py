@@ -190,3 +190,22 @@ def test_records_without_semantic_labels_are_refused_naming_what_applies():
   msg = str(e.value)
   assert "seg_linear, multilabel, seg_finetune: no ground-truth instance maps" in msg
   assert msg.endswith("Use --evals=knn,linear on these records.") and "\n" not in msg
+
+
+@pytest.mark.slow   # 400 SGD steps of the demo ResNet: ~5 min on a loaded 2-core CPU
+def test_seg_finetune_overfits_8_demo_images():
+  """Demo ResNet-18 (width 0.25, stride 16) + FCN head from random init, no augmentation,
+  the DetCon schedule at 2.5x its rate: train mIoU > 0.9 (measured 0.92)."""
+  from data_pipelines import demo
+  examples = [demo.example("train", i) for i in range(8)]
+  images = np.stack([e["image"] for e in examples])
+  semantic = np.stack([np.concatenate([[0], e["classes"] + 1])[e["instances"]]
+                       for e in examples]).astype(np.int32)
+  model = ResNet(depth=18, width=0.25, stem_pool=False)
+  fcn = finetune.build_fcn(model, 13)
+  variables = finetune.init_variables(fcn, features.random_init_variables(model, 96), 96)
+  variables, losses = finetune.train(fcn, variables, images, semantic, steps=400, crop=96,
+                                     batch_size=8, augmentation=False, lr_scale=2.5)
+  assert losses[-1] < 0.1 * losses[0]
+  predictions = finetune.predict(fcn, variables, images.astype(np.float32) / 255)
+  assert segmentation.miou(semantic, predictions, 13)["miou"] > 0.9
