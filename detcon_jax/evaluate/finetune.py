@@ -100,8 +100,7 @@ def init_variables(fcn: FCN, encoder_variables: dict | None, crop: int, seed: in
   """Random head (and encoder); the encoder's params and BN statistics from
   `encoder_variables` when given (a checkpoint, or the random-init baseline)."""
   x = jnp.zeros((1, crop, crop, 3), jnp.float32)
-  variables = jax.jit(lambda r: fcn.init(r, x, train=False))(jax.random.PRNGKey(seed))
-  variables = jax.tree_util.tree_map(lambda a: a, dict(variables))
+  variables = dict(jax.jit(lambda r: fcn.init(r, x, train=False))(jax.random.PRNGKey(seed)))
   if encoder_variables is not None:
     for col in ("params", "batch_stats"):
       variables[col] = {**variables[col], "encoder": encoder_variables[col]}

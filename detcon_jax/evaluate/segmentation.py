@@ -163,8 +163,8 @@ def linear_segmentation(train_spatial, train_semantic, test_spatial, test_semant
       np.asarray(_linear_predict(params, norm(test_spatial[i:i + 256]), size=test_size))
       for i in range(0, len(test_spatial), 256)])
   h, w = train_x.shape[1:3]
-  last = float(np.mean(jax.device_get(losses[-steps_per_epoch:])))
+  by_epoch = np.asarray(jax.device_get(losses)).reshape(epochs, steps_per_epoch).mean(1)
   return {**miou(test_semantic, predictions, num_semantic), "predictions": predictions,
-          "train_loss": last,
+          "train_loss": float(by_epoch[-1]), "train_loss_by_epoch": by_epoch.tolist(),
           "probe": (f"1x1 conv on {h}x{w}x{c} features -> {size[0]}x{size[1]}, {epochs} epochs, "
                     f"{pixels} pixels per image and step")}
