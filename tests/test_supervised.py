@@ -44,7 +44,8 @@ def test_loss_known_answer_with_zero_classifier(multilabel):
   config = small_config("supervised")
   config.supervised.multilabel = multilabel
   batch = _batch(config, multilabel)
-  params, state = supervised.init(jax.random.PRNGKey(0), config, batch)
+  params, state = jax.jit(lambda r, b: supervised.init(r, config, b))(jax.random.PRNGKey(0),
+                                                                      batch)
   assert params[supervised.CLASSIFIER]["kernel"].shape[-1] == 12
   params[supervised.CLASSIFIER] = jax.tree.map(jnp.zeros_like, params[supervised.CLASSIFIER])
   value, (metrics, new_state) = jax.jit(
