@@ -9,8 +9,10 @@ a table, and writes WORKDIR/eval/step_N.json plus TensorBoard scalars and
 retrieval pictures under WORKDIR/tb/eval (and tb/eval_random_init, so the two
 lines share a chart).
 
-Three kinds of evaluation share the registry: model evaluations are pure
-functions of frozen features and labels, run once per model row; data
+Four kinds of evaluation share the registry: model evaluations are pure
+functions of frozen features and labels, run once per model row; fine-tuning
+evaluations (seg_finetune) train the whole network from each row's variables
+on images read once for all rows; data
 evaluations (mask quality) depend only on the records; state evaluations
 (grounding: Grad-CAM of query/key matching) need the whole train state, heads
 and key network included, so they have no random-init row.
