@@ -25,5 +25,5 @@ def get_config(arg: str | None = None):
   c.cast.attention_weight = LAMBDA
   if name == "demo":
     # Demo images are 96 px and views 64 px at stride 16: Grad-CAM on a 4x4 grid.
-    c.eval.evals = ("knn", "linear", "gradcam")
+    c.eval.evals = ("knn", "linear", "seg_linear", "multilabel", "gradcam")
   return c

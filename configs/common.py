@@ -16,7 +16,8 @@ from detcon_jax.errors import ConfigError  # noqa: F401  (configs.common.ConfigE
 IMAGENET_TRAIN_IMAGES = 1_281_167   # ILSVRC-2012 train
 COCO_TRAIN_IMAGES = 118_287         # COCO train2017
 DTYPES = ("float32", "bfloat16")
-AUGMENTS = ("byol", "simclr", "moco_v2", "swav", "moco_v2_aplus")  # views.AUGMENT_PAIRS
+AUGMENTS = ("byol", "simclr", "moco_v2", "swav", "moco_v2_aplus",
+            "supervised")  # views.AUGMENT_PAIRS
 SCHEDULES = ("cosine", "piecewise")  # detcon_jax.train.optimizer.LR_SCHEDULES
 OPTIMIZERS = ("lars", "sgd", "adamw")  # detcon_jax.train.optimizer.OPTIMIZERS
 DETCON_FORMS = ("reference", "dedup")  # detcon_jax.objectives.contrastive.DETCON_FORMS
@@ -61,7 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       records_dir="data/demo", augment="simclr", mask_source="fh", shuffle_buffer=1024,
       build_demo=False, timeout_s=300.0, max_corrupt_fraction=0.01, verify_checksums=True,
-      foreground_threshold=0.5))
+      foreground_threshold=0.5, multi_hot_labels=False))
+  # multi_hot_labels: training batches carry 'labels', every class of the image's GT
+  # instances as a multi-hot vector (records with GT; the supervised demo's targets).
   # demo_bg_correlation: the demo preset's records correlate class and background photo
   # on the train split with this probability (data_pipelines/demo.py; test stays uniform);
   # a records_dir built with another value is refused, so give each value its own directory.
@@ -91,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   # evals: names in detcon_jax.evaluate.run.EVALUATIONS; every_steps 0 = only at the end.
   # at_steps: steps also evaluated (the efficiency curve), their checkpoints kept.
   c.eval = ml_collections.ConfigDict(dict(at_end=False, every_steps=0, at_steps=(),
-                                          evals=("knn", "linear", "retrieval", "masks")))
+                                          evals=("knn", "linear", "retrieval", "seg_linear",
+                                                 "multilabel", "masks")))
   return c
 
 

@@ -66,6 +66,9 @@ TABLES = {
     "swav": dict(_COMMON, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                  blur=0.5, solarize=0.0),
 }
+# The supervised baseline: ImageNet training's random-resized crop + flip, no colour.
+TABLES["supervised"] = dict(_COMMON, jitter=0.0, gray=0.0, blur=0.0, solarize=0.0,
+                            brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 # A+ (Van Gansbeke et al. 2021, 4.2): with probability auto_augment a view gets flip +
 # AutoAugment's ImageNet policy (data_pipelines/autoaugment.py) instead of the table's
 # colour jitter, grayscale, blur and solarize.

@@ -29,16 +29,36 @@ VIEW1, VIEW2 = "view1", "view2"            # [B, H, W, 3] float32 in [0, 1]
 MASKS1, MASKS2 = key(VIEW1, "masks"), key(VIEW2, "masks")            # [B, H, W] int32 id maps
 MASK_IDS1, MASK_IDS2 = key(VIEW1, "mask_ids"), key(VIEW2, "mask_ids")  # [B, K] int32 sampled ids
 LABEL = "label"                            # [B] int32 image label (-1: none)
+LABELS = "labels"                          # [B, num_classes] float32 multi-hot: the classes of
+                                           # the image's GT instances (train_iterator multi_hot)
 INDEX = "index"                            # [B] int32 example index (global)
 
 # Evaluation batches (plain reader: resize + centre crop, no augmentation).
 IMAGE = "image"                            # [B, H, W, 3] float32 in [0, 1]
 SEMANTIC = "semantic"                      # [B, H, W] int32, 0 = background, c+1 = class c
+# Semantic labels have one source: records with GT (manifest has_gt) store each
+# image's instance map and its instances' classes (gt/instances, gt/classes);
+# the eval reader maps instance k to classes[k-1] + 1 (data_pipelines/input.py
+# eval_iterator), so the demo gets background + its 12 classes and a tfds
+# segmentation dataset background + the image's class. Multi-label targets are
+# the classes present in that map (present_classes). IGNORE_LABEL marks pixels
+# scored nowhere (padding of augmented crops; VOC's object borders).
+IGNORE_LABEL = 255
 INSTANCES = "instances"                    # [B, H, W] int32, 0 = background
 MASK_PREFIX = "mask/"                      # "mask/<source>": [B, H, W] int32 id maps
 SALIENCY = "saliency"                      # [B, H, W] float32 in [0, 1] (records with saliency)
 
 NUM_MASKS = 16
+
+
+def present_classes(semantic, num_classes: int) -> np.ndarray:
+  """bool [N, num_classes]: class c is present where some pixel of the image is c + 1."""
+  sem = np.asarray(semantic).reshape(len(semantic), -1)
+  out = np.zeros((len(sem), num_classes + 1), bool)
+  rows = np.repeat(np.arange(len(sem)), sem.shape[1])
+  keep = (sem.ravel() >= 0) & (sem.ravel() <= num_classes)
+  out[rows[keep], sem.ravel()[keep]] = True
+  return out[:, 1:]
 
 
 def train_batch_shapes(batch_size: int, image_size: int | None = None,

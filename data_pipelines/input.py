@@ -268,7 +268,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
                    seed=0, start_step=0, host_index=None, host_count=None, split="train",
                    shuffle_window=10_000, num_parallel_calls=tf.data.AUTOTUNE,
                    prefetch=2, foreground_threshold=0.5,
-                   background: bg_lib.Settings | None = None) -> Batches:
+                   background: bg_lib.Settings | None = None,
+                   multi_hot: bool = False) -> Batches:
   """Infinite iterator of this host's training batches with exactly `views` (batch.py keys).
 
   views: a sequence of data_pipelines.views.ViewSpec, any number, each built at
@@ -281,7 +282,8 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   the view's saliency > foreground_threshold (config.data.foreground_threshold).
   background (data_pipelines/background.py settings): the background augmentation of
   the global views after every other augmentation; the fields it reads are dropped
-  from the batch unless the views ask for them.
+  from the batch unless the views ask for them. multi_hot=True adds 'labels', the
+  multi-hot classes of the whole image's GT instances (records with GT).
   """
   for key, value, low in (("batch_size", batch_size, 1), ("num_masks", num_masks, 1),
                           ("start_step", start_step, 0)):
@@ -314,7 +316,11 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     raise ValueError(f"Host {host_index} has no {split!r} examples in {records_dir!r}.")
   start = int(start_step) * int(batch_size)
   start_epoch, offset = divmod(start, per_epoch)
-  spec = R.feature_spec(names, saliency=salient, background=tiled)
+  if multi_hot and not (manifest.get("has_gt") and manifest.get("num_classes")):
+    raise ValueError(f"{records_dir!r} has no ground-truth instance classes for multi-hot "
+                     "labels (config.data.multi_hot_labels); use the demo or a tfds "
+                     "segmentation dataset, or single labels.")
+  spec = R.feature_spec(names, saliency=salient, background=tiled, gt=multi_hot)
   base = tf.constant([seed, 1], tf.int64)
 
   def make_views(el):
@@ -338,6 +344,10 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
       fields[V.BACKGROUND] = _decode_background(ex[R.BACKGROUND], image)
     out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
            B.INDEX: tf.cast(index, tf.int32)}
+    if multi_hot:
+      classes = tf.sparse.to_dense(ex[R.GT_CLASSES])
+      out[B.LABELS] = tf.minimum(tf.reduce_sum(
+          tf.one_hot(classes, int(manifest["num_classes"])), axis=0), 1.0)
     fallbacks, params = [], {}
     for i, s in enumerate(views):
       anchor = params[s.constraint.anchor]["box"] if s.constraint else None

@@ -151,6 +151,7 @@ AUGMENT_PAIRS = {
     # A+ (Van Gansbeke et al. 2021): the positives (view1 and the small crops) take
     # AutoAugment with p = 0.5; the anchor (view2, MoCo's key) keeps the standard table.
     "moco_v2_aplus": ("moco_v2_aplus", "moco_v2"),
+    "supervised": ("supervised", "supervised"),   # crop + flip (configs/supervised.py)
 }
 
 

@@ -50,7 +50,7 @@ def test_evaluate_variables_known_answers(records_dir):
   assert masks["gt"]["abo"] == 1.0
   assert masks["grid_2"]["abo"] == pytest.approx(0.5)          # 128 px box in a 256 px cell
   assert masks["grid_2"]["mean_segments"] == 4.0
-  assert pictures[run.BASELINE].shape == (run.NUM_PICTURES, SIZE, 3 * SIZE + 4, 3)
+  assert pictures[run.BASELINE]["retrieval"].shape == (run.NUM_PICTURES, SIZE, 3 * SIZE + 4, 3)
   table = run.format_table(results)
   assert "random init" in table and "kNN top-1" in table and "100.0%" in table
   assert "grid_2" in table

@@ -9,8 +9,10 @@ a table, and writes WORKDIR/eval/step_N.json plus TensorBoard scalars and
 retrieval pictures under WORKDIR/tb/eval (and tb/eval_random_init, so the two
 lines share a chart).
 
-Three kinds of evaluation share the registry: model evaluations are pure
-functions of frozen features and labels, run once per model row; data
+Four kinds of evaluation share the registry: model evaluations are pure
+functions of frozen features and labels, run once per model row; fine-tuning
+evaluations (seg_finetune) train the whole network from each row's variables
+on images read once for all rows; data
 evaluations (mask quality) depend only on the records; state evaluations
 (grounding: Grad-CAM of query/key matching) need the whole train state, heads
 and key network included, so they have no random-init row.
@@ -30,7 +32,8 @@ import numpy as np
 
 from data_pipelines import batch as B
 from detcon_jax.evaluate import features as F
-from detcon_jax.evaluate import background, gradcam, knn, linear_probe, mask_quality, retrieval
+from detcon_jax.evaluate import background, finetune, gradcam, knn, linear_probe, mask_quality
+from detcon_jax.evaluate import multilabel, retrieval, segmentation
 from detcon_jax.evaluate import visualize
 from detcon_jax.models.resnet import STRIDE, output_stride
 
@@ -54,6 +57,11 @@ class Settings:
   retrieval_resolution: int | None = None  # None: image_size // 8 (the paper's 64 x 64 at 512)
   retrieval_dilated: bool = True           # last stage stride 1, dilation 2 (the paper's A.7)
   mask_split: str = "train"                # the split whose masks pretraining uses
+  seg_linear_epochs: int = segmentation.EPOCHS
+  finetune_preset: str = "demo"            # finetune.PRESETS: demo | paper
+  finetune_schedule: str = "detcon"        # finetune.SCHEDULES: detcon (A.4) | revisiting (A.3)
+  finetune_dilation: int = finetune.HEAD_DILATION   # 1: the Cityscapes head
+  finetune_steps: int | None = None        # None: the preset's epochs over the train split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,19 @@ class ModelEvaluation:
   # features}}, picture): features of other test images (background's variants), merged
   # into `test` before run().
   extra_test: Callable[..., tuple] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneEvaluation:
+  """run(model, variables, records_dir, settings, num_classes, data) -> results: trains
+  the whole network from one row's variables (data: the splits, read once for all rows)."""
+  title: str
+  metric: str
+  fmt: str
+  needs: tuple[str, ...]
+  run: Callable[..., dict]
+  describe: Callable[[Settings], str]
+  load: Callable[..., dict]                # (records_dir, settings) -> data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +135,40 @@ def _retrieval(train, test, s, num_classes):
   return retrieval.segment_retrieval(
       train[F.SPATIAL], train[B.SEMANTIC], test[F.SPATIAL], test[B.SEMANTIC],
       num_classes=num_classes, k=s.retrieval_k, resolution=s.retrieval_resolution, seed=s.seed)
+
+
+def _seg_linear(train, test, s, num_classes):
+  return segmentation.linear_segmentation(
+      train[F.SPATIAL], train[B.SEMANTIC], test[F.SPATIAL], test[B.SEMANTIC],
+      num_classes=num_classes, epochs=s.seg_linear_epochs, seed=s.seed)
+
+
+def _multilabel(train, test, s, num_classes):
+  return multilabel.multilabel_probe(
+      train[F.POOLED], B.present_classes(train[B.SEMANTIC], num_classes), test[F.POOLED],
+      B.present_classes(test[B.SEMANTIC], num_classes), sweep=s.linear_sweep, seed=s.seed)
+
+
+def _seg_finetune(model, variables, records_dir, s, num_classes, data):
+  return finetune.evaluate(model, variables, records_dir, num_classes=num_classes,
+                           image_size=s.image_size, preset=s.finetune_preset,
+                           schedule=s.finetune_schedule, dilation=s.finetune_dilation,
+                           steps=s.finetune_steps, seed=s.seed, data=data)
+
+
+def _finetune_data(records_dir, s):
+  return {split: finetune.load_split(records_dir, split, s.image_size, s.batch_size)
+          for split in ("train", "test")}
+
+
+def _describe_finetune(s):
+  p = finetune.PRESETS.get(s.finetune_preset)
+  lr, drops = finetune.SCHEDULES.get(s.finetune_schedule, (None, ()))
+  return (f"seg_finetune: FCN (last stage dilated, 2 x 3x3 conv dilation {s.finetune_dilation} "
+          f"+ BN + ReLU, 1x1 conv, bilinear) fine-tuned end to end, preset "
+          f"{s.finetune_preset!r} ({p and p.epochs} epochs, batch {p and p.batch_size}, "
+          f"{p and p.crop} px crops, scale 0.5-2 + flips), SGD momentum 0.9, wd 1e-4, lr {lr} "
+          f"x0.1 at {', '.join(f'{d:.0%}' for d in drops)}; test mIoU incl. background")
 
 
 def _background(train, test, s, num_classes):
@@ -193,7 +248,7 @@ def _masks(records_dir, manifest, s, image_size):
   return out
 
 
-EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
+EVALUATIONS: dict[str, ModelEvaluation | FinetuneEvaluation | DataEvaluation | StateEvaluation] = {
     "knn": ModelEvaluation(
         "kNN top-1", "top1", "{:.1%}", (F.POOLED, B.LABEL), _knn,
         lambda s: f"kNN: weighted cosine, k={s.knn_k}, T={s.knn_temperature}, train split as memory"),
@@ -209,6 +264,21 @@ EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
                    f"features, bilinearly upsampled to {s.retrieval_resolution}x"
                    f"{s.retrieval_resolution}, "
                    "1-NN train region label, mIoU incl. background at image resolution")),
+    "seg_linear": ModelEvaluation(
+        "seg-linear mIoU", "miou", "{:.3f}", (F.SPATIAL, B.SEMANTIC), _seg_linear,
+        lambda s: (f"seg_linear: 1x1 conv on frozen "
+                   f"{'dilated ' if s.retrieval_dilated else ''}stage-4 features (BN frozen), "
+                   f"bilinear to the label map, cross-entropy, Adam {s.seg_linear_epochs} "
+                   "epochs; test mIoU incl. background")),
+    "multilabel": ModelEvaluation(
+        "multi-label mAP", "map", "{:.3f}", (F.POOLED, B.SEMANTIC), _multilabel,
+        lambda s: (f"multilabel: one L-BFGS logistic regression per class on standardised "
+                   f"pooled features, {len(linear_probe.l2_grid(s.linear_sweep))} values of C "
+                   "in [1e-5, 1e5] chosen by held-out mAP (20% of train); targets: every "
+                   "class present in the image; test mAP over classes")),
+    "seg_finetune": FinetuneEvaluation(
+        "FCN mIoU", "miou", "{:.3f}", (B.SEMANTIC,), _seg_finetune, _describe_finetune,
+        _finetune_data),
     "background": ModelEvaluation(
         "BG-Gap", "bg_gap", "{:+.1%}", (F.POOLED, B.LABEL), _background,
         lambda s: ("BG-Gap: a linear probe (the linear protocol) fit on Original train "
@@ -218,7 +288,9 @@ EVALUATIONS: dict[str, ModelEvaluation | DataEvaluation] = {
     "masks": DataEvaluation("mask quality", _masks),
     "gradcam": StateEvaluation("grounding IoU", "miou", "{:.3f}", _gradcam),
 }
-DEFAULT_EVALS = ("knn", "linear", "retrieval", "masks")
+DEFAULT_EVALS = ("knn", "linear", "retrieval", "seg_linear", "multilabel", "masks")
+PER_ROW = (ModelEvaluation, FinetuneEvaluation)   # evaluations with a random-init row
+DENSE = ("seg_linear", "seg_finetune")              # their per-class IoU goes in the table
 
 
 # --- Running ----------------------------------------------------------------
@@ -268,12 +340,13 @@ def unsupported(manifest: dict) -> dict[str, str]:
   from data_pipelines import records
   out = {}
   for name, ev in EVALUATIONS.items():
-    needs = ev.needs if isinstance(ev, ModelEvaluation) else ()
+    needs = ev.needs if isinstance(ev, PER_ROW) else ()
     if B.LABEL in needs and not manifest.get("num_classes"):
       out[name] = "no image labels (a folder source labels images by class subfolder)"
     elif (B.SEMANTIC in needs or name in ("masks", "background")) and not manifest.get("has_gt"):
-      out[name] = ("no ground-truth instance maps (only --source=demo and tfds datasets with a "
-                   "segmentation feature in data_pipelines/tfds_segmentation.py store them)")
+      out[name] = ("no ground-truth instance maps, hence no semantic labels (only "
+                   "--source=demo and tfds datasets with a segmentation feature in "
+                   "data_pipelines/tfds_segmentation.py store them)")
     elif name == "masks":
       continue
     elif "test" not in manifest.get("splits", {}):
@@ -306,7 +379,9 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
 
   Returns (results, pictures): results = {"rows": {name: {eval: metric}},
   "details": {name: {eval: {...}}}, "masks": {source: {...}}, "settings",
-  "notes", "data"}; pictures = {name: uint8 panels image | GT | retrieval}.
+  "notes", "data"}; pictures = {name: {eval: uint8 panels image | GT | prediction}}
+  for the evaluations that predict label maps (retrieval, seg_linear, seg_finetune),
+  plus {eval: panels} of evaluations with their own pictures (background).
   """
   from data_pipelines import input as data_input
   from data_pipelines import records
@@ -319,12 +394,24 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
       records.verify_shards(records_dir, manifest, split)
   settings = resolve_settings(settings, manifest, stride=output_stride(model.stem_pool))
   model_evals = [e for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)]
+  tuned = [e for e in evals if isinstance(EVALUATIONS[e], FinetuneEvaluation)]
   results = {"rows": {n: {} for n in variables_by_name},
              "details": {n: {} for n in variables_by_name},
              "settings": dataclasses.asdict(settings),
-             "notes": [EVALUATIONS[e].describe(settings) for e in model_evals],
+             "notes": [EVALUATIONS[e].describe(settings) for e in model_evals + tuned],
              "data": data_identity(records_dir, manifest, settings)}
   pictures, seconds = {}, results.setdefault("seconds", {})
+  predicted = {}                          # {name: {eval: label maps of the first test images}}
+
+  def record(name, e, out):
+    predictions = out.pop("predictions", None)
+    if predictions is not None:
+      predicted.setdefault(name, {})[e] = predictions[:NUM_PICTURES]
+    results["rows"][name][e] = out[EVALUATIONS[e].metric]
+    results["details"][name][e] = out
+
+  num_classes = int(manifest.get("num_classes") or 0)
+  extra_pictures = {}
   if model_evals and variables_by_name:
     needs = {n for e in model_evals for n in EVALUATIONS[e].needs}
     keep = [k for k in (B.LABEL, B.SEMANTIC) if k in needs]
@@ -336,8 +423,6 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
           model, variables_by_name, batches, spatial=F.SPATIAL in needs, keep=keep,
           dense_model=model.clone(dilate_last=True) if settings.retrieval_dilated else None)
     seconds["features"] = time.time() - t
-    num_classes = int(manifest["num_classes"])
-    extra_pictures = {}
     for e in model_evals:
       if EVALUATIONS[e].extra_test is not None:
         t = time.time()
@@ -353,17 +438,20 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
         t = time.time()
         out = EVALUATIONS[e].run(train, test, settings, num_classes)
         seconds[e] = seconds.get(e, 0.0) + time.time() - t
-        predictions = out.pop("predictions", None)
-        if predictions is not None:
-          pictures[name] = predictions[:NUM_PICTURES]
-        results["rows"][name][e] = out[EVALUATIONS[e].metric]
-        results["details"][name][e] = out
-    if pictures:
-      first = next(iter(data_input.eval_iterator(records_dir, "test", batch_size=NUM_PICTURES,
-                                                 image_size=settings.image_size)))
-      pictures = {n: visualize.segmentation_panels(first[B.IMAGE], first[B.SEMANTIC], p)
-                  for n, p in pictures.items()}
-    pictures.update(extra_pictures)     # keyed by evaluation name, not model row
+        record(name, e, out)
+  for e in tuned if variables_by_name else ():
+    t = time.time()
+    data = EVALUATIONS[e].load(records_dir, settings)
+    for name, variables in variables_by_name.items():
+      record(name, e, EVALUATIONS[e].run(model, variables, records_dir, settings, num_classes,
+                                         data))
+    seconds[e] = time.time() - t
+  if predicted:
+    first = next(iter(data_input.eval_iterator(records_dir, "test", batch_size=NUM_PICTURES,
+                                               image_size=settings.image_size)))
+    pictures = {n: {e: visualize.segmentation_panels(first[B.IMAGE], first[B.SEMANTIC], p)
+                    for e, p in by_eval.items()} for n, by_eval in predicted.items()}
+  pictures.update(extra_pictures)       # keyed by evaluation name, not model row
   if "masks" in evals:
     t = time.time()
     results["masks"] = EVALUATIONS["masks"].run(records_dir, manifest, settings,
@@ -391,6 +479,14 @@ def format_table(results: dict, title: str = "") -> str:
                for e, c in zip(evals, cols)]
       lines.append(name.ljust(width) + "".join(cells))
     lines += ["  " + n for n in results.get("notes", [])]
+    per_class = [(n, e, d[e]["per_class_iou"]) for n, d in results.get("details", {}).items()
+                 for e in DENSE if e in d and "per_class_iou" in d[e]]
+    if per_class:
+      lines.append("per-class IoU (bg = background, then class 0, 1, ...; - = class absent):")
+      width = max(len(f"{n} {e}") for n, e, _ in per_class) + 2
+      for n, e, iou in per_class:
+        lines.append(f"{n} {e}".ljust(width) + " ".join(
+            "-".rjust(4) if v is None or not np.isfinite(v) else f"{v:4.2f}" for v in iou))
   masks = results.get("masks")
   if masks:
     any_src = next(iter(masks.values()))
@@ -450,14 +546,15 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
   """Scalars per model row (one run each, same tags) and retrieval pictures."""
   import tensorflow as tf
   for name, row in results["rows"].items():
+    if name in results.get("compare", ()):
+      continue
     run = TB_DIR if name != BASELINE else TB_DIR + "_random_init"
     writer = tf.summary.create_file_writer(os.path.join(workdir, run))
     with writer.as_default(step=step):
       for e, v in row.items():
         tf.summary.scalar(f"eval/{e}_{EVALUATIONS[e].metric}", v)
-      if name in pictures:
-        tf.summary.image("eval/retrieval image | GT | prediction", pictures[name],
-                         max_outputs=NUM_PICTURES)
+      for e, panels in pictures.get(name, {}).items():
+        tf.summary.image(f"eval/{e} image | GT | prediction", panels, max_outputs=NUM_PICTURES)
       for v in background.VARIANTS:
         if v in results["details"][name].get("background", {}):
           tf.summary.scalar(f"eval/background_{v}_top1",
@@ -510,8 +607,12 @@ def _state_evaluations(workdir, step, evals, data_dir, settings, name, results) 
 
 def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = None,
                      step: int | None = None, *, settings: Settings = Settings(),
-                     baseline: bool = True, write: bool = True, verbose: bool = True) -> dict:
+                     baseline: bool = True, write: bool = True, verbose: bool = True,
+                     compare=()) -> dict:
   """Evaluate the checkpoint at `step` (default: latest) of a training workdir.
+
+  compare: other workdirs (same config.model) whose newest checkpoints get rows of
+  their own in the table and the JSON (not in this run's TensorBoard).
 
   Prints the table, then writes WORKDIR/eval/step_N.json and TensorBoard
   output (first host only; a write error comes after the table, so no result
@@ -532,8 +633,15 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
                               stride=output_stride(model.stem_pool))
   name = f"step {step}"
   variables_by_name = {name: variables}
+  for other in compare:
+    other_config, _, other_variables, other_step = checkpointing.restore_encoder(other)
+    if other_config.model.to_dict() != config.model.to_dict():
+      raise ValueError(f"--compare={other} trains another model ({other_config.model.to_dict()}) "
+                       f"than {workdir} ({config.model.to_dict()}); compare runs of one model.")
+    variables_by_name[f"{other_config.method} {other.rstrip('/')} step {other_step}"] = (
+        other_variables)
 
-  model_evals = [e for e in evals if isinstance(EVALUATIONS[e], ModelEvaluation)]
+  model_evals = [e for e in evals if isinstance(EVALUATIONS[e], PER_ROW)]
   baseline_path = os.path.join(workdir, EVAL_DIR, BASELINE_FILE)
   key = _jsonable({"model": config.model.to_dict(), "settings": dataclasses.asdict(settings),
                    "data": data_identity(data_dir, manifest, settings)})
@@ -545,6 +653,7 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
   results, pictures = evaluate_variables(model, variables_by_name, data_dir, evals, settings)
   overlays = _state_evaluations(workdir, step, evals, data_dir, settings, name, results)
   results["workdir"], results["step"] = os.path.abspath(workdir), step
+  results["compare"] = [n for n in variables_by_name if n not in (name, BASELINE)]
   primary = jax.process_index() == 0
   if cached is not None:
     for part in ("rows", "details"):

@@ -19,7 +19,8 @@ before after_update. params = {'encoder', 'projector', ...}; state =
 from __future__ import annotations
 
 from detcon_jax.errors import ConfigError
-from detcon_jax.objectives import byol, cast, common, detcon, maskco, moco, simclr, swav
+from detcon_jax.objectives import (byol, cast, common, detcon, maskco, moco, simclr, supervised,
+                                   swav)
 
 OBJECTIVES = {
     "simclr": simclr.OBJECTIVE,
@@ -30,6 +31,7 @@ OBJECTIVES = {
     "swav": swav.OBJECTIVE,
     "cast": cast.OBJECTIVE,
     "maskco": maskco.OBJECTIVE,
+    "supervised": supervised.OBJECTIVE,
 }
 
 

@@ -68,7 +68,8 @@ def records_batches(config, start_step: int, host_index: int, host_count: int, v
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer,
       foreground_threshold=config.data.get("foreground_threshold", 0.5),
-      background=bg_lib.settings(config))
+      background=bg_lib.settings(config),
+      multi_hot=bool(config.data.get("multi_hot_labels", False)))
 
 
 def ensure_records(config, views=None) -> None:
