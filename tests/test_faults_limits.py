@@ -2,8 +2,6 @@
 validated before anything is allocated -- every size/count key > 0, the image size and
 batch against the records, and a rough memory estimate against the memory there is.
 Each refusal names the key in one `error:` line (exit status 1, no traceback)."""
-import os
-import subprocess
 import sys
 
 import pytest
@@ -13,22 +11,10 @@ from data_pipelines import records
 from detcon_jax.errors import ConfigError
 from detcon_jax.train import loop
 from test_build_reliability import _build, _folder
+from test_faults_ownership import refused
 from test_train_tiny_objective import TinyObjective, tiny_config
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
 TRAIN = [sys.executable, "-m", "detcon_jax.train", "--config=configs/detcon_b.py:demo"]
-
-
-def refused(argv, named: str) -> str:
-  proc = subprocess.run(argv, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  out = proc.stdout + proc.stderr
-  errors = [line for line in out.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 1, out[-3000:]
-  assert len(errors) == 1 and named in errors[0], out[-3000:]
-  assert "Traceback" not in out
-  return errors[0]
 
 
 # --- memory ----------------------------------------------------------------------------
