@@ -285,11 +285,14 @@ class _Divert(logging.Filter):
 def quiet_library_errors(workdir: str):
   """Route what orbax/asyncio/TensorStore print about failed saves and restores (log
   records, exceptions of their threads, callbacks into a closed event loop) to
-  WORKDIR/checkpoint_errors.log for the duration (the callbacks: also after it);
+  WORKDIR/checkpoint_errors.log for the duration (late callbacks and asyncio's records:
+  also after it);
   everything else prints as before."""
   log = _ErrorLog(resolve_workdir(workdir))
   divert = _Divert(log)
   loggers = [logging.getLogger(), logging.getLogger("absl"), logging.getLogger("asyncio")]
+  for stale in [f for f in loggers[2].filters if isinstance(f, _Divert)]:
+    loggers[2].removeFilter(stale)       # an earlier block's, left for its late records
   previous_thread_hook, previous_unraisable = threading.excepthook, sys.unraisablehook
 
   def thread_hook(args):
@@ -315,11 +318,13 @@ def quiet_library_errors(workdir: str):
   finally:
     _LOGS.remove(log)
     threading.excepthook = previous_thread_hook
-    for logger in loggers:
+    for logger in loggers[:2]:
       logger.removeFilter(divert)
-    # sys.unraisablehook stays (chained): TensorStore completes futures into orbax's
-    # closed event loops up to interpreter exit ("Event loop is closed", after the
-    # error line), and those still go to this log.
+    # sys.unraisablehook and the asyncio logger's filter stay: TensorStore completes
+    # futures into orbax's closed event loops up to interpreter exit ("Event loop is
+    # closed"), and asyncio reports a failed restore's task ("Task exception was never
+    # retrieved") when the task is collected, which can be after the error line; both
+    # still go to this log.
 
 
 def error_log() -> str:
