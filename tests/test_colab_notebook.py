@@ -9,6 +9,7 @@ NOTEBOOK = os.path.join(ROOT, "launch", "colab_demo.ipynb")
 STEPS = 3
 
 
+@pytest.mark.slow   # 42 s; .ci/run runs it after the default suite
 def test_colab_demo_notebook_executes(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

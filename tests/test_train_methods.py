@@ -64,9 +64,10 @@ def _one_vs_eight(tmp_path, methods):
              rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow   # 77 s; .ci/run runs it after the default suite
 def test_objectives_8_devices_equal_1_device(tmp_path):
   """Batch norm, negatives and queues over the global batch: 8 shards change nothing
-  (a mask-based and a queue-based method; the others with -m slow, for time)."""
+  (a mask-based and a queue-based method; the others in the next test, for time)."""
   _one_vs_eight(tmp_path, ["detcon_b", "moco_v2"])
 
 
@@ -77,7 +78,8 @@ def test_other_objectives_8_devices_equal_1_device(tmp_path):
   _one_vs_eight(tmp_path, ["swav", "maskco", "simclr", "byol", "detcon_s"])
 
 
-@pytest.mark.parametrize("method", ["moco_v2", pytest.param("swav", marks=pytest.mark.slow)])
+@pytest.mark.slow   # 41 s for moco_v2; .ci/run runs that case after the default suite
+@pytest.mark.parametrize("method", ["moco_v2", "swav"])
 def test_stop_and_resume_equals_a_straight_run_queue_included(tmp_path, method):
   """SIGTERM mid-run, then resume: the same loss curve, and the same queue and params."""
   from test_train_loop import _sigterm_at
