@@ -39,6 +39,11 @@ def train_and_exit(config, workdir, **train_kw):
   try:
     summary = loop.train(config, workdir, **train_kw)
   except loop.USER_ERRORS as e:
+    if jax.process_count() == 1:   # the run is closed: leave before interpreter teardown,
+      print("error: " + " ".join(str(e).split()), file=sys.stderr)   # where a failed
+      sys.stdout.flush()           # save's abandoned coroutines and tasks would print
+      sys.stderr.flush()           # ("never awaited", "never retrieved") below the line
+      os._exit(1)
     cli.fail(e)
   except KeyboardInterrupt:   # a second Ctrl-C: stopped at once (the pending save finished)
     steps = checkpointing.complete_steps(
