@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_pipelines import batch as B  # noqa: E402
 from detcon_jax.models.resnet import output_stride  # noqa: E402
 from detcon_jax.objectives import registry  # noqa: E402
-from detcon_jax.train import loop, sharding  # noqa: E402
-from detcon_jax.train import state as state_lib  # noqa: E402
+from detcon_jax.core import sharding  # noqa: E402
+from detcon_jax.train import loop  # noqa: E402
+from detcon_jax.core import state as state_lib  # noqa: E402
 
 PAIRS = (("simclr", "detcon_s", 5.3), ("byol", "detcon_b", 11.6))
 # Further methods, each priced against SimCLR (one network, two global views):

@@ -12,7 +12,7 @@
 
 The unit of work is one shard: Create(shard jobs) -> Reshuffle (spread them
 over workers) -> ParDo(read inputs, masks, encode, write the shard and its
-sidecar). Each worker runs exactly the local builder's `build.run_job`, so
+sidecar). Each worker runs exactly the local builder's `shard_job.run_job`, so
 records are identical to a local build; the manifest is then assembled on the
 launching machine from the sidecars, as the local runner does. Shards that are
 already complete (matching sidecar) are not recomputed, so a failed pipeline
@@ -21,6 +21,8 @@ can simply be rerun.
 from __future__ import annotations
 
 import os
+
+from data_pipelines import shard_job
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,8 +43,7 @@ class _ShardFn:
     self.out_dir, self.plan = out_dir, plan
 
   def __call__(self, job: dict):
-    from data_pipelines import build
-    side = build.run_job(self.out_dir, self.plan, job)
+    side = shard_job.run_job(self.out_dir, self.plan, job)
     return {k: side[k] for k in ("file", "count", "bytes", "sha256")}
 
 
@@ -64,7 +65,6 @@ def pipeline_options(options: list[str]):
 def run(b: dict, options: list[str]) -> None:
   """Run build.plan_build's jobs as a Beam pipeline; fills b['sides'] from the sidecars."""
   beam = _import_beam()
-  from data_pipelines import build
   jobs = b["jobs"]
   if jobs:
     fn = _ShardFn(b["out_dir"], b["plan"])
@@ -83,7 +83,7 @@ def run(b: dict, options: list[str]) -> None:
       else:
         os.environ["PYTHONPATH"] = old
   for job in jobs:
-    side = build._done(b["out_dir"], job["fname"], job["settings"])
+    side = shard_job.done(b["out_dir"], job["fname"], job["settings"])
     if side is None:
       raise RuntimeError(f"The Beam pipeline finished but shard {job['fname']} is missing "
                          f"in {b['out_dir']}; rerun to complete it.")

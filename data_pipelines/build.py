@@ -12,10 +12,11 @@ map per image (masks/saliency.py; default detector saliency.DEFAULT).
 saliency's hole filled from the surrounding background: masks/background.py), for
 the background augmentations (data_pipelines/background.py); it implies saliency.
 Sources (sources.py) say what to build; decode.py turns each input into uint8
-RGB at the stored size; this module computes masks, encodes and writes shards.
+RGB at the stored size; shard_job.py computes masks, encodes and writes one shard;
+this module plans the shards, runs them and writes the manifest.
 
 Runners: 'local' (default) uses worker processes on this machine; 'beam' runs
-the same per-shard function as an Apache Beam pipeline (beam.py: the
+the same per-shard job (shard_job.py) as an Apache Beam pipeline (beam.py: the
 DirectRunner locally, Dataflow with the usual pipeline options). Both write
 byte-identical shards (records.py serializes deterministically).
 
@@ -43,117 +44,18 @@ import tempfile
 import threading
 import time
 
-import numpy as np
-
 from data_pipelines import demo as demo_lib
 from data_pipelines import masks as masks_lib
-from data_pipelines import records, sources, tfds_segmentation
+from data_pipelines import records, sources
 from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_ASPECT,  # noqa: F401 (API)
-                                   DEFAULT_MIN_SIDE,
-                                   load_image_file, prepare, resize_shorter, to_rgb_uint8)
+                                   DEFAULT_MIN_SIDE, resize_shorter, to_rgb_uint8)
 from data_pipelines.masks import background as background_lib
 from data_pipelines.masks import fh
 from data_pipelines.masks import saliency as saliency_lib
+from data_pipelines.shard_job import done, payload, process_shard, write_shard
 from data_pipelines.sources import IMAGE_SUFFIXES  # noqa: F401 (API)
 
 RUNNERS = ("local", "beam")
-
-
-# ----------------------------------------------------------------- worker side
-def _finish(image, index, example_id, label, specs, opts, instances=None, classes=None):
-  """Masks (+ saliency) + encoding for one decoded image -> record dict (plain bytes)."""
-  maps = masks_lib.compute_all(image, specs, instances=instances)
-  rec = dict(image=records.encode_image(image, opts["image_format"]), fmt=opts["image_format"],
-             height=image.shape[0], width=image.shape[1], index=int(index),
-             example_id=example_id, label=int(label),
-             masks={n: records.encode_ids(m) for n, m in maps.items()})
-  if instances is not None:
-    rec.update(instances=records.encode_ids(instances), classes=np.asarray(classes, np.int64))
-  if opts.get("saliency"):
-    sal = saliency_lib.compute(image, opts["saliency"])
-    rec["saliency"] = records.encode_saliency(sal)
-    if opts.get("background"):
-      rec["background"] = records.encode_image(
-          background_lib.tiled(image, sal, opts["background"]), "png")
-  return rec
-
-
-def _prepare(image, opts):
-  """Check size and resize a decoded real image; returns (image, None) or (None, reason)."""
-  return prepare(image, opts["image_size"], opts["min_side"],
-                 opts.get("max_aspect", DEFAULT_MAX_ASPECT))
-
-
-def process_shard(job: dict) -> dict:
-  """Decode/generate, mask and encode one shard's inputs (a worker's whole job).
-
-  Returns {'records': [record dicts for records.example_bytes], 'skipped': [...]}.
-  """
-  opts, specs, split = job["opts"], job["specs"], job["split"]
-  recs, skipped = [], []
-  for item in job["items"]:
-    if job["kind"] == "demo":
-      ex = demo_lib.example(split, item, **{k: v for k, v in opts["demo"].items()
-                                           if k not in ("num_train", "num_test")})
-      recs.append(_finish(ex["image"], item, f"demo/{split}/{item}", ex["label"], specs, opts,
-                          ex["instances"], ex["classes"]))
-      continue
-    if job["kind"] == "folder":
-      (path, label), gt = item, None
-      index, example_id = job["first_index"] + len(recs) + len(skipped), path
-      try:
-        image = load_image_file(path)
-      except Exception as e:                 # unreadable / truncated / not an image
-        skipped.append(dict(split=split, input=path, reason=f"{type(e).__name__}: {e}"))
-        continue
-    else:                                    # tfds: decoded by payload()
-      index, image, label, gt = item
-      example_id = f"{split}/{index}"
-    raw_shape = np.shape(image)
-    image, reason = _prepare(np.asarray(image), opts)
-    if not reason and gt is not None:
-      gt, reason = tfds_segmentation.fit(gt, raw_shape, image.shape)
-    if reason:
-      skipped.append(dict(split=split, input=example_id, reason=reason))
-      continue
-    try:
-      recs.append(_finish(image, index, example_id, label, specs, opts, *(gt or (None, None))))
-    except ValueError as e:
-      skipped.append(dict(split=split, input=example_id, reason=str(e)))
-  return dict(records=recs, skipped=skipped)
-
-
-def payload(plan: dict, job: dict) -> dict:
-  """The job with its inputs readable by a worker (tfds slices are decoded here)."""
-  if plan["kind"] == "tfds" and job["items"]:
-    return dict(job, items=sources.tfds_payload(plan, job["split"], job["items"]))
-  return job
-
-
-# ----------------------------------------------------------------- writing
-def write_shard(out_dir, fname, result, settings) -> dict:
-  """Shard file + its sidecar; returns the sidecar (count, bytes, sha256, skipped)."""
-  path = records.join(out_dir, fname)
-  digest = records.write_shard(path, (records.example_bytes(**r) for r in result["records"]))
-  labels = collections.Counter(str(r["label"]) for r in result["records"])
-  side = dict(file=fname, count=len(result["records"]), skipped=result["skipped"],
-              labels=dict(sorted(labels.items())), settings=settings, **digest)
-  records.write_text(path + ".json", json.dumps(side))
-  return side
-
-
-def _done(out_dir, fname, settings):
-  """The sidecar of a complete shard built with the same settings and inputs, else None."""
-  path = records.join(out_dir, fname)
-  try:
-    side = json.loads(records.read_text(path + ".json"))
-  except (OSError, ValueError):
-    return None
-  except Exception as e:                       # tf.errors.NotFoundError on gs://
-    if type(e).__name__ == "NotFoundError":
-      return None
-    raise
-  return side if side.get("settings") == settings and records.exists(path) else None
 
 
 # ----------------------------------------------------------------- the build
@@ -318,7 +220,7 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=N
       chunk = items[s * shard_size:(s + 1) * shard_size]
       # A shard is reused only if built from the same inputs (e.g. the same files).
       shard_settings = dict(settings, inputs=hashlib.sha1(repr(chunk).encode()).hexdigest())
-      side = _done(out_dir, fname, shard_settings)
+      side = done(out_dir, fname, shard_settings)
       if side is not None:
         sides[fname] = side
       else:
@@ -328,11 +230,6 @@ def plan_build(source: str, out_dir: str, masks=("fh", "grid", "gt"), saliency=N
   return dict(source=source, out_dir=out_dir, plan=plan, specs=specs, size=size,
               fh_scales=tuple(fh_scales), jobs=jobs, sides=sides, saliency=saliency,
               background=background)
-
-
-def run_job(out_dir: str, plan: dict, job: dict) -> dict:
-  """payload -> process_shard -> write_shard, all in one place (a Beam worker's step)."""
-  return write_shard(out_dir, job["fname"], process_shard(payload(plan, job)), job["settings"])
 
 
 def _run_local(b: dict, workers: int | None, progress: bool) -> None:

@@ -243,7 +243,7 @@ def plot(c: dict):
 def write(c: dict, out: str) -> list[str]:
   """compare.json, compare.md, compare.png in out, and the picture to TensorBoard OUT/tb."""
   from detcon_jax.evaluate.run import _jsonable
-  from detcon_jax.train import writers
+  from detcon_jax.core import writers
   os.makedirs(out, exist_ok=True)
   paths = [os.path.join(out, f) for f in FILES]
   with open(paths[0], "w") as f:

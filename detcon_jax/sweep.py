@@ -44,7 +44,7 @@ def eval_json(workdir: str, step: int) -> str:
 
 def trained_to(workdir: str) -> int:
   """The newest checkpoint step in workdir (0 for none)."""
-  from detcon_jax.train import checkpointing
+  from detcon_jax.core import checkpointing
   path = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
   steps = [int(p) for p in os.listdir(path) if p.isdigit()] if os.path.isdir(path) else []
   return max(steps, default=0)
@@ -59,7 +59,8 @@ def is_finished(config, workdir: str) -> bool:
   another config is refused (ConfigError naming the keys), never counted as done."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return False
-  from detcon_jax.train import checkpointing, loop
+  from detcon_jax.core import checkpointing
+  from detcon_jax.train import loop
   loop.check_resumable(config, checkpointing.load_config(workdir), workdir)
   return trained_to(workdir) >= config.steps and not missing_evals(config, workdir)
 
@@ -68,14 +69,15 @@ def catch_up_evaluations(config, workdir: str) -> None:
   """Evaluate the kept checkpoints whose JSON is missing (an evaluation stopped by a
   signal, or a run that ended before its final evaluation)."""
   from detcon_jax.errors import WorkdirError
-  from detcon_jax.train import checkpointing, writers
+  from detcon_jax.core import checkpointing
+  from detcon_jax.train import loop
   for step in missing_evals(config, workdir):
     if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step))):
       raise WorkdirError(
           f"{workdir} has no checkpoint at step {step} to evaluate (config.eval.at_steps "
           "keeps those it was trained with); use a new --root for other steps.")
     print(f"Evaluating {workdir} at step {step} (its evaluation is missing).", flush=True)
-    writers.run_evaluations(config, workdir, step)
+    loop.run_evaluations(config, workdir, step)
 
 
 def run_sweep(config, seeds, root: str, *, objective=None, batches=None) -> int | None:
@@ -85,8 +87,9 @@ def run_sweep(config, seeds, root: str, *, objective=None, batches=None) -> int 
   objective / batches: passed to loop.train (tests give the tiny ones).
   """
   from detcon_jax.errors import USER_ERRORS
-  from detcon_jax.train import checkpointing, loop
-  from configs.common import validate
+  from detcon_jax.core import checkpointing
+  from detcon_jax.train import loop
+  from detcon_jax.core.validation import validate
   if not seeds:
     raise ValueError("--seeds is empty; give seeds as --seeds=0,1,2.")
   validate(config, objective=objective)   # a mistake fails before any seed starts

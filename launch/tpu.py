@@ -315,7 +315,8 @@ def _load_config(spec: str, overrides: list[str]):
 def make_plan(a, overrides: list[str]) -> Plan:
   s = parse_slice(a.tpu)
   config = _load_config(a.config, overrides)
-  from configs.common import ConfigError, validate
+  from detcon_jax.core.validation import validate
+  from detcon_jax.errors import ConfigError
   if config.batch_size % s.devices:
     up = -(-config.batch_size // s.devices) * s.devices
     raise LaunchError(

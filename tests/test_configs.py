@@ -3,8 +3,9 @@ import importlib
 
 import pytest
 
+from detcon_jax.core import validation
 from configs import common
-from detcon_jax.train.optimizer import warmup_steps
+from detcon_jax.core.optimizer import warmup_steps
 
 METHODS = ("simclr", "byol", "detcon_s", "detcon_b")
 PRESETS = ("demo", "imagenet", "imagenet-300", "coco", "coco-324")
@@ -14,10 +15,10 @@ PRESETS = ("demo", "imagenet", "imagenet-300", "coco", "coco-324")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_loads_and_validates(method, preset):
   config = importlib.import_module(f"configs.{method}").get_config(preset)
-  common.validate(config)
+  validation.validate(config)
   assert config.method == method
   if preset != "demo":   # paper settings
-    common.validate(config, device_count=128, process_count=32)   # 128 TPU v3 workers
+    validation.validate(config, device_count=128, process_count=32)   # 128 TPU v3 workers
     assert (config.batch_size, config.image_size, config.model.depth) == (4096, 224, 50)
 
 
@@ -54,12 +55,12 @@ def test_overriding_steps_alone_keeps_every_preset_valid(method):
       assert warmup_steps(config.optimizer, config.steps) == want, preset
     for steps in (1, 2, 12, 39):
       config.steps = steps
-      common.validate(config)
+      validation.validate(config)
       assert 0 <= warmup_steps(config.optimizer, steps) < steps
   config = module.get_config("demo")
   config.steps, config.optimizer.warmup_steps = 12, 12      # explicit: still an error
   with pytest.raises(common.ConfigError, match="config.optimizer.warmup_steps=12"):
-    common.validate(config)
+    validation.validate(config)
 
 
 def test_unknown_preset_lists_the_choices():
@@ -96,7 +97,7 @@ def test_invalid_values_name_key_and_fix(key, value, words):
     node = node[p]
   node[leaf] = value
   with pytest.raises(common.ConfigError) as e:
-    common.validate(config)
+    validation.validate(config)
   for w in words:
     assert w in str(e.value), (w, str(e.value))
 
@@ -104,18 +105,18 @@ def test_invalid_values_name_key_and_fix(key, value, words):
 def test_image_size_follows_the_model_stride():
   config = _demo()
   config.model.stem_pool, config.image_size = False, 48      # stride 16: 48 is fine
-  common.validate(config)
+  validation.validate(config)
   config.model.stem_pool = True
   with pytest.raises(common.ConfigError, match="stride 32"):
-    common.validate(config)
+    validation.validate(config)
 
 
 def test_batch_must_split_over_devices_and_hosts():
   config = _demo()
   config.batch_size = 36
   with pytest.raises(common.ConfigError, match=r"device count 8.*batch_size=40"):
-    common.validate(config, device_count=8, process_count=1)
+    validation.validate(config, device_count=8, process_count=1)
   with pytest.raises(common.ConfigError, match="host count 8"):
-    common.validate(config, device_count=32, process_count=8)
+    validation.validate(config, device_count=32, process_count=8)
   config.batch_size = 32
-  common.validate(config, device_count=8, process_count=2)
+  validation.validate(config, device_count=8, process_count=2)

@@ -75,7 +75,8 @@ def test_evaluate_workdir_after_real_training(records_dir, tmp_path, capsys):
   """Train DetCon-B for 2 steps on the tiny records, then the workdir entry point."""
   from configs import detcon_b
   from detcon_jax.export import torchvision as tv
-  from detcon_jax.train import checkpointing, loop
+  from detcon_jax.core import checkpointing
+  from detcon_jax.train import loop
 
   config = detcon_b.get_config("demo")
   config.update(steps=2, batch_size=4, image_size=SIZE, log_every_steps=1)

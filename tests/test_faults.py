@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 
 from data_pipelines import build, records
-from detcon_jax.train import checkpointing, loop
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
 from test_train_tiny_objective import TinyObjective, run, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import common
+from detcon_jax.core import validation
 from data_pipelines import records
 from detcon_jax.errors import ConfigError
 from detcon_jax.train import loop
@@ -30,30 +30,30 @@ def test_a_huge_image_size_is_refused_before_anything_is_allocated(tmp_path):
 def test_the_activation_estimate_counts_every_conv_output():
   # ResNet-50 at 224 px: stem 112^2*64 + stages 56^2*3*384 + 28^2*4*768 + 14^2*6*1536
   # + 7^2*3*3072 = 9,081,856 conv outputs, x3 (conv, batch norm, ReLU).
-  assert common.activation_floats(224, 50, 1.0, True) == 3 * 9_081_856
+  assert validation.activation_floats(224, 50, 1.0, True) == 3 * 9_081_856
   # No stem pool: stages at twice the side; width scales channels.
-  assert common.activation_floats(64, 18, 0.5, False) == 3 * int(
+  assert validation.activation_floats(64, 18, 0.5, False) == 3 * int(
       32 * 32 * 32 + 2 * 32 * 32 * 64 + 2 * 16 * 16 * 128 + 2 * 8 * 8 * 256 + 2 * 4 * 4 * 512)
 
 
 def test_check_memory_compares_the_estimate_with_the_limit():
   config = tiny_config(**{"image_size": 64, "batch_size": 32})
   specs = TinyObjective().views(config)
-  est = common.memory_estimate(config, specs)
+  est = validation.memory_estimate(config, specs)
   images = 2 * 32 * 64 * 64 * 3 * 4                         # two float32 views
-  assert est["input"] >= common.BATCHES_IN_FLIGHT * images
-  assert est["activations"] == 32 * 2 * 4 * common.activation_floats(64, 18, 0.25, False)
+  assert est["input"] >= validation.BATCHES_IN_FLIGHT * images
+  assert est["activations"] == 32 * 2 * 4 * validation.activation_floats(64, 18, 0.25, False)
   total = est["input"] + est["activations"]
-  common.check_memory(config, specs, available=total + 1)   # fits
+  validation.check_memory(config, specs, available=total + 1)   # fits
   with pytest.raises(ConfigError, match=r"config.image_size=64, config.batch_size=32: .*"
                      r"more than the [0-9.]+ GiB available"):
-    common.check_memory(config, specs, available=total - 1)
+    validation.check_memory(config, specs, available=total - 1)
   # On an accelerator the activations are on the device (XLA's own error there): the
   # host holds the input batches only.
-  common.check_memory(config, specs, platform="gpu", available=est["input"] + 1)
+  validation.check_memory(config, specs, platform="gpu", available=est["input"] + 1)
   with pytest.raises(ConfigError, match=r"input batches"):
-    common.check_memory(config, specs, platform="gpu", available=est["input"] - 1)
-  avail = common.available_memory()
+    validation.check_memory(config, specs, platform="gpu", available=est["input"] - 1)
+  avail = validation.available_memory()
   assert avail is None or avail > 0
 
 
@@ -80,7 +80,7 @@ def test_every_size_and_count_key_must_be_positive(key, value):
     overrides["views.small_crops"] = 2
   config = tiny_config(**overrides)
   with pytest.raises(ConfigError, match=rf"^config\.{key}={value}: "):
-    common.validate(config, objective=TinyObjective())
+    validation.validate(config, objective=TinyObjective())
 
 
 # --- against the records -------------------------------------------------------------------
@@ -102,10 +102,10 @@ def test_views_larger_than_the_stored_images_are_refused(small_records, tmp_path
     loop.train(config, str(tmp_path / "run"), objective=TinyObjective())
   assert not (tmp_path / "run" / "config.json").exists()
   manifest = records.read_manifest(str(small_records))
-  common.validate_records(tiny_config(batch_size=2), manifest)   # 32 px views fit
+  validation.validate_records(tiny_config(batch_size=2), manifest)   # 32 px views fit
   small = tiny_config(**{"batch_size": 2, "views.small_crops": 2, "views.small_size": 48})
   with pytest.raises(ConfigError, match=r"^config.views.small_size=48"):
-    common.validate_records(small, manifest)
+    validation.validate_records(small, manifest)
 
 
 def test_a_batch_larger_than_the_train_split_is_refused(small_records, tmp_path):

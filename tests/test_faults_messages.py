@@ -19,7 +19,8 @@ from data_pipelines import input as data_input
 from detcon_jax import cli as cli_lib
 from detcon_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from detcon_jax.objectives import registry
-from detcon_jax.train import checkpointing, loop
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
 from test_train_reliability import read_only
 from test_train_tiny_objective import run, tiny_config
 

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from detcon_jax.train import checkpointing
+from detcon_jax.core import checkpointing
 from test_train_tiny_objective import run, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -12,7 +12,8 @@ import pytest
 
 from data_pipelines import build
 from detcon_jax.errors import ConfigError, WorkdirError
-from detcon_jax.train import checkpointing, loop
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
 from test_build_reliability import _build, _folder
 from test_train_tiny_objective import TinyObjective, run, tiny_config
 

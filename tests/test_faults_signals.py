@@ -12,7 +12,8 @@ import time
 import pytest
 
 from detcon_jax.evaluate import run as eval_run
-from detcon_jax.train import checkpointing, loop, writers
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
 from test_build_reliability import _alive, _children
 from test_faults import _real_config, _records
 from test_train_tiny_objective import TinyObjective, run, tiny_config
@@ -33,13 +34,13 @@ def test_sigterm_during_the_final_evaluation_exits_143_and_the_rerun_evaluates(
     time.sleep(120)
     raise AssertionError("the evaluation was not stopped")
 
-  monkeypatch.setattr(writers, "run_evaluations", long_evaluation)
+  monkeypatch.setattr(loop, "run_evaluations", long_evaluation)
   t = time.time()
   summary = run(config, tmp_path)
   assert time.time() - t < 100 and summary["step"] == 4
   assert loop.exit_status(summary) == 143 and "eval" not in summary
   assert "Evaluation stopped by SIGTERM" in capsys.readouterr().out
-  assert not writers.evaluated(str(tmp_path), 4)
+  assert not loop.evaluated(str(tmp_path), 4)
 
   def evaluation(config, workdir, step):
     print(f"evaluation of {workdir} at step {step}: kNN top-1 42.0%")
@@ -47,12 +48,12 @@ def test_sigterm_during_the_final_evaluation_exits_143_and_the_rerun_evaluates(
                         {"step": step})
     return {"step": step}
 
-  monkeypatch.setattr(writers, "run_evaluations", evaluation)
+  monkeypatch.setattr(loop, "run_evaluations", evaluation)
   rerun = run(config, tmp_path)
   out = capsys.readouterr().out
   assert rerun["eval"] == {"step": 4} and loop.exit_status(rerun) is None
   assert "trained to step 4 but not evaluated yet" in out and "kNN top-1 42.0%" in out
-  assert writers.evaluated(str(tmp_path), 4)
+  assert loop.evaluated(str(tmp_path), 4)
   again = run(config, tmp_path)                # evaluated: now the run is finished
   assert "eval" not in again and "nothing to do" in capsys.readouterr().out
 

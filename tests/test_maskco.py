@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import common as config_common
+from detcon_jax.core import validation
 from configs.common import ConfigError
 from data_pipelines import augment as aug
 from data_pipelines import batch as B
@@ -289,7 +289,7 @@ def test_mph_is_in_both_encoders_and_not_in_the_exported_backbone():
 @pytest.mark.parametrize("preset", ["demo", "imagenet", "coco", "coco-200"])
 def test_presets_validate_with_the_paper_numbers(preset):
   c = importlib.import_module("configs.maskco").get_config(preset)
-  config_common.validate(c)
+  validation.validate(c)
   m = c.maskco
   assert (m.num_boxes, tuple(m.box_size), m.max_iou, m.mph_blocks, m.momentum) == (
       17, (32.0, 128.0), 0.2, 3, 0.999)
@@ -297,7 +297,7 @@ def test_presets_validate_with_the_paper_numbers(preset):
   assert c.batch_size // c.loss.num_shards == 32        # 16 x 31 negatives per query
   assert c.views.global_area == (0.2, 1.0) and c.data.augment == "moco_v2"
   if preset != "demo":
-    config_common.validate(c, device_count=8, process_count=1)
+    validation.validate(c, device_count=8, process_count=1)
     assert (c.optimizer.name, c.optimizer.base_lr, c.optimizer.weight_decay) == ("sgd", 0.03, 1e-3)
     assert (c.batch_size, c.image_size, c.model.depth) == (256, 224, 50)
     assert c.steps == (500_455 if preset in ("imagenet", "coco") else 200 * 118_287 // 256)
@@ -312,14 +312,14 @@ def test_bad_settings_name_the_key(key, value, words):
   section, name = key.split(".")
   c[section][name] = value
   with pytest.raises(ConfigError, match=words):
-    config_common.validate(c)
+    validation.validate(c)
 
 
 def test_method_override_onto_another_config_is_one_clear_error():
   c = importlib.import_module("configs.moco_v2").get_config("demo")
   c.method = "maskco"
   with pytest.raises(ConfigError, match="configs/maskco.py"):
-    config_common.validate(c)
+    validation.validate(c)
 
 
 # --- Training -----------------------------------------------------------------------

@@ -108,7 +108,7 @@ def _tb_losses(workdir):
 @pytest.mark.slow
 def test_two_processes_train_and_resume_like_one_process_on_8_devices(tmp_path):
   from data_pipelines import build
-  from detcon_jax.train import checkpointing
+  from detcon_jax.core import checkpointing
   records = str(tmp_path / "records")
   build.build("demo", records, masks="fh,gt", workers=1, num_train=32, num_test=0,
               shard_size=8, image_size=48, progress=False)      # 4 shards: 2 per host

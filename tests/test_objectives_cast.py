@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import ConfigError, validate
+from detcon_jax.core.validation import validate
+from detcon_jax.errors import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.objectives import cast, moco, registry
 from detcon_jax.objectives.contrastive import l2_normalize
-from detcon_jax.train import checkpointing, sharding
-from detcon_jax.train import state as state_lib
+from detcon_jax.core import checkpointing, sharding
+from detcon_jax.core import state as state_lib
 from test_objectives_moco_swav import tiny_config
 from test_train_sharding import _compare, _run_in_subprocess
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import moco_v2 as moco_config
-from configs.common import ConfigError, validate
+from detcon_jax.core.validation import validate
+from detcon_jax.errors import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.models import heads

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import ConfigError, validate
+from detcon_jax.core.validation import validate
+from detcon_jax.errors import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.objectives import common, moco, queue, registry, swav
 from detcon_jax.objectives.contrastive import info_nce
-from detcon_jax.train import state as state_lib
+from detcon_jax.core import state as state_lib
 
 
 def _unit(x):
@@ -236,7 +237,7 @@ def test_swav_demo_has_more_prototypes_than_dimensions():
 def test_swav_lars_scales_every_parameter_by_its_trust_ratio(preset):
   """main_swav.py's LARC covers BN and biases: a 1-D leaf's first step is eta x lr x its
   norm, whatever the gradient's scale (with BN excluded it would be lr x gradient)."""
-  from detcon_jax.train import optimizer as optimizer_lib
+  from detcon_jax.core import optimizer as optimizer_lib
   c = importlib.import_module("configs.swav").get_config(preset)
   c.optimizer.update(warmup_steps=0, weight_decay=0.0)
   tx, schedule = optimizer_lib.make_optimizer(c)

@@ -5,12 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from detcon_jax.core import validation
 from configs import common, supervised as supervised_config
 from data_pipelines import batch as B
 from data_pipelines import build
 from data_pipelines import input as data_input
 from detcon_jax.objectives import registry, supervised
-from detcon_jax.train import checkpointing, loop
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
 from test_train_methods import small_config
 
 
@@ -19,16 +21,16 @@ def test_presets():
   assert demo.method == "supervised" and demo.supervised.multilabel
   assert demo.supervised.num_classes == 12 and demo.data.multi_hot_labels
   assert demo.data.augment == "supervised" and demo.optimizer.name == "sgd"
-  common.validate(demo)
+  validation.validate(demo)
   imagenet = supervised_config.get_config("imagenet")
   assert imagenet.supervised.num_classes == 1000 and not imagenet.supervised.multilabel
   assert imagenet.model.depth == 50 and imagenet.image_size == 224
-  common.validate(imagenet)
+  validation.validate(imagenet)
   with pytest.raises(common.ConfigError, match="supervised"):
     supervised_config.get_config("coco")
   demo.data.multi_hot_labels = False
   with pytest.raises(common.ConfigError, match="multi_hot_labels"):
-    common.validate(demo)
+    validation.validate(demo)
 
 
 def _batch(config, multilabel):

@@ -15,7 +15,8 @@ from scipy import stats
 
 from detcon_jax import compare, sweep
 from detcon_jax.evaluate import run as eval_run
-from detcon_jax.train import writers
+from detcon_jax.core import writers
+from detcon_jax.train import loop
 from test_faults import ENV, ROOT, assert_same_state, latest_step
 from test_train_tiny_objective import TinyObjective, synthetic_batches, tiny_config
 
@@ -144,7 +145,6 @@ def test_sweep_resumes_an_interrupted_seed_exactly_skips_finished_ones_refuses_o
   assert f"Resumed from {os.path.join(root, 'seed_1', 'checkpoints')} at step {stopped}." \
       in capsys.readouterr().out
   assert latest_step(os.path.join(root, "seed_1")) == 12
-  from detcon_jax.train import loop
   loop.train(tiny_config(steps=12, seed=1), str(tmp_path / "ref"), objective=TinyObjective(),
              batches=synthetic_batches())                        # the same seed, uninterrupted
   assert_same_state(os.path.join(root, "seed_1"), tmp_path / "ref")
@@ -165,7 +165,7 @@ def test_eval_at_steps_keeps_their_checkpoints_and_the_sweep_fills_a_missing_jso
   def fake_evaluations(config, workdir, step):
     evaluated.append(step)
     eval_run.write_json(sweep.eval_json(workdir, step), {"step": step, "rows": {}})
-  monkeypatch.setattr(writers, "run_evaluations", fake_evaluations)
+  monkeypatch.setattr(loop, "run_evaluations", fake_evaluations)
   config = tiny_config(steps=8, **{"eval.at_steps": (3, 5, 8), "checkpoint.keep": 1})
   root = str(tmp_path / "sweep")
   run = lambda: sweep.run_sweep(config, [0], root, objective=TinyObjective(),

@@ -7,8 +7,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from detcon_jax.train import checkpointing, loop
-from detcon_jax.train import state as state_lib
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
+from detcon_jax.core import state as state_lib
 from test_train_tiny_objective import TinyObjective, run, synthetic_batches, tiny_config
 
 

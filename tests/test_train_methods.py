@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detcon_jax.train import checkpointing, loop
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
 from test_train_sharding import _compare, _run_in_subprocess, one_step
 from test_train_tiny_objective import synthetic_batches
 

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from detcon_jax.train import optimizer as opt_lib
+from detcon_jax.core import optimizer as opt_lib
+from detcon_jax.objectives import common as objectives_common
 
 
 def _opt_config(schedule="cosine", base_lr=0.3, warmup=10):
@@ -44,10 +45,10 @@ def test_piecewise_schedule_drops_at_96_and_98_percent():
 
 
 def test_ema_decay_known_values():
-  np.testing.assert_allclose(opt_lib.ema_decay(0, 0.99, 100), 0.99, rtol=1e-7)
-  np.testing.assert_allclose(opt_lib.ema_decay(50, 0.99, 100), 0.995, rtol=1e-7)
-  np.testing.assert_allclose(opt_lib.ema_decay(100, 0.996, 100), 1.0, rtol=1e-7)
-  np.testing.assert_allclose(opt_lib.ema_decay(25, 0.9, 100),
+  np.testing.assert_allclose(objectives_common.ema_decay(0, 0.99, 100), 0.99, rtol=1e-7)
+  np.testing.assert_allclose(objectives_common.ema_decay(50, 0.99, 100), 0.995, rtol=1e-7)
+  np.testing.assert_allclose(objectives_common.ema_decay(100, 0.996, 100), 1.0, rtol=1e-7)
+  np.testing.assert_allclose(objectives_common.ema_decay(25, 0.9, 100),
                              1 - 0.1 * (math.cos(math.pi / 4) + 1) / 2, rtol=1e-6)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import build
-from detcon_jax.train import checkpointing, loop
+from detcon_jax.core import checkpointing
+from detcon_jax.train import loop
 from test_train_tiny_objective import TinyObjective, run, synthetic_batches, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -95,7 +96,7 @@ def test_ctrl_c_while_waiting_for_input_saves_and_stops(tmp_path, signum=signal.
 
 HOLD = """
 import sys, time
-from detcon_jax.train import checkpointing
+from detcon_jax.core import checkpointing
 with checkpointing.workdir_lock(sys.argv[1]):
   print("held", flush=True)
   time.sleep(120)
@@ -220,7 +221,7 @@ def trained(tmp_path_factory):
   state (made, not initialised: compiling the init is slow), and labelled records."""
   import jax
   from detcon_jax.objectives import registry
-  from detcon_jax.train import state as state_lib
+  from detcon_jax.core import state as state_lib
   from test_train_methods import small_config
   root = tmp_path_factory.mktemp("trained")
   rng = np.random.default_rng(0)

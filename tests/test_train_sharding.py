@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import batch as B
-from detcon_jax.train import checkpointing, loop, sharding
-from detcon_jax.train import state as state_lib
+from detcon_jax.core import checkpointing, sharding
+from detcon_jax.train import loop
+from detcon_jax.core import state as state_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

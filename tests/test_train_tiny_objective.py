@@ -18,7 +18,6 @@ from data_pipelines import batch as B
 from data_pipelines import views as views_lib
 from detcon_jax.objectives import common as objectives_common
 from detcon_jax.train import loop
-from detcon_jax.train import optimizer as opt_lib
 
 
 class _Net(nn.Module):
@@ -64,14 +63,14 @@ class TinyObjective:
     new_state = dict(state, batch_stats=updates["batch_stats"])
     metrics = {"z_norm": jnp.linalg.norm(z, axis=1).mean()}
     if self.ema:
-      metrics["tau"] = opt_lib.ema_decay(step, config.ema.tau0, config.steps)
+      metrics["tau"] = objectives_common.ema_decay(step, config.ema.tau0, config.steps)
     return loss, (metrics, new_state)
 
   def after_update(self, params, state, step, config):
     """The EMA target update of the bootstrap framework (objectives/byol.py)."""
     if not self.ema:
       return params, state
-    tau = opt_lib.ema_decay(step, config.ema.tau0, config.steps)
+    tau = objectives_common.ema_decay(step, config.ema.tau0, config.steps)
     return params, dict(state, target=objectives_common.ema(state["target"], params, tau))
 
   def param_labels(self, params, config):

@@ -53,7 +53,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   from detcon_jax.evaluate import run
-  from detcon_jax.train import checkpointing
+  from detcon_jax.core import checkpointing
   sweep = int(_SWEEP.value) if _SWEEP.value.isdigit() else _SWEEP.value
   settings = run.Settings(batch_size=_BATCH.value, image_size=_SIZE.value, linear_sweep=sweep,
                           retrieval_resolution=_RES.value, retrieval_dilated=_DILATED.value,

@@ -23,7 +23,7 @@ import numpy as np
 
 from data_pipelines import batch as B
 from detcon_jax.models.resnet import normalize_images
-from detcon_jax.train import sharding
+from detcon_jax.core import sharding
 
 FEATURE_STAGE = "stage4"
 POOLED, SPATIAL = "pooled", "spatial"

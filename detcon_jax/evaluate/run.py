@@ -587,7 +587,7 @@ def _cached_baseline(path: str, key: dict, evals) -> dict | None:
 def _state_evaluations(workdir, step, evals, data_dir, settings, name, results) -> dict:
   """Run the StateEvaluations of `evals` on the whole train state at `step` into results'
   row `name`; returns their overlay pictures {eval: uint8 panels}."""
-  from detcon_jax.train import checkpointing
+  from detcon_jax.core import checkpointing
   chosen = [e for e in evals if isinstance(EVALUATIONS[e], StateEvaluation)]
   if not chosen:
     return {}
@@ -622,7 +622,7 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
   in WORKDIR/eval/random_init.json, keyed by model, settings and data.
   """
   from data_pipelines import records
-  from detcon_jax.train import checkpointing
+  from detcon_jax.core import checkpointing
 
   evals = parse_evals(evals)
   config, model, variables, step = checkpointing.restore_encoder(

@@ -48,7 +48,7 @@ def main(argv):
   del argv
   check_out(_OUT.value, _OVERWRITE.value)   # before the slow imports and restore
   from detcon_jax.export import torchvision as tv
-  from detcon_jax.train import checkpointing
+  from detcon_jax.core import checkpointing
   try:
     import torch  # noqa: F401  (fail before the slow restore)
   except ImportError:

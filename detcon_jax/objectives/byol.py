@@ -3,7 +3,7 @@
 The online network (encoder + projector + predictor) predicts the projections
 of an EMA target network (encoder + projector) for the other view; the target
 gets no gradient. after_update moves the target towards the online network
-with BYOL's cosine-annealed decay (train/optimizer.ema_decay).
+with BYOL's cosine-annealed decay (common.ema_decay).
 """
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import jax.numpy as jnp
 from data_pipelines import batch as B
 from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import l2_normalize
-from detcon_jax.train.optimizer import ema_decay
 
 
 def target_decay(step, config):
   """BYOL's tau: config.ema.tau0 at step 0, annealed to 1 at config.steps."""
-  return ema_decay(step, config.ema.tau0, config.steps)
+  return common.ema_decay(step, config.ema.tau0, config.steps)
 
 
 def update_target(params, state, step, config):

@@ -40,7 +40,7 @@ def no_update(params, state, step, config):
 
 
 def default_labels(params, config):
-  """Optimiser labels: every leaf 'default' (see train/optimizer.py for the labels)."""
+  """Optimiser labels: every leaf 'default' (see core/optimizer.py for the labels)."""
   del config
   return jax.tree.map(lambda _: "default", params)
 
@@ -190,6 +190,15 @@ def forward(nets: Networks, params, batch_stats, batch, specs, pool=global_pool)
 def ema(target, online, decay):
   """target <- decay * target + (1 - decay) * online, leaf by leaf (BYOL's xi, MoCo's m)."""
   return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)
+
+
+def ema_decay(step, tau0: float, steps: int):
+  """BYOL target decay: tau0 at step 0, annealed to 1 at `steps` by a cosine.
+
+  Applied by ema() above through each framework's after_update.
+  """
+  cos = jnp.cos(jnp.pi * jnp.asarray(step, jnp.float32) / steps)
+  return 1.0 - (1.0 - tau0) * (cos + 1.0) / 2.0
 
 
 def copy_of(params, keys=(ENCODER, PROJECTOR)):

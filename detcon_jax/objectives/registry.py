@@ -6,11 +6,11 @@ An Objective (common.Objective) is one record:
   after_update(params, state, step, config) -> (params, state)
       after the optimiser step: EMA targets, momentum encoders, queues,
       prototype renormalisation
-  param_labels(params, config) -> labels for the optimiser (train/optimizer.py:
+  param_labels(params, config) -> labels for the optimiser (core/optimizer.py:
       'default', 'no_decay', 'frozen', 'hold:N')
   views(config) -> tuple of data_pipelines.views.ViewSpec the input must produce
   default_config() -> {section: {key: value}}: the config sections the method adds
-  validate(config) -> None, raising configs.common.ConfigError
+  validate(config) -> None, raising detcon_jax.errors.ConfigError
 `batch` uses the names of data_pipelines/batch.py (a global batch under jit);
 `metrics` is a dict of scalars including 'loss'; `new_state` replaces `state`
 before after_update. params = {'encoder', 'projector', ...}; state =

@@ -5,7 +5,7 @@ Every config key can be overridden, e.g. --config.steps=200
 latest checkpoint (one run per workdir at a time: it is locked). SIGTERM and
 SIGINT (Ctrl-C) save a checkpoint and exit with 143 and 130. Multi-host runs
 call jax.distributed.initialize() first (see
-detcon_jax.train.sharding.maybe_initialize_distributed).
+detcon_jax.core.sharding.maybe_initialize_distributed).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from detcon_jax.train import sharding
+  from detcon_jax.core import sharding
   sharding.maybe_initialize_distributed()   # before anything touches jax devices
   train_and_exit(_CONFIG.value, _WORKDIR.value)
 
@@ -35,7 +35,8 @@ def train_and_exit(config, workdir, **train_kw):
   """loop.train, its outcome as the exit status and at most a line on stderr: an
   `error:` line (status 1) for a user error, 128+signal when stopped."""
   import jax
-  from detcon_jax.train import checkpointing, loop
+  from detcon_jax.core import checkpointing
+  from detcon_jax.train import loop
   try:
     summary = loop.train(config, workdir, **train_kw)
   except loop.USER_ERRORS as e:

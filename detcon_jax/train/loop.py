@@ -30,19 +30,40 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from configs.common import check_memory, validate, validate_records
 from detcon_jax.errors import (USER_ERRORS, ConfigError, InputError, NonFiniteLossError,
                                WorkdirError)
 from data_pipelines import background as bg_lib
 from data_pipelines import batch as B
 from detcon_jax.objectives import registry
-from detcon_jax.train import checkpointing, sharding, writers
-from detcon_jax.train.optimizer import warmup_steps
-from detcon_jax.train.state import init_train_state, make_optimizer, make_train_step
+from detcon_jax.core import checkpointing, sharding, writers
+from detcon_jax.core.optimizer import warmup_steps
+from detcon_jax.core.state import init_train_state, make_optimizer, make_train_step
+from detcon_jax.core.validation import check_memory, validate, validate_records
 
 TB_DIR = writers.TB_DIR
 # BatchSource(config, start_step, host_index, host_count) -> iterator of host batches.
 BatchSource = Callable[..., Iterator[dict]]
+
+
+# --- Evaluations -----------------------------------------------------------
+
+def run_evaluations(config, workdir: str, step: int):
+  """detcon_jax.evaluate runs config.eval.evals on the checkpoint at `step`
+  (random-init baseline beside it) and prints the table.
+
+  Imported lazily so that training never pulls in the evaluation stack unless
+  config.eval.at_end / config.eval.every_steps ask for it.
+  """
+  from detcon_jax.evaluate.run import evaluate_workdir
+  return evaluate_workdir(workdir, evals=tuple(config.eval.evals), step=step)
+
+
+def evaluated(workdir: str, step: int) -> bool:
+  """Whether the evaluation of `step` was written (WORKDIR/eval/step_N.json): what
+  marks a run with config.eval.at_end as finished."""
+  from etils import epath
+  from detcon_jax.evaluate.run import EVAL_DIR
+  return (epath.Path(workdir) / EVAL_DIR / f"step_{step}.json").exists()
 
 
 # --- Data ------------------------------------------------------------------
@@ -319,7 +340,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
     summary = dict(method=config.method, status="done", start_step=start_step, step=start_step,
                    losses={}, signal=None, checkpoint=os.path.join(
                        workdir, checkpointing.CHECKPOINT_DIR, str(start_step)))
-    if config.eval.at_end and not writers.evaluated(workdir, start_step):
+    if config.eval.at_end and not evaluated(workdir, start_step):
       say(f"{workdir} is trained to step {start_step} but not evaluated yet; evaluating.")
       return _evaluate_at_end(config, workdir, start_step, flag, summary)
     say(f"{workdir} is already trained to step {start_step} (config.steps={config.steps}); "
@@ -470,7 +491,7 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
       checkpointing.wait(manager, step)
       try:
         with flag.abortable():   # saved: a signal need not wait for the evaluation
-          writers.run_evaluations(config, workdir, step)
+          run_evaluations(config, workdir, step)
       except checkpointing.Interrupted:
         status = "preempted"
         break
@@ -508,7 +529,7 @@ def _evaluate_at_end(config, workdir: str, step: int, flag, summary: dict) -> di
   rerun (already trained) runs the evaluation."""
   try:
     with flag.abortable():
-      summary["eval"] = writers.run_evaluations(config, workdir, step)
+      summary["eval"] = run_evaluations(config, workdir, step)
   except checkpointing.Interrupted:
     summary["signal"] = flag.signum
     say(f"Evaluation stopped by {signal_name(flag.signum)}; the run is trained and saved. "

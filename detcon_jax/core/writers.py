@@ -43,23 +43,3 @@ class NoWriter:
 
 def make_writer(workdir: str, primary: bool):
   return TensorBoard(workdir) if primary else NoWriter()
-
-
-def run_evaluations(config, workdir: str, step: int):
-  """detcon_jax.evaluate runs config.eval.evals on the checkpoint at `step`
-  (random-init baseline beside it) and prints the table.
-
-  Imported lazily so that training never pulls in the evaluation stack unless
-  config.eval.at_end / config.eval.every_steps ask for it (and so that the
-  evaluation, which loads checkpoints, never imports the trainer back).
-  """
-  from detcon_jax.evaluate.run import evaluate_workdir
-  return evaluate_workdir(workdir, evals=tuple(config.eval.evals), step=step)
-
-
-def evaluated(workdir: str, step: int) -> bool:
-  """Whether the evaluation of `step` was written (WORKDIR/eval/step_N.json): what
-  marks a run with config.eval.at_end as finished."""
-  from etils import epath
-  from detcon_jax.evaluate.run import EVAL_DIR
-  return (epath.Path(workdir) / EVAL_DIR / f"step_{step}.json").exists()

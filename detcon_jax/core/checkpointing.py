@@ -2,7 +2,7 @@
 workdir lock, and loading a trained encoder back for evaluation and export.
 
 The train state is a plain dict {'step', 'params', 'state', 'opt_state'}
-(see detcon_jax.train.state.init_train_state) saved whole, so a resumed run
+(see detcon_jax.core.state.init_train_state) saved whole, so a resumed run
 continues bit for bit. A checkpoint that does not restore (truncated, files
 missing) is skipped for the newest one that does, with a warning naming it.
 What orbax, asyncio and TensorStore print when a save or restore fails (hundreds
@@ -493,7 +493,7 @@ def restore_train_state(workdir: str, step: int | None = None):
   device: for evaluations that need more than the backbone (heads, key network)."""
   from data_pipelines import batch as B
   from detcon_jax.objectives import registry
-  from detcon_jax.train import state as state_lib
+  from detcon_jax.core import state as state_lib
 
   config = load_config(workdir)
   if step is not None:   # a step that does not exist fails before the model is traced

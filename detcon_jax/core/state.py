@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from detcon_jax.train import optimizer as opt_lib
+from detcon_jax.core import optimizer as opt_lib
 
 
 def make_optimizer(objective, config):

@@ -62,15 +62,6 @@ def learning_rate_schedule(opt_config, batch_size: int, steps: int) -> Schedule:
   return make(scaled_lr(opt_config.base_lr, batch_size), warmup_steps(opt_config, steps), steps)
 
 
-def ema_decay(step, tau0: float, steps: int):
-  """BYOL target decay: tau0 at step 0, annealed to 1 at `steps` by a cosine.
-
-  The update itself is objectives.registry.update_target (it knows the layout).
-  """
-  cos = jnp.cos(jnp.pi * jnp.asarray(step, jnp.float32) / steps)
-  return 1.0 - (1.0 - tau0) * (cos + 1.0) / 2.0
-
-
 def exclude_1d(params):
   """Mask: True for leaves that get weight decay and the trust ratio.
 
@@ -238,5 +229,5 @@ def momentum_buffer(opt_state, label: str = "default"):
 
 
 __all__ = ["lars", "sgd", "adamw", "OPTIMIZERS", "LABELS", "make_optimizer",
-           "learning_rate_schedule", "ema_decay", "exclude_1d", "scaled_lr", "LR_SCHEDULES",
+           "learning_rate_schedule", "exclude_1d", "scaled_lr", "LR_SCHEDULES",
            "PIECEWISE_DROPS", "momentum_buffer", "by_label"]
