@@ -35,18 +35,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(depth=18, width=1.0, dtype="float32",
                                           stem_pool=True))
   c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, output_dim=128, batch_norm=True))
-  # detcon_form: "reference" (the public DetCon code) or "dedup" (duplicate masks
-  # folded out); detcon_same_image_negatives=False drops same-image negatives.
+  # num_masks: mask ids sampled per view with masks (DetCon's K; the paper samples 16).
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1, local_negatives=False,
-                                          num_masks=16, detcon_form="reference",
-                                          detcon_same_image_negatives=True))
+                                          num_masks=16))
   # Warmup: warmup_fraction of config.steps, so that any --config.steps works; an
   # explicit warmup_steps overrides it (optimizer.warmup_steps(): the resolved value).
   c.optimizer = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9, eta=1e-3,
       warmup_steps=ml_collections.config_dict.placeholder(int), warmup_fraction=0.1,
       schedule="cosine", exclude_1d=True))  # exclude_1d: no decay on biases and BN
-  c.ema = ml_collections.ConfigDict(dict(tau0=0.99))  # used by methods with a target net
   # build_demo: build the embedded demo records if missing. timeout_s: longest wait
   # for a batch before the run stops with an error. max_corrupt_fraction: the run
   # stops when more of the records read are unreadable. verify_checksums: check the
@@ -215,7 +212,6 @@ def demo_config(method: str, family: str) -> ml_collections.ConfigDict:
   c.head.update(hidden_dim=256, output_dim=64)
   c.optimizer.update(warmup_fraction=0.1, schedule="cosine", weight_decay=1e-6,
                      base_lr=DEMO_PEAK_LR * 256 / c.batch_size)
-  c.ema.tau0 = 0.99
   c.data.update(records_dir="data/demo", shuffle_buffer=1024, build_demo=True)
   # Demo objects cover 34% of an image; the default MBD map > 0.2 matches them best
   # (IoU with the GT foreground on 150 train scenes: 0.72 at 0.2, 0.59 at 0.5).

@@ -245,9 +245,9 @@ def centre_crop_box(height, width, fraction=CENTRE_CROP):
 
 
 def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi=0.2,
-                     tries=10, threshold=SALIENT, rule="cast"):
+                     tries=10, threshold=SALIENT, rule="adaptive"):
   """(box, fell_back): a crop_box that covers >= phi of the salient area (CAST, sec. 3.1;
-  the background paper's FGmin with rule='fg_min').
+  rule='adaptive', the default; the background paper's FGmin with rule='fg_min').
 
   saliency [H, W] in [0, 1], salient where > threshold. Up to `tries` crop_box
   draws, the first with seed itself (so phi = 0 gives crop_box(seed) exactly)
@@ -265,8 +265,8 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   paper's CenterCrop view, which need not hold phi of the foreground) instead of
   the whole image.
   """
-  if rule not in ("cast", "fg_min"):   # views.SALIENT_RULES
-    raise ValueError(f"salient_crop_box: rule {rule!r}: choose 'cast' or 'fg_min'.")
+  if rule not in ("adaptive", "fg_min"):   # views.SALIENT_RULES
+    raise ValueError(f"salient_crop_box: rule {rule!r}: choose 'adaptive' or 'fg_min'.")
   h, w = tf.shape(saliency)[0], tf.shape(saliency)[1]
   salient = tf.cast(saliency > threshold, tf.float32)
   total = tf.reduce_sum(salient)

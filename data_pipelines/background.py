@@ -8,8 +8,9 @@ view independently with probability p_pos. A view's foreground m is its saliency
   'random'  the tiled background (masks/background.py, moved with the view) of another
             image of the same batch, picked uniformly among the others;
   'swaps'   as 'random', with the two global views' backgrounds from distinct images
-            (batch >= 3), plus, for methods with explicit negatives (moco_v2, simclr,
-            detcon_s) and p_neg > 0, one extra negative per image in batch[NEGATIVE]:
+            (batch >= 3), plus, for methods with explicit negatives (their Objective's
+            `backgrounds` holds 'swaps') and p_neg > 0, one extra negative per image in
+            batch[NEGATIVE]:
             m_q * r + (1 - m_q) * q with probability p_neg (q the final query view, r the
             key view of another image of the batch), else r itself, so every query has
             |Q| + 1 negatives (p_neg = 0 adds none, so that p = 0 is the plain method). MoCo:
@@ -31,14 +32,11 @@ import dataclasses
 
 from data_pipelines import batch as B
 from data_pipelines import views as V
+from detcon_jax.errors import ConfigError
 
 MODES = ("none", "rm", "random", "swaps")
 NEGATIVE = "bg_negative"   # batch key: [B, S, S, 3] Swaps' extra negative (query-sized)
 DRAWS = 3                  # per view: apply?, gray level, which other image
-# Methods each mode composes with; swaps needs explicit negatives and the hook in the loss.
-METHODS = {"rm": ("moco_v2", "byol", "swav", "simclr", "detcon_s", "detcon_b"),
-           "random": ("moco_v2", "byol", "swav", "simclr", "detcon_s", "detcon_b"),
-           "swaps": ("moco_v2", "simclr", "detcon_s")}
 FG_MIN = {"swaps": 0.1}    # default fg_min per mode (paper A.1, MoCo-v2); others 0
 
 
@@ -161,8 +159,8 @@ def check_hole(manifest: dict, foreground_threshold: float) -> bool:
 
 
 def validate(config) -> None:
-  """One ConfigError line for a mode, probability or method that does not fit."""
-  from detcon_jax.errors import ConfigError
+  """One ConfigError line for a mode or probability that does not fit (which methods a
+  mode composes with is each Objective's `backgrounds`: core/validation.py)."""
   bg = config.get("background", None)
   if bg is None:
     return
@@ -183,16 +181,7 @@ def validate(config) -> None:
     raise ConfigError(f"config.background.fg_min={settings(config).fg_min} and "
                       f"config.views.min_salient_cover={views.min_salient_cover} both constrain "
                       "the crops; set one of them to 0.")
-  if config.method not in METHODS[bg.mode]:
-    why = (" (BG Swaps needs a method with explicit negatives; BYOL, SwAV and DetCon-B "
-           "have none)" if bg.mode == "swaps" else "")
-    raise ConfigError(f"config.background.mode={bg.mode!r} does not compose with "
-                      f"config.method={config.method!r}{why}; it works with "
-                      f"{', '.join(METHODS[bg.mode])}.")
   if bg.mode == "swaps":
-    if config.get("moco", None) is not None and config.moco.get("symmetric", False):
-      raise ConfigError("config.background.mode='swaps' needs config.moco.symmetric=False "
-                        "(the background-matched negative belongs to the query view1).")
     if int(config.batch_size) < 3:
       raise ConfigError(f"config.batch_size={config.batch_size}: BG Swaps needs >= 3 images "
                         "per batch for distinct backgrounds of query and positive.")

@@ -36,11 +36,11 @@ FALLBACK = "fallback"    # batch[key(view, FALLBACK)]: [B] int32, 1 where a cons
 # Defaults of the constrained multi-crop rules (augment.OVERLAP_RULES): the paper's 20% of
 # the small crop inside the anchor; the released code's 10% of its target area.
 RULE_OVERLAP = {"paper": 0.2, "reference": 0.1}
-# ViewSpec.salient_rule: how augment.salient_crop_box meets min_salient_cover. 'cast':
+# ViewSpec.salient_rule: how augment.salient_crop_box meets min_salient_cover. 'adaptive':
 # CAST's reference (phi lowered when even a smallest crop cannot reach it; the whole image
 # when no draw qualifies); 'fg_min': the background-augmentation paper's FGmin (Ryali et al.
 # 2021, A.1 and C.6: the fraction as given; a CenterCrop when no draw qualifies).
-SALIENT_RULES = ("cast", "fg_min")
+SALIENT_RULES = ("adaptive", "fg_min")
 BOX_ROLES = ("key", "query")  # BoxSpec.role (data_pipelines/boxes.py)
 
 
@@ -109,7 +109,7 @@ class ViewSpec:
   min_salient_cover: float = 0.0
   boxes: BoxSpec | None = None  # boxes that travel with the view (MaskCo)
   constraint: Constraint | None = None   # constrained multi-crop (anchored to another view)
-  salient_rule: str = "cast"    # how min_salient_cover is met (SALIENT_RULES)
+  salient_rule: str = "adaptive"  # how min_salient_cover is met (SALIENT_RULES)
 
   def __post_init__(self):
     unknown = [f for f in self.fields if f not in FIELDS]

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
+from configs import moco_v2 as moco_config
 from configs.common import ConfigError
 from data_pipelines import background as bg
 from data_pipelines import batch as B
@@ -13,6 +14,8 @@ from data_pipelines import build
 from data_pipelines import input as input_lib
 from data_pipelines import views as V
 from data_pipelines.masks import background as tiles
+from detcon_jax.core import validation
+from detcon_jax.objectives import registry
 
 S = 48
 VIEWS = (V.ViewSpec("view1", 32, augment="simclr1", fields=(V.MASKS,)),
@@ -177,17 +180,32 @@ def _config(method, mode, **kw):
       background=dict(mode=mode, p_pos=kw.get("p_pos", 0.2), p_neg=0.2)))
 
 
+def _check(cfg):
+  bg.validate(cfg)
+  validation.check_background(cfg, registry.get_objective(cfg.method))
+
+
 def test_validate_refuses_nonsense():
-  bg.validate(_config("moco_v2", "swaps"))
-  bg.validate(_config("byol", "rm"))
-  bg.validate(_config("simclr", "swaps"))
-  for cfg, match in ((_config("byol", "swaps"), "explicit negatives"),
+  for method, mode in (("moco_v2", "swaps"), ("byol", "rm"), ("simclr", "swaps"),
+                       ("detcon_s", "swaps"), ("detcon_b", "random"), ("swav", "rm")):
+    _check(_config(method, mode))
+  for cfg, match in ((_config("byol", "swaps"), "explicit negatives.*works with detcon_s, "
+                      "moco_v2, simclr"),
                      (_config("cast", "rm"), "does not compose"),
                      (_config("moco_v2", "blur"), "choose one of"),
                      (_config("moco_v2", "rm", p_pos=1.5), "p_pos"),
                      (_config("moco_v2", "swaps", batch_size=2), ">= 3")):
     with pytest.raises(ConfigError, match=match):
-      bg.validate(cfg)
+      _check(cfg)
+
+
+def test_swaps_with_symmetric_moco_is_refused_by_moco():
+  c = moco_config.get_config("demo")
+  c.background.mode = "swaps"
+  validation.validate(c)
+  c.moco.symmetric = True
+  with pytest.raises(ConfigError, match="moco.symmetric=False"):
+    validation.validate(c)
 
 
 def test_multi_crop_only_global_views_are_augmented():

@@ -204,7 +204,7 @@ def test_fg_min_config_and_view_specs():
            V.ViewSpec("small1", 16, small=True))
   out = bg.with_fields(specs, bg.Settings("swaps", 0.2, 0.2, True, fg_min=0.1))
   assert [(s.min_salient_cover, s.salient_rule) for s in out] == [
-      (0.1, "fg_min"), (0.1, "fg_min"), (0.0, "cast")]
+      (0.1, "fg_min"), (0.1, "fg_min"), (0.0, "adaptive")]
   assert bg.with_fields(specs, bg.Settings("rm", 0.2))[0].min_salient_cover == 0.0
   defaults = {m: bg.settings(_detcon_s_swaps() if m == "swaps" else _rm()).fg_min
               for m in ("swaps", "rm")}

@@ -160,8 +160,10 @@ def test_objective_reads_the_config():
   latents = [jnp.asarray(x) for x in case[:4]]
   loss = lambda **kw: float(detcon_criterion(*latents, batch, ml_collections.ConfigDict(
       dict(loss=dict(temperature=TAU, local_negatives=False, **kw))))[0])
-  assert config_common.base_config().loss.detcon_form == "reference"
-  assert config_common.base_config().loss.detcon_same_image_negatives is True
+  for method in ("detcon_s", "detcon_b"):
+    assert config_common.method_config(method).loss.detcon_form == "reference"
+    assert config_common.method_config(method).loss.detcon_same_image_negatives is True
+  assert "detcon_form" not in config_common.method_config("simclr").loss
   np.testing.assert_allclose(loss(), reference_loss(*case), rtol=1e-5)
   np.testing.assert_allclose(loss(detcon_form="reference", detcon_same_image_negatives=False),
                              reference_loss(*case, same_image_negatives=False), rtol=1e-5)

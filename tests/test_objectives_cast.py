@@ -9,6 +9,7 @@ from detcon_jax.core.validation import validate
 from detcon_jax.errors import ConfigError
 from data_pipelines import batch as B
 from data_pipelines import views as V
+from detcon_jax.models import gradcam
 from detcon_jax.objectives import cast, moco, registry
 from detcon_jax.objectives.contrastive import l2_normalize
 from detcon_jax.core import checkpointing, sharding
@@ -21,10 +22,10 @@ from test_train_sharding import _compare, _run_in_subprocess
 
 def test_align_corners_resize_is_exact_on_linear_ramps():
   i, j = np.meshgrid(np.arange(3.0), np.arange(4.0), indexing="ij")
-  out = cast.resize_align_corners(jnp.asarray((i + 2 * j)[None]), 5, 7)[0]
+  out = gradcam.resize_align_corners(jnp.asarray((i + 2 * j)[None]), 5, 7)[0]
   p, q = np.meshgrid(np.arange(5) * 2 / 4, np.arange(7) * 3 / 6, indexing="ij")
   np.testing.assert_allclose(out, p + 2 * q, atol=1e-6)         # bilinear keeps ramps exact
-  corners = cast.resize_align_corners(jnp.arange(16.0).reshape(1, 4, 4), 2, 2)[0]
+  corners = gradcam.resize_align_corners(jnp.arange(16.0).reshape(1, 4, 4), 2, 2)[0]
   np.testing.assert_array_equal(corners, [[0, 3], [12, 15]])    # align_corners: the corners
 
 
@@ -39,10 +40,10 @@ def test_grad_cam_of_a_linear_encoder_in_closed_form():
   # d(q.k / tau)/dA = W k / (h w tau) at every position, so alpha = W k / (h w tau) and
   # Grad-CAM = ReLU(A W k) / (h w tau).
   want = np.maximum(np.einsum("bhwc,bc->bhw", x @ enc, keys @ w.T), 0) / (20 * tau)
-  np.testing.assert_allclose(cast.grad_cam(head, maps, keys, temperature=tau, norm="none"),
+  np.testing.assert_allclose(gradcam.grad_cam(head, maps, keys, temperature=tau, norm="none"),
                              want, rtol=1e-5, atol=1e-6)
   shifted = want - want.min(axis=(1, 2), keepdims=True)
-  np.testing.assert_allclose(cast.grad_cam(head, maps, keys, temperature=tau),
+  np.testing.assert_allclose(gradcam.grad_cam(head, maps, keys, temperature=tau),
                              shifted / (shifted.max(axis=(1, 2), keepdims=True) + 1e-7),
                              rtol=1e-5, atol=1e-6)
 
@@ -91,7 +92,7 @@ def test_second_order_gradient_matches_finite_differences():
     def l_att(t):
       maps = jnp.tanh(x @ t["enc"])
       head = lambda a: l2_normalize(jnp.tanh(jnp.mean(a, axis=(1, 2)) @ t["w1"]) @ t["w2"])
-      cam = cast.grad_cam(head, maps, keys, temperature=0.2)
+      cam = gradcam.grad_cam(head, maps, keys, temperature=0.2)
       return cast.attention_loss(cam, saliency, "image")[0]
 
     l_att = jax.jit(l_att)

@@ -9,6 +9,7 @@ and by the 8-device subprocess.
 from __future__ import annotations
 
 import flax.linen as nn
+import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +89,7 @@ class TinyObjective:
 
 def tiny_config(**overrides):
   c = common.demo_config("tiny", "simclr")
+  c.ema = ml_collections.ConfigDict(dict(tau0=0.99))   # TinyObjective(ema=True)'s decay
   c.update(steps=6, batch_size=8, image_size=32, log_every_steps=2)
   c.optimizer.update(warmup_steps=1, base_lr=1.0)
   c.checkpoint.update(every_steps=2, keep=10)

@@ -3,7 +3,7 @@
 For every test image: query = the image through the trained query network,
 key = the same image through the key network (the momentum/EMA target where
 the method has one, else the query network); Grad-CAM of q . k on the last
-conv activations (objectives/cast.grad_cam), upsampled bilinearly to the
+conv activations (models/gradcam.grad_cam), upsampled bilinearly to the
 image, min-max normalised per image and binarised at 0.5; IoU with the
 ground-truth foreground (records with GT: every instance pixel) or, without GT,
 with the image's saliency binarised at 0.5. Reported: the mean IoU over images
@@ -23,8 +23,9 @@ import numpy as np
 from data_pipelines import batch as B
 from detcon_jax.evaluate import visualize
 from detcon_jax.models import heads
+from detcon_jax.models.gradcam import grad_cam
 from detcon_jax.models.resnet import normalize_images
-from detcon_jax.objectives import cast, common
+from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import l2_normalize
 
 THRESHOLD = 0.5
@@ -65,7 +66,7 @@ def make_cam_fn(config):
     head = lambda a: l2_normalize(run(nets.projector, params[common.PROJECTOR],
                                       stats[common.PROJECTOR], heads.global_pool(a))
                                   .astype(jnp.float32))
-    return cast.grad_cam(head, maps, jax.lax.stop_gradient(keys),
+    return grad_cam(head, maps, jax.lax.stop_gradient(keys),
                          temperature=float(config.loss.temperature), norm="none")
   return jax.jit(cams)
 

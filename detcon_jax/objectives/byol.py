@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from data_pipelines import batch as B
+from detcon_jax.errors import ConfigError
 from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import l2_normalize
 
@@ -27,12 +28,25 @@ def update_target(params, state, step, config):
   return params, dict(state, **{common.TARGET: target})
 
 
-def bootstrap(name: str, pool, criterion, views=common.two_views) -> common.Objective:
+# config.ema: the target network's decay (0.99: BYOL's 300-epoch value; presets set theirs).
+CONFIG = {"ema": {"tau0": 0.99}}
+
+
+def check_tau(config, name: str):
+  common.require(config, "ema", ("tau0",), name)
+  if not 0.0 <= float(config.ema.tau0) <= 1.0:
+    raise ConfigError(f"config.ema.tau0={config.ema.tau0!r}: must be in [0, 1] "
+                      "(paper: 0.99 or 0.996).")
+
+
+def bootstrap(name: str, pool, criterion, views=common.two_views, config=None,
+              validate=None) -> common.Objective:
   """An Objective: online+predictor vs stop-gradient EMA target, `pool`, `criterion`.
 
   criterion(pred1, pred2, target1, target2, batch, config) -> (loss, metrics),
   where predI comes from the online network on view I and targetI from the
-  target network on view I.
+  target network on view I. config: sections the method adds to CONFIG's;
+  validate(config): its own checks.
   """
 
   def init(rng, config, batch):
@@ -55,8 +69,15 @@ def bootstrap(name: str, pool, criterion, views=common.two_views) -> common.Obje
     new_state = dict(state, **{common.BATCH_STATS: online.batch_stats})
     return value, (dict(metrics, loss=value, tau=target_decay(step, config)), new_state)
 
+  def check(cfg):
+    common.no_multi_crop(cfg, name)
+    check_tau(cfg, name)
+    if validate is not None:
+      validate(cfg)
+
   return common.Objective(name, init, loss, after_update=update_target, views=views,
-                          validate=lambda config: common.no_multi_crop(config, name))
+                          default_config=lambda: {**CONFIG, **(config or {})}, validate=check,
+                          backgrounds=common.BACKGROUND_VIEW_MODES)
 
 
 def regression_loss(pred, target):

@@ -72,6 +72,14 @@ class Objective(NamedTuple):
   views: Callable = two_views          # (config) -> tuple[ViewSpec, ...]
   default_config: Callable = no_config  # () -> {section: {key: default}} the method adds
   validate: Callable = no_checks       # (config) -> None, raises ConfigError
+  backgrounds: tuple = ()              # config.background.mode values it composes with
+
+
+# Background augmentations a method can take (data_pipelines/background.py): any method
+# whose views come from the input pipeline takes the view-only modes; 'swaps' also needs
+# a hook in the loss for its background-matched negative (explicit negatives).
+BACKGROUND_VIEW_MODES = ("rm", "random")
+BACKGROUND_ALL_MODES = BACKGROUND_VIEW_MODES + ("swaps",)
 
 
 # --- Networks ------------------------------------------------------------------

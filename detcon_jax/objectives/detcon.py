@@ -13,10 +13,21 @@ view-1 mask anchor one extra negative (contrastive.detcon_nce's `extra`).
 from __future__ import annotations
 
 from data_pipelines import batch as B
+from detcon_jax.errors import ConfigError
 from detcon_jax.objectives import common
 from detcon_jax.objectives.byol import bootstrap
-from detcon_jax.objectives.contrastive import detcon_nce, uniform
+from detcon_jax.objectives.contrastive import DETCON_FORMS, detcon_nce, uniform
 from detcon_jax.objectives.simclr import siamese
+
+# detcon_form: "reference" (the public DetCon code) or "dedup" (duplicate masks folded
+# out); detcon_same_image_negatives=False drops same-image negatives.
+CONFIG = {"loss": {"detcon_form": "reference", "detcon_same_image_negatives": True}}
+
+
+def check(config):
+  if config.loss.get("detcon_form", "reference") not in DETCON_FORMS:
+    raise ConfigError(f"config.loss.detcon_form={config.loss.detcon_form!r}: choose one of "
+                      f"{list(DETCON_FORMS)} (reference: the public DetCon code).")
 
 
 def detcon_criterion(online1, online2, target1, target2, batch, config, extra=None):
@@ -33,5 +44,7 @@ def detcon_criterion(online1, online2, target1, target2, batch, config, extra=No
   return value, dict(metrics, chance=chance)
 
 
-DETCON_S = siamese("detcon_s", common.masks_pool, detcon_criterion, views=common.masked_views)
-DETCON_B = bootstrap("detcon_b", common.masks_pool, detcon_criterion, views=common.masked_views)
+DETCON_S = siamese("detcon_s", common.masks_pool, detcon_criterion, views=common.masked_views,
+                   config=CONFIG, validate=check)
+DETCON_B = bootstrap("detcon_b", common.masks_pool, detcon_criterion, views=common.masked_views,
+                     config=CONFIG, validate=check)

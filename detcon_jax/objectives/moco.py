@@ -203,6 +203,10 @@ def validate(config):
   if size < keys_per_step:
     raise ConfigError(f"config.moco.queue_size={size}: must hold at least one step's keys "
                       f"({keys_per_step}); the paper uses 65536.")
+  bg = config.get("background", None)
+  if bg is not None and bg.mode == "swaps" and config.moco.symmetric:
+    raise ConfigError("config.background.mode='swaps' needs config.moco.symmetric=False "
+                      "(the background-matched negative belongs to the query view1).")
   # .get: objectives built on this framework (MaskCo, CAST) may lack the kNN keys
   weight, k = float(config.loss.get("knn_weight", 0.0)), int(config.loss.get("knn_k", 20))
   if weight < 0:
@@ -218,4 +222,4 @@ def validate(config):
 
 OBJECTIVE = common.Objective("moco_v2", init, loss, after_update=after_update,
                              views=V.standard_views, default_config=default_config,
-                             validate=validate)
+                             validate=validate, backgrounds=common.BACKGROUND_ALL_MODES)

@@ -14,7 +14,8 @@ from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import nt_xent, uniform
 
 
-def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -> common.Objective:
+def siamese(name: str, pool, criterion, views=common.two_views, validate=None,
+            config=None) -> common.Objective:
   """An Objective: shared network, `pool` of the final feature map, `criterion`.
 
   criterion(online1, online2, target1, target2, batch, config) -> (loss, metrics);
@@ -47,7 +48,9 @@ def siamese(name: str, pool, criterion, views=common.two_views, validate=None) -
     if validate is not None:
       validate(config)
 
-  return common.Objective(name, init, loss, views=views, validate=check)
+  return common.Objective(name, init, loss, views=views, validate=check,
+                          default_config=lambda: dict(config or {}),
+                          backgrounds=common.BACKGROUND_ALL_MODES)
 
 
 def nt_xent_criterion(online1, online2, target1, target2, batch, config, extra=None):

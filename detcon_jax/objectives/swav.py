@@ -194,4 +194,5 @@ def validate(config):
 
 OBJECTIVE = common.Objective("swav", init, loss, after_update=after_update,
                              param_labels=param_labels, views=V.standard_views,
-                             default_config=default_config, validate=validate)
+                             default_config=default_config, validate=validate,
+                             backgrounds=common.BACKGROUND_VIEW_MODES)
