@@ -61,8 +61,9 @@ def verdict(low: float, high: float) -> str:
 
 # --- Reading the sweeps ----------------------------------------------------------
 
-def read_root(root: str) -> dict[int, dict[int, dict[str, float]]]:
-  """{seed: {step: {metric: value}}} from ROOT/seed_N/eval/step_M.json."""
+def read_root(root: str, row: str | None = None) -> dict[int, dict[int, dict[str, float]]]:
+  """{seed: {step: {metric: value}}} from ROOT/seed_N/eval/step_M.json: the trained
+  network's row, or the row named `row` (e.g. the random-init baseline beside it)."""
   from detcon_jax.evaluate import run as eval_run
   from detcon_jax.sweep import SEED_DIR
   if not os.path.isdir(root):
@@ -78,9 +79,11 @@ def read_root(root: str) -> dict[int, dict[int, dict[str, float]]]:
     for path in glob.glob(os.path.join(seed_dir, eval_run.EVAL_DIR, "step_*.json")):
       with open(path) as f:
         results = json.load(f)
-      row = results["rows"][f"step {results['step']}"]
+      values = results["rows"].get(row or f"step {results['step']}")
+      if values is None:
+        continue
       steps[int(results["step"])] = {k: math.nan if v is None else float(v)
-                                     for k, v in row.items()}
+                                     for k, v in values.items()}
     out[int(seed.group(1))] = steps
   if not any(out.values()):
     raise ValueError(f"{root}: no evaluation results (ROOT/seed_N/eval/step_M.json); run "
@@ -117,9 +120,21 @@ def row_names(roots) -> dict[str, str]:
   return {r: (n if names.count(n) == 1 else r) for r, n in zip(roots, names)}
 
 
-def compare(roots, baseline: str | None = None, metrics=None) -> dict:
+def random_init_run(root: str, seeds, steps) -> dict | None:
+  """The random-init row of ROOT's evaluations, as a run: {seed: {step: metrics}}; the
+  same untrained network at every step. None where a seed's JSON lacks it."""
+  from detcon_jax.evaluate.run import BASELINE
+  run = read_root(root, row=BASELINE)
+  if any(t not in run.get(s, {}) for s in seeds for t in steps):
+    return None
+  return run
+
+
+def compare(roots, baseline: str | None = None, metrics=None,
+            random_init: bool = True) -> dict:
   """The comparison as a dict (compare.json): per step, row and metric the seeds' values,
-  mean, sem and the paired difference from the baseline."""
+  mean, sem and the paired difference from the baseline. random_init: add the
+  baseline root's random-init row first (the untrained network, where it was evaluated)."""
   if not roots:
     raise ValueError("no roots given: python -m detcon_jax.compare ROOT_A ROOT_B ...")
   names = row_names(roots)
@@ -131,6 +146,10 @@ def compare(roots, baseline: str | None = None, metrics=None) -> dict:
   runs = {names[r]: read_root(r) for r in roots}
   seeds, steps = check_alike(runs)
   have = [set.intersection(*(set(runs[n][s][t]) for s in seeds for t in steps)) for n in runs]
+  untrained = random_init_run(match[0], seeds, steps) if random_init else None
+  if untrained is not None:
+    from detcon_jax.evaluate.run import BASELINE
+    runs = {BASELINE: untrained, **runs}
   common = set.intersection(*have)
   if metrics:
     missing = [m for m in metrics if m not in common]
@@ -149,10 +168,10 @@ def compare(roots, baseline: str | None = None, metrics=None) -> dict:
     for name, run in runs.items():
       per_row[name] = {}
       for m in metrics:
-        values = [run[s][step][m] for s in seeds]
+        values = [run[s][step].get(m, math.nan) for s in seeds]
         mean, sem = mean_sem(values)
         entry = {"values": values, "mean": mean, "sem": sem}
-        if name != base:
+        if name != base and not math.isnan(mean):
           d, lo, hi = paired_difference(values, [runs[base][s][step][m] for s in seeds])
           entry["difference"] = {"mean": d, "ci": [lo, hi], "verdict": verdict(lo, hi)}
         per_row[name][m] = entry
@@ -226,7 +245,7 @@ def plot(c: dict):
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
   steps = np.asarray(c["steps"])
   for ax, m in zip(axes[0], metrics):
-    for name in c["roots"]:
+    for name in c["results"][str(c["steps"][0])]:
       mean = np.asarray([c["results"][str(s)][name][m]["mean"] for s in steps])
       sem = np.nan_to_num(np.asarray([c["results"][str(s)][name][m]["sem"] for s in steps]))
       line, = ax.plot(steps, mean, marker="o", label=name)
@@ -270,13 +289,15 @@ def define_flags():
           flags.DEFINE_list("metrics", None, "Metrics (evaluation names: knn, linear, "
                             "retrieval, ...; default: every one all roots have)."),
           flags.DEFINE_string("out", None, "Where compare.json/.md/.png and tb/ go "
-                              "(default: the baseline root)."))
+                              "(default: the baseline root)."),
+          flags.DEFINE_bool("random_init", True, "Add the random-init row (the untrained "
+                            "network, from the baseline root's evaluations) first."))
 
 
-def main(argv, baseline, metrics, out):
+def main(argv, baseline, metrics, out, random_init):
   roots = argv[1:]
   try:
-    c = compare(roots, baseline.value, metrics.value)
+    c = compare(roots, baseline.value, metrics.value, random_init.value)
     print(format_table(c, c["steps"][-1]), flush=True)
     paths = write(c, out.value or c["roots"][c["baseline"]])
   except (ValueError, OSError) as e:

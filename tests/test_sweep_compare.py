@@ -85,6 +85,16 @@ def test_compare_table_files_and_plot(tmp_path, capsys):
   assert json.load(open(paths[0]))["results"]["10"]["detcon"]["knn"]["difference"]["verdict"]
   assert "## Step 20" in open(paths[1]).read() and os.path.getsize(paths[2]) > 10_000
   assert any(p.startswith("events") for p in os.listdir(tmp_path / "out" / writers.TB_DIR))
+  # The random-init row (the baseline root's, first), with the metrics it was evaluated on.
+  assert list(c["results"]["20"]) == [eval_run.BASELINE, "simclr", "detcon"]
+  untrained = c["results"]["20"][eval_run.BASELINE]
+  assert untrained["knn"]["mean"] == pytest.approx(0.1)
+  assert untrained["knn"]["sem"] == pytest.approx(0.0, abs=1e-12)
+  assert untrained["knn"]["difference"]["mean"] == pytest.approx(0.1 - np.mean(
+      [0.3 + 0.01 * s + 0.02 for s in range(3)]))
+  assert np.isnan(untrained["linear"]["mean"]) and "difference" not in untrained["linear"]
+  assert "random init" in table and list(compare.compare([a, b], random_init=False)[
+      "results"]["20"]) == ["simclr", "detcon"]
 
 
 @pytest.mark.parametrize("other,words", [
