@@ -44,6 +44,7 @@ import json
 import os
 import posixpath
 import struct
+import sys
 import tempfile
 
 import numpy as np
@@ -349,69 +350,87 @@ def count_records(path: str) -> int:
   return n
 
 
-def _sha256(path: str) -> str:
+def _shard_problem(path: str, entry: dict, checksums: bool) -> str | None:
+  """What is wrong with one shard against its manifest entry, or None.
+
+  It must exist; with 'bytes' in its entry it must have that size, otherwise its
+  framing must hold 'count' records; with 'sha256' (and `checksums`) its content
+  must hash to it.
+  """
   import tensorflow as tf
-  digest = hashlib.sha256()
-  with tf.io.gfile.GFile(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  if not tf.io.gfile.exists(path):
+    return f"listed in {MANIFEST} but missing"
+  if "bytes" in entry:
+    size = tf.io.gfile.stat(path).length
+    if size != entry["bytes"]:
+      return f"has {size} bytes, {MANIFEST} says {entry['bytes']} (truncated or replaced)"
+  else:
+    try:
+      n = count_records(path)
+    except ShardError:
+      return "ends inside a record (truncated or corrupt)"
+    if n != entry["count"]:
+      return f"holds {n} records, {MANIFEST} says {entry['count']}"
+  if checksums and "sha256" in entry and file_digest(path)["sha256"] != entry["sha256"]:
+    return f"does not match its sha256 in {MANIFEST} (corrupt or replaced)"
+  return None
+
+
+def shard_problems(records_dir: str, manifest: dict | None = None, splits=None, paths=None,
+                   checksums: bool = True) -> list[str]:
+  """'FILE: what is wrong' for every shard of `splits` (default all) that does not match
+  the manifest (empty: all match); `paths` limits it to those shards (one host's)."""
+  manifest = read_manifest(records_dir) if manifest is None else manifest
+  out = []
+  for split in (manifest["splits"] if splits is None else splits):
+    for entry in manifest["splits"][split]["shards"]:
+      path = join(records_dir, entry["file"])
+      if paths is not None and path not in paths:
+        continue
+      problem = _shard_problem(path, entry, checksums)
+      if problem:
+        out.append(f"{entry['file']}: {problem}")
+  return out
 
 
 def verify_shards(records_dir: str, manifest: dict, split: str, paths=None,
                   checksums: bool = True) -> None:
-  """Check shards of `split` (default all; `paths` limits it to one host's) against
-  the manifest before reading them: tf.data would skip a missing or short shard
-  silently, or retry it forever.
-
-  Every shard must exist; with 'bytes' in its manifest entry it must have that
-  size, otherwise its framing must hold 'count' records; with 'sha256' (and
-  `checksums`) its content must hash to it. Raises ShardError naming the shard.
-  """
-  import tensorflow as tf
-  entries = {join(records_dir, s["file"]): s for s in manifest["splits"][split]["shards"]}
-  rebuild = "restore it, or rebuild the records (python -m data_pipelines.build ...)."
-  for path in (entries if paths is None else paths):
-    s = entries[path]
-    shard = f"Shard {s['file']} of {records_dir!r}"
-    if not tf.io.gfile.exists(path):
-      raise ShardError(f"{shard} is listed in {MANIFEST} but missing; {rebuild}")
-    if "bytes" in s:
-      size = tf.io.gfile.stat(path).length
-      if size != s["bytes"]:
-        raise ShardError(f"{shard} has {size} bytes, {MANIFEST} says {s['bytes']} "
-                         f"(truncated or replaced); {rebuild}")
-    else:
-      try:
-        n = count_records(path)
-      except ShardError:
-        raise ShardError(f"{shard} ends inside a record (truncated or corrupt); "
-                         f"{rebuild}") from None
-      if n != s["count"]:
-        raise ShardError(f"{shard} holds {n} records, {MANIFEST} says {s['count']}; {rebuild}")
-    if checksums and "sha256" in s and _sha256(path) != s["sha256"]:
-      raise ShardError(f"{shard} does not match its sha256 in {MANIFEST} (corrupt or "
-                       f"replaced); {rebuild}")
+  """Check shards of `split` before reading them (tf.data would skip a missing or short
+  shard silently, or retry it forever): ShardError naming the first bad one."""
+  problems = shard_problems(records_dir, manifest, [split], paths, checksums)
+  if problems:
+    name, _, what = problems[0].partition(": ")
+    raise ShardError(f"Shard {name} of {records_dir!r}: {what}; restore it, or rebuild the "
+                     "records (python -m data_pipelines.build ...).")
 
 
 def verify(records_dir: str, manifest: dict | None = None) -> list[str]:
-  """Shards whose size or sha256 differ from the manifest (empty: all match).
+  """Every shard of every split against the manifest: shard_problems with checksums."""
+  return shard_problems(records_dir, manifest)
 
-  Shards listed without a checksum (manifests written before it existed) are
-  only checked for presence.
-  """
-  manifest = read_manifest(records_dir) if manifest is None else manifest
-  bad = []
-  for split, info in manifest["splits"].items():
-    for shard in info["shards"]:
-      path = join(records_dir, shard["file"])
-      if not exists(path):
-        bad.append(f"{shard['file']}: missing")
-        continue
-      if "sha256" not in shard:
-        continue
-      got = file_digest(path)
-      if got["bytes"] != shard.get("bytes", got["bytes"]) or got["sha256"] != shard["sha256"]:
-        bad.append(f"{shard['file']}: {got['bytes']} bytes sha256 {got['sha256'][:12]}..., "
-                   f"manifest says {shard.get('bytes')} bytes {shard['sha256'][:12]}...")
-  return bad
+def main(argv=None) -> int:
+  """python -m data_pipelines.records verify DIR: every shard against manifest.json."""
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m data_pipelines.records",
+                              description="Check built records against their manifest.")
+  sub = p.add_subparsers(dest="command", required=True)
+  v = sub.add_parser("verify", help="size, record count and sha256 of every shard")
+  v.add_argument("records_dir")
+  a = p.parse_args(argv)
+  try:
+    manifest = read_manifest(a.records_dir)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  problems = verify(a.records_dir, manifest)
+  shards = sum(len(info["shards"]) for info in manifest["splits"].values())
+  for problem in problems:
+    print(f"{a.records_dir}/{problem}")
+  print(f"{a.records_dir}: {shards - len(problems)} of {shards} shards match {MANIFEST}"
+        + ("." if not problems else f"; {len(problems)} do not (rebuild: "
+           f"{rebuild_command(a.records_dir, manifest)})."))
+  return 1 if problems else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

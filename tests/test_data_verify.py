@@ -74,3 +74,20 @@ def test_size_and_sha256_are_checked_when_the_manifest_has_them(data):
     f.write(b"x")
   with pytest.raises(records.ShardError, match=rf"{entry['file']} .* has {len(content) + 1} bytes"):
     records.verify_shards(out, manifest, "train", checksums=False)
+
+
+def test_verify_command_names_each_bad_shard_and_exits_1(data, capsys):
+  out, manifest = data
+  assert records.main(["verify", out]) == 0
+  assert f"{out}: 3 of 3 shards match manifest.json." in capsys.readouterr().out
+  entry, path = _shard(data)
+  with open(path, "ab") as f:
+    f.write(b"x")
+  os.remove(_shard(data, 2)[1])
+  assert records.main(["verify", out]) == 1
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].startswith(f"{out}/{entry['file']}: has ") and "bytes" in printed[0]
+  assert printed[1].endswith("listed in manifest.json but missing")
+  assert printed[2].startswith(f"{out}: 1 of 3 shards match manifest.json; 2 do not (rebuild: ")
+  assert records.main(["verify", os.path.join(out, "nowhere")]) == 1
+  assert capsys.readouterr().err.startswith("error: ")

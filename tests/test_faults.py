@@ -143,7 +143,7 @@ def _records(out, n=200, bad=()):
                                         width=SIZE, index=i, example_id=f"bad/{i}",
                                         masks={"grid_2": b"nor this"}) if i in bad else rec)
       if "bytes" in shard:        # builds that store them: the rewritten shard's own
-        shard.update(bytes=os.path.getsize(path), sha256=records._sha256(path))
+        shard.update(records.file_digest(path))
     records.write_manifest(str(out), manifest)
   return str(out)
 
