@@ -1,4 +1,4 @@
-"""Time the tiled-background fills (data_pipelines/masks/background.py) on demo scenes,
+"""Time the tiled-background fills (data_pipelines/masks/tiled_background.py) on demo scenes,
 and show them: image | hole | each method's fill, as a TensorBoard picture.
 
   python benchmarks/masks_background.py [--n=100] [--tb_dir=DIR] [--show=6]
@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from data_pipelines import demo
-from data_pipelines.masks import background, saliency
+from data_pipelines.masks import tiled_background, saliency
 
 
 def pasted(scene, index):
@@ -31,7 +31,7 @@ def pasted(scene, index):
 def picture(image, sal, fills):
   """uint8 [H, W * (2 + len(fills)) + gaps, 3]: image | hole (white) | each fill."""
   from detcon_jax.evaluate.visualize import side_by_side
-  hole = np.where(background.hole(sal)[..., None] > 0, 255, image // 2).astype(np.uint8)
+  hole = np.where(tiled_background.hole(sal)[..., None] > 0, 255, image // 2).astype(np.uint8)
   return side_by_side(*(p[None] for p in [image, hole] + fills))[0]
 
 
@@ -45,24 +45,24 @@ def main():
   scenes = [demo.example("train", i) for i in range(a.n)]
   sals = [saliency.compute(s["image"]) for s in scenes]
   known = [pasted(s, i) for i, s in enumerate(scenes)]
-  methods = [background.DEFAULT] + [m for m in background.METHODS if m != background.DEFAULT]
+  methods = [tiled_background.DEFAULT] + [m for m in tiled_background.METHODS if m != tiled_background.DEFAULT]
   seconds = {k: 0.0 for k in methods}
   for s, m in zip(scenes, sals):
     for k in methods:
       best = []
       for _ in range(a.repeats):
         t0 = time.perf_counter()
-        background.tiled(s["image"], m, k)
+        tiled_background.tiled(s["image"], m, k)
         best.append(time.perf_counter() - t0)
       seconds[k] += min(best)
   ms = {k: t / a.n * 1e3 for k, t in seconds.items()}
-  fills = {k: [background.tiled(s["image"], m, k) for s, m in zip(scenes, sals)]
+  fills = {k: [tiled_background.tiled(s["image"], m, k) for s, m in zip(scenes, sals)]
            for k in methods}
   for method in methods:
-    err = np.mean([np.abs(background.tiled(img, s["saliency"], method).astype(float) - truth)[
-        background.hole(s["saliency"]) > 0].mean() for (img, truth), s in zip(known, scenes)])
+    err = np.mean([np.abs(tiled_background.tiled(img, s["saliency"], method).astype(float) - truth)[
+        tiled_background.hole(s["saliency"]) > 0].mean() for (img, truth), s in zip(known, scenes)])
     print(f"{method}: {ms[method]:.2f} ms / image ({scenes[0]['image'].shape[0]} px), "
-          f"x{ms[method] / ms[background.DEFAULT]:.2f} the default; |fill - hidden photo| "
+          f"x{ms[method] / ms[tiled_background.DEFAULT]:.2f} the default; |fill - hidden photo| "
           f"in the hole {err:.1f}/255")
   t0 = time.perf_counter()
   for s in scenes:

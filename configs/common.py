@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   # on the train split with this probability (data_pipelines/demo.py; test stays uniform);
   # a records_dir built with another value is refused, so give each value its own directory.
   c.data.demo_bg_correlation = 0.0
-  # Background augmentations (data_pipelines/background.py; Ryali et al. 2021): mode
+  # Background augmentations (data_pipelines/background_augment.py; Ryali et al. 2021): mode
   # none | rm | random | swaps, each global view with probability p_pos; swaps adds a
   # background-matched negative with probability p_neg (the paper's MoCo-v2: 0.2, 0.2).
   # fg_min: the global crops hold >= this fraction of the foreground (FGmin; None: 0.1

@@ -9,8 +9,8 @@ The expensive segmentation and saliency run here once, never in the training
 input loop. `saliency` in --masks (or --saliency=DETECTOR) stores one saliency
 map per image (masks/saliency.py; default detector saliency.DEFAULT).
 `background` in --masks also stores a tiled background per image (the binarised
-saliency's hole filled from the surrounding background: masks/background.py), for
-the background augmentations (data_pipelines/background.py); it implies saliency.
+saliency's hole filled from the surrounding background: masks/tiled_background.py), for
+the background augmentations (data_pipelines/background_augment.py); it implies saliency.
 Sources (sources.py) say what to build; decode.py turns each input into uint8
 RGB at the stored size; shard_job.py computes masks, encodes and writes one shard;
 this module plans the shards, runs them and writes the manifest.
@@ -49,7 +49,7 @@ from data_pipelines import masks as masks_lib
 from data_pipelines import records, sources
 from data_pipelines.decode import (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_ASPECT,  # noqa: F401 (API)
                                    DEFAULT_MIN_SIDE, resize_shorter, to_rgb_uint8)
-from data_pipelines.masks import background as background_lib
+from data_pipelines.masks import tiled_background as background_lib
 from data_pipelines.masks import fh
 from data_pipelines.masks import saliency as saliency_lib
 from data_pipelines.shard_job import done, payload, process_shard, write_shard

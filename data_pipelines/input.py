@@ -33,7 +33,7 @@ map is decoded to float32 [0, 1] and moved with the image by every crop, resize
 resampled saliency > foreground_threshold, as float32 {0, 1}. Records without
 the field raise records.MissingFieldError with the command that adds it.
 'background' (the stored tiled background, RGB) moves the same way (bilinear) and
-gets no colour ops; the background augmentations (data_pipelines/background.py)
+gets no colour ops; the background augmentations (data_pipelines/background_augment.py)
 use it after every other augmentation, in the batched colour step.
 
 Boxes (MaskCo: a 'key' and a 'query' view whose specs carry a BoxSpec):
@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines import augment as aug
-from data_pipelines import background as bg_lib
+from data_pipelines import background_augment as bg_lib
 from data_pipelines import batch as B
 from data_pipelines import boxes as boxes_lib
 from data_pipelines import records as R
@@ -280,7 +280,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   depend on which fields it carries. Batch s is a function of (seed, s, host) only.
   Views with 'saliency' / 'foreground' need records with saliency; foreground =
   the view's saliency > foreground_threshold (config.data.foreground_threshold).
-  background (data_pipelines/background.py settings): the background augmentation of
+  background (data_pipelines/background_augment.py settings): the background augmentation of
   the global views after every other augmentation; the fields it reads are dropped
   from the batch unless the views ask for them. multi_hot=True adds 'labels', the
   multi-hot classes of the whole image's GT instances (records with GT).

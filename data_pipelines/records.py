@@ -12,7 +12,7 @@ One tf.train.Example per image:
   saliency/encoded    bytes   optional 8-bit grayscale PNG saliency map, same H x W as
                               the image (0..255 = 0..1; data_pipelines/masks/saliency.py)
   background/encoded  bytes   optional tiled background, PNG RGB uint8, same H x W as the
-                              image (data_pipelines/masks/background.py)
+                              image (data_pipelines/masks/tiled_background.py)
 The reference DetCon code stored FH ids as uint8, silently merging segments in
 images with >255 of them; 16-bit PNG keeps them apart and stays compact.
 

@@ -17,7 +17,7 @@ from data_pipelines import demo as demo_lib
 from data_pipelines import masks as masks_lib
 from data_pipelines import records, sources, tfds_segmentation
 from data_pipelines.decode import DEFAULT_MAX_ASPECT, load_image_file, prepare
-from data_pipelines.masks import background as background_lib
+from data_pipelines.masks import tiled_background as background_lib
 from data_pipelines.masks import saliency as saliency_lib
 
 

@@ -29,7 +29,7 @@ import dataclasses
 MASKS = "masks"          # dense field: the mask-id map (+ its sampled ids)
 SALIENCY = "saliency"    # dense field: the stored saliency map (records need it)
 FOREGROUND = "foreground"  # the view's saliency > config.data.foreground_threshold
-BACKGROUND = "background"  # dense field: the stored tiled background (masks/background.py)
+BACKGROUND = "background"  # dense field: the stored tiled background (masks/tiled_background.py)
 FIELDS = (MASKS, SALIENCY, FOREGROUND, BACKGROUND)
 FALLBACK = "fallback"    # batch[key(view, FALLBACK)]: [B] int32, 1 where a constrained
                          # crop found no overlapping candidate and fell back

@@ -8,12 +8,12 @@ from scipy import ndimage
 
 from configs import moco_v2 as moco_config
 from configs.common import ConfigError
-from data_pipelines import background as bg
+from data_pipelines import background_augment as bg
 from data_pipelines import batch as B
 from data_pipelines import build
 from data_pipelines import input as input_lib
 from data_pipelines import views as V
-from data_pipelines.masks import background as tiles
+from data_pipelines.masks import tiled_background as tiles
 from detcon_jax.core import validation
 from detcon_jax.objectives import registry
 

@@ -1,7 +1,7 @@
 """BG Swaps on DetCon-S and the FGmin crop constraint (Ryali et al. 2021, sec. 2.2, A.1, C.6).
 
 DetCon-S's background-matched negative is mask-pooled under the query's own masks and
-is one more negative of each view-1 mask anchor (data_pipelines/background.py,
+is one more negative of each view-1 mask anchor (data_pipelines/background_augment.py,
 contrastive.detcon_nce); BG Swaps' global crops hold >= FGmin of the foreground
 (augment.salient_crop_box, rule 'fg_min').
 """
@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from configs.common import ConfigError
 from data_pipelines import augment as aug
-from data_pipelines import background as bg
+from data_pipelines import background_augment as bg
 from data_pipelines import batch as B
 from data_pipelines import build
 from data_pipelines import input as input_lib
@@ -232,7 +232,7 @@ def _rm():
 # --- Tiled backgrounds: the largest-rectangle tiling compared in the benchmark ------------
 
 def test_largest_rectangle_against_brute_force_and_tile_fill():
-  from data_pipelines.masks import background as tiles
+  from data_pipelines.masks import tiled_background as tiles
   rng = np.random.default_rng(0)
   for _ in range(30):
     free = rng.random((6, 7)) > 0.3

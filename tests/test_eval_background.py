@@ -6,7 +6,7 @@ import pytest
 from configs import moco_v2
 from data_pipelines import batch as B
 from data_pipelines import build, records
-from detcon_jax.evaluate import background, features, run
+from detcon_jax.evaluate import background_robustness, features, run
 from detcon_jax.train import loop
 
 SIZE = 16
@@ -30,7 +30,7 @@ def _pool(num_classes=3, per_class=2):
 
 def test_only_fg_is_the_image_inside_and_black_outside():
   batch = _batch([0, 1, 2], np.random.default_rng(0))
-  out = background.variant_images(batch, "only_fg", _pool(), first=0)
+  out = background_robustness.variant_images(batch, "only_fg", _pool(), first=0)
   fg = batch[B.INSTANCES] > 0
   assert np.all(out[~fg] == 0)
   np.testing.assert_array_equal(out[fg], batch[B.IMAGE][fg])
@@ -42,7 +42,7 @@ def test_mixed_backgrounds_come_from_the_right_class():
   fg = batch[B.INSTANCES] > 0
   pool = _pool()
   for variant, same in (("mixed_same", True), ("mixed_rand", False)):
-    out = background.variant_images(batch, variant, pool, first=0, seed=3)
+    out = background_robustness.variant_images(batch, variant, pool, first=0, seed=3)
     np.testing.assert_array_equal(out[fg], batch[B.IMAGE][fg])
     for img, label in zip(out, batch[B.LABEL]):
       bg = img[~fg[0]]
@@ -50,8 +50,8 @@ def test_mixed_backgrounds_come_from_the_right_class():
       bg_class = int(round(bg[0, 0] / 0.1)) - 1
       assert (bg_class == label) == same, (variant, label, bg_class)
   # Same seed and split positions -> the same picks (every model row sees the same images).
-  np.testing.assert_array_equal(background.variant_images(batch, "mixed_rand", pool, 0, 3),
-                                background.variant_images(batch, "mixed_rand", pool, 0, 3))
+  np.testing.assert_array_equal(background_robustness.variant_images(batch, "mixed_rand", pool, 0, 3),
+                                background_robustness.variant_images(batch, "mixed_rand", pool, 0, 3))
 
 
 def test_only_bg_t_fills_the_hole_from_the_background():
@@ -59,12 +59,12 @@ def test_only_bg_t_fills_the_hole_from_the_background():
   fg = np.zeros((SIZE, SIZE), bool)
   fg[5:10, 5:10] = True
   image[fg] = 1.0
-  out = background.tiled_background(image, fg)
+  out = background_robustness.tiled_background(image, fg)
   np.testing.assert_allclose(out, 128 / 255, atol=1 / 255)   # the white object is gone
 
 
 def test_bg_gap_on_a_hand_made_case():
-  assert background.bg_gap({"mixed_same": 0.75, "mixed_rand": 0.5}) == pytest.approx(0.25)
+  assert background_robustness.bg_gap({"mixed_same": 0.75, "mixed_rand": 0.5}) == pytest.approx(0.25)
   # Separable train features (one-hot class codes); test variants where the probe's
   # answers are known: all right, half right, none right.
   eye = np.eye(3)
@@ -74,7 +74,7 @@ def test_bg_gap_on_a_hand_made_case():
   half = np.where((np.arange(len(test_y)) % 2 == 0)[:, None], right, wrong)
   feats = {"original": right, "only_fg": right, "mixed_same": right, "mixed_rand": half,
            "only_bg_t": wrong}
-  out = background.evaluate(eye[train_y], train_y, feats, test_y, sweep="quick")
+  out = background_robustness.evaluate(eye[train_y], train_y, feats, test_y, sweep="quick")
   assert (out["original"], out["mixed_same"], out["mixed_rand"], out["only_bg_t"]) == (
       1.0, 1.0, 0.5, 0.0)
   assert out["bg_gap"] == pytest.approx(0.5)

@@ -3,7 +3,7 @@ and the fix, before anything is built; the records and host memory a config need
 
 The trainer calls validate() with the device and host counts it sees; the CLIs call
 it on the loaded config. The method's own sections are checked by its Objective's
-validate(), the background settings by data_pipelines/background.validate.
+validate(), the background settings by data_pipelines/background_augment.validate.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import ml_collections
 import numpy as np
 
-from data_pipelines import background
+from data_pipelines import background_augment
 from data_pipelines import batch as B
 from data_pipelines.views import AUGMENT_PAIRS
 from detcon_jax.core.optimizer import LR_SCHEDULES, OPTIMIZERS, warmup_steps
@@ -155,7 +155,7 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("batch_size", c.batch_size,
           f"must be divisible by the device count {device_count}; "
           f"use e.g. --config.batch_size={up}.")
-  background.validate(c)
+  background_augment.validate(c)
   check_background(c, objective)
   objective.validate(c)
   return config

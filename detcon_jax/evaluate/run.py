@@ -32,7 +32,8 @@ import numpy as np
 
 from data_pipelines import batch as B
 from detcon_jax.evaluate import features as F
-from detcon_jax.evaluate import background, finetune, gradcam, knn, linear_probe, mask_quality
+from detcon_jax.evaluate import (background_robustness, finetune, gradcam, knn, linear_probe,
+                                 mask_quality)
 from detcon_jax.evaluate import multilabel, retrieval, segmentation
 from detcon_jax.evaluate import visualize
 from detcon_jax.models.resnet import STRIDE, output_stride
@@ -174,8 +175,8 @@ def _describe_finetune(s):
 def _background(train, test, s, num_classes):
   del num_classes
   variants = {v: test[F.POOLED if v == "original" else f"{F.POOLED}/{v}"]
-              for v in background.VARIANTS}
-  return background.evaluate(train[F.POOLED], train[B.LABEL], variants, test[B.LABEL],
+              for v in background_robustness.VARIANTS}
+  return background_robustness.evaluate(train[F.POOLED], train[B.LABEL], variants, test[B.LABEL],
                              sweep=s.linear_sweep, seed=s.seed)
 
 
@@ -284,7 +285,7 @@ EVALUATIONS: dict[str, ModelEvaluation | FinetuneEvaluation | DataEvaluation | S
         lambda s: ("BG-Gap: a linear probe (the linear protocol) fit on Original train "
                    "features, top-1 on ImageNet-9 variants of the test split from its GT "
                    "foregrounds; BG-Gap = Mixed-Same - Mixed-Rand (train-split tiled backgrounds)"),
-        extra_test=background.variant_features),
+        extra_test=background_robustness.variant_features),
     "masks": DataEvaluation("mask quality", _masks),
     "gradcam": StateEvaluation("grounding IoU", "miou", "{:.3f}", _gradcam),
 }
@@ -507,10 +508,10 @@ def format_table(results: dict, title: str = "") -> str:
     lines.append("background variants: linear-probe top-1 per test variant (probe fit on "
                  "Original train features)")
     width = max(len("model"), *(len(n) for n in bg)) + 2
-    lines.append("model".ljust(width) + "".join(v.rjust(12) for v in background.VARIANTS)
+    lines.append("model".ljust(width) + "".join(v.rjust(12) for v in background_robustness.VARIANTS)
                  + "BG-Gap".rjust(9))
     for name, d in bg.items():
-      lines.append(name.ljust(width) + "".join(f"{d[v]:12.1%}" for v in background.VARIANTS)
+      lines.append(name.ljust(width) + "".join(f"{d[v]:12.1%}" for v in background_robustness.VARIANTS)
                    + f"{d['bg_gap']:+9.1%}")
   sal = results.get(SALIENCY_RESULT)
   if sal:
@@ -555,12 +556,12 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
         tf.summary.scalar(f"eval/{e}_{EVALUATIONS[e].metric}", v)
       for e, panels in pictures.get(name, {}).items():
         tf.summary.image(f"eval/{e} image | GT | prediction", panels, max_outputs=NUM_PICTURES)
-      for v in background.VARIANTS:
+      for v in background_robustness.VARIANTS:
         if v in results["details"][name].get("background", {}):
           tf.summary.scalar(f"eval/background_{v}_top1",
                             results["details"][name]["background"][v])
       if name != BASELINE and "background" in pictures:
-        tf.summary.image("eval/background " + " | ".join(background.VARIANTS),
+        tf.summary.image("eval/background " + " | ".join(background_robustness.VARIANTS),
                          pictures["background"], max_outputs=NUM_PICTURES)
       if name != BASELINE:
         for src, m in results.get("masks", {}).items():

@@ -75,7 +75,7 @@ class Objective(NamedTuple):
   backgrounds: tuple = ()              # config.background.mode values it composes with
 
 
-# Background augmentations a method can take (data_pipelines/background.py): any method
+# Background augmentations a method can take (data_pipelines/background_augment.py): any method
 # whose views come from the input pipeline takes the view-only modes; 'swaps' also needs
 # a hook in the loss for its background-matched negative (explicit negatives).
 BACKGROUND_VIEW_MODES = ("rm", "random")

@@ -91,7 +91,7 @@ def nt_xent(online1, online2, target1=None, target2=None, *, temperature: float,
   negatives, self excluded). Without targets this is SimCLR; with a predictor
   output as online and an EMA projection as target it is the DetCon-B loss of
   one global mask. extra [N, D]: one more negative for each view-1 anchor (BG
-  Swaps' background-matched negative; data_pipelines/background.py).
+  Swaps' background-matched negative; data_pipelines/background_augment.py).
   """
   if target1 is None:
     target1, target2 = online1, online2

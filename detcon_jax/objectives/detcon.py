@@ -6,7 +6,7 @@ contrastive detection loss (contrastive.detcon_nce). DetCon-B uses the NCE
 loss between online predictions and target projections, as the reference
 implementation does, not BYOL's regression.
 
-BG Swaps (data_pipelines/background.py) composes with DetCon-S: its
+BG Swaps (data_pipelines/background_augment.py) composes with DetCon-S: its
 background-matched negative image, pooled under view 1's masks, gives each
 view-1 mask anchor one extra negative (contrastive.detcon_nce's `extra`).
 """

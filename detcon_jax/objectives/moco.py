@@ -34,7 +34,7 @@ compose (configs/moco_v2.py presets +mc, +cc, +aplus, +knn):
     (objectives/nearest_neighbours.py) over its knn_k neighbours, from step
     round(knn_start_fraction x steps) on (the paper: after 5 of 200 epochs).
 
-Background augmentations (data_pipelines/background.py) are input-side; BG Swaps'
+Background augmentations (data_pipelines/background_augment.py) are input-side; BG Swaps'
 background-matched negative (batch[background.NEGATIVE], when present) goes through
 the key network in one call with the keys and is one more negative of view1's
 queries only (never enqueued).
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from detcon_jax.errors import ConfigError
-from data_pipelines import background as bg_lib
+from data_pipelines import background_augment as bg_lib
 from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.models import heads

@@ -8,7 +8,7 @@ background.negative_view) and is one more negative of each view-1 anchor.
 """
 from __future__ import annotations
 
-from data_pipelines import background as bg_lib
+from data_pipelines import background_augment as bg_lib
 from data_pipelines import batch as B
 from detcon_jax.objectives import common
 from detcon_jax.objectives.contrastive import nt_xent, uniform

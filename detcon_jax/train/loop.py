@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from detcon_jax.errors import (USER_ERRORS, ConfigError, InputError, NonFiniteLossError,
                                WorkdirError)
-from data_pipelines import background as bg_lib
+from data_pipelines import background_augment as bg_lib
 from data_pipelines import batch as B
 from detcon_jax.objectives import registry
 from detcon_jax.core import checkpointing, sharding, writers

@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data_pipelines import batch as B
-from data_pipelines.masks import background as tiling
+from data_pipelines.masks import tiled_background as tiling
 from detcon_jax.evaluate import linear_probe
 
 VARIANTS = ("original", "only_fg", "mixed_same", "mixed_rand", "only_bg_t")

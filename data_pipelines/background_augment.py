@@ -5,7 +5,7 @@ Applied after every other augmentation, in the input pipeline's batched colour s
 view independently with probability p_pos. A view's foreground m is its saliency
 > config.data.foreground_threshold (views.FOREGROUND); its pixels stay, the rest becomes
   'rm'      a solid gray, one level drawn from U[0, 1] per view;
-  'random'  the tiled background (masks/background.py, moved with the view) of another
+  'random'  the tiled background (masks/tiled_background.py, moved with the view) of another
             image of the same batch, picked uniformly among the others;
   'swaps'   as 'random', with the two global views' backgrounds from distinct images
             (batch >= 3), plus, for methods with explicit negatives (their Objective's
