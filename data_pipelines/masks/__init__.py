@@ -5,13 +5,35 @@ A source kind ('fh', 'grid', 'gt', 'mcg') expands into one or more named setting
 becomes one stored id map. Saliency maps (saliency.py) are a record field of
 their own, not an id map.
 Add a source: a module with `compute(image_uint8, **settings) -> id map`, an
-entry in REGISTRY, and a branch in `expand` giving its named settings.
+entry in REGISTRY, and one in SETTINGS giving its named settings.
 """
 from __future__ import annotations
 
 from data_pipelines.masks import fh, grid, gt, mcg
 
 REGISTRY = {"fh": fh.compute, "grid": grid.compute, "gt": gt.compute, "mcg": mcg.compute}
+
+
+def _fh_settings(o: dict) -> dict:
+  return {fh.name(s): dict(kind="fh", scale=int(s), min_size=int(s), sigma=o["fh_sigma"],
+                           backend=o["fh_backend"]) for s in (o["fh_scales"] or fh.PAPER_SCALES)}
+
+
+def _grid_settings(o: dict) -> dict:
+  return {grid.name(n): dict(kind="grid", n=int(n)) for n in o["grid_sizes"]}
+
+
+def _gt_settings(o: dict) -> dict:
+  return {gt.NAME: dict(kind="gt")}
+
+
+def _mcg_settings(o: dict) -> dict:
+  return {mcg.name(k): dict(kind="mcg", level=int(k), superpixels=mcg.SUPERPIXELS,
+                            sigma=mcg.EDGE_SIGMA) for k in o["mcg_levels"]}
+
+
+# kind -> expand's options -> {stored name: {'kind': kind, **settings}}
+SETTINGS = {"fh": _fh_settings, "grid": _grid_settings, "gt": _gt_settings, "mcg": _mcg_settings}
 
 
 def expand(kinds, *, image_size: int | None = None, fh_scales=None, fh_sigma=fh.PAPER_SIGMA,
@@ -24,24 +46,14 @@ def expand(kinds, *, image_size: int | None = None, fh_scales=None, fh_sigma=fh.
   """
   if isinstance(kinds, str):
     kinds = [k for k in kinds.split(",") if k]
+  options = dict(fh_scales=fh_scales, fh_sigma=fh_sigma, fh_backend=fh_backend,
+                 grid_sizes=grid_sizes, mcg_levels=mcg_levels)
   out = {}
   for kind in kinds:
-    if kind == "fh":
-      for s in (fh_scales or fh.PAPER_SCALES):
-        out[fh.name(s)] = dict(kind="fh", scale=int(s), min_size=int(s), sigma=fh_sigma,
-                               backend=fh_backend)
-    elif kind == "grid":
-      for n in grid_sizes:
-        out[grid.name(n)] = dict(kind="grid", n=int(n))
-    elif kind == "gt":
-      out[gt.NAME] = dict(kind="gt")
-    elif kind == "mcg":
-      for k in mcg_levels:
-        out[mcg.name(k)] = dict(kind="mcg", level=int(k), superpixels=mcg.SUPERPIXELS,
-                                sigma=mcg.EDGE_SIGMA)
-    else:
+    if kind not in SETTINGS:
       raise ValueError(f"Unknown mask source {kind!r}; choose from {sorted(REGISTRY)} "
                        "(--masks=fh,grid,gt,mcg, and saliency for the saliency field).")
+    out.update(SETTINGS[kind](options))
   return out
 
 
