@@ -62,6 +62,19 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
       _fail("method", c.method, f"unknown method; choose one of {methods} "
             "(--config=configs/<method>.py:<preset>).")
     objective = registry.get_objective(c.method)
+  _check_schedule(c)
+  stride = _check_model(c)
+  _check_views(c, stride)
+  _check_data_and_bookkeeping(c)
+  _check_devices(c, device_count, process_count)
+  background_augment.validate(c)
+  check_background(c, objective)
+  objective.validate(c)
+  return config
+
+
+def _check_schedule(c) -> None:
+  """Length, optimiser, schedule and batch."""
   if c.steps <= 0:
     _fail("steps", c.steps, "must be > 0 (e.g. --config.steps=300).")
   warmup_key = ("warmup_steps" if c.optimizer.warmup_steps is not None else "warmup_fraction")
@@ -84,6 +97,10 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     value = _get(c, key)
     if value is not None and not value > 0:
       _fail(key, value, f"must be > 0 (e.g. --config.{key}={example}).")
+
+
+def _check_model(c) -> int:
+  """Network and loss sizes; returns the network's output stride."""
   if c.model.depth not in DEPTHS:
     _fail("model.depth", c.model.depth, f"choose one of {sorted(DEPTHS)}.")
   stride = output_stride(bool(c.model.get("stem_pool", True)))
@@ -99,6 +116,11 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("loss.num_masks", c.loss.num_masks, "must be > 0 (the paper samples 16).")
   if c.loss.temperature <= 0:
     _fail("loss.temperature", c.loss.temperature, "must be > 0 (the paper uses 0.1).")
+  return stride
+
+
+def _check_views(c, stride: int) -> None:
+  """Crop areas, multi-crop sizes and the crop constraints."""
   views = c.get("views", None)
   if views is not None:
     if int(views.small_crops) < 0:
@@ -125,6 +147,10 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
       lo, hi = views[key]
       if not 0.0 < lo <= hi <= 1.0:
         _fail(f"views.{key}", tuple(views[key]), "must satisfy 0 < low <= high <= 1.")
+
+
+def _check_data_and_bookkeeping(c) -> None:
+  """Input settings, evaluation, checkpoints and logging."""
   if c.data.augment not in AUGMENT_PAIRS:
     _fail("data.augment", c.data.augment, f"choose one of {list(AUGMENT_PAIRS)}.")
   if not 0.0 <= c.data.get("foreground_threshold", 0.5) <= 1.0:
@@ -147,6 +173,10 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
   if not all(isinstance(s, int) and 1 <= s <= c.steps for s in at_steps):
     _fail("eval.at_steps", at_steps, f"must be steps in [1, steps={c.steps}] "
           "(e.g. --config.eval.at_steps=100,200,400).")
+
+
+def _check_devices(c, device_count, process_count) -> None:
+  """The global batch splits evenly over hosts and devices."""
   if process_count is not None and c.batch_size % process_count:
     _fail("batch_size", c.batch_size,
           f"must be divisible by the host count {process_count}; use a multiple of it.")
@@ -155,10 +185,6 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("batch_size", c.batch_size,
           f"must be divisible by the device count {device_count}; "
           f"use e.g. --config.batch_size={up}.")
-  background_augment.validate(c)
-  check_background(c, objective)
-  objective.validate(c)
-  return config
 
 
 def check_background(config, objective) -> None:
