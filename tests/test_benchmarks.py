@@ -3,8 +3,7 @@ import importlib.util
 import os
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -7,44 +7,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from data_pipelines import build, records
 from detcon_jax.train import loop
-from test_train_tiny_objective import TinyObjective, tiny_config
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
-
-
-def _image(path, w=64, h=48, seed=0):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  rng = np.random.default_rng(seed)
-  Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-
-
-def _folder(root):
-  """cats (one nested deeper), dogs, a 3000x40 strip, and a file beside the classes."""
-  _image(root / "cats" / "a.png")
-  _image(root / "cats" / "indoor" / "b.png", seed=1)
-  _image(root / "dogs" / "c.png", seed=2)
-  _image(root / "dogs" / "strip.png", w=3000, h=40, seed=3)
-  _image(root / "loose.png", seed=4)
-  return f"folder:{root}"
-
-
-def _build(source, out):
-  return build.build(source, str(out), masks="grid", workers=1, image_size=32,
-                     progress=False)
+from harness import (ENV, ROOT, TinyObjective, child_pids, image_folder, is_alive, run_build,
+                     tiny_config)
 
 
 # --- 12: the folder convention -------------------------------------------------
 
 def test_class_is_the_subfolder_and_the_rest_is_skipped_with_a_reason(tmp_path):
-  m = _build(_folder(tmp_path / "photos"), tmp_path / "rec")
+  m = run_build(image_folder(tmp_path / "photos"), tmp_path / "rec")
   assert m["class_names"] == ["cats", "dogs"] and m["num_classes"] == 2
   assert m["splits"]["train"]["count"] == 3
   assert m["splits"]["train"]["class_counts"] == {"cats": 2, "dogs": 1}   # indoor/ is a cat
@@ -52,7 +26,7 @@ def test_class_is_the_subfolder_and_the_rest_is_skipped_with_a_reason(tmp_path):
   assert set(reasons) == {"strip.png", "loose.png"} and m["num_skipped"] == 2
   assert "extreme aspect ratio: 3000x40" in reasons["strip.png"]
   assert "not in a class subfolder" in reasons["loose.png"]
-  flat = _build(f"folder:{tmp_path / 'photos' / 'dogs'}", tmp_path / "flat")  # no subfolders:
+  flat = run_build(f"folder:{tmp_path / 'photos' / 'dogs'}", tmp_path / "flat")  # no subfolders:
   assert flat["num_classes"] == 0 and flat["splits"]["train"]["count"] == 1   # unlabelled
   assert "class_counts" not in flat["splits"]["train"]
 
@@ -79,7 +53,7 @@ def test_the_evaluation_hint_for_records_that_lack_something_fits_the_source():
 
 def test_the_demo_build_never_writes_into_records_of_another_source(tmp_path):
   out = tmp_path / "rec"
-  _build(_folder(tmp_path / "photos"), out)
+  run_build(image_folder(tmp_path / "photos"), out)
   before = {p: (out / p).read_bytes() for p in os.listdir(out)}
   with pytest.raises(build.OtherSourceError, match=r"built from folder:.*refusing to write demo"):
     build.ensure_demo_records(str(out))
@@ -103,26 +77,6 @@ def test_the_demo_build_never_writes_into_records_of_another_source(tmp_path):
 
 # --- 8: signals stop the build's workers ------------------------------------------
 
-def _children(pid):
-  """Processes whose parent is pid (Linux /proc)."""
-  out = []
-  for d in os.listdir("/proc"):
-    try:
-      stat = open(f"/proc/{d}/stat").read() if d.isdigit() else ""
-    except OSError:
-      continue
-    if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-      out.append(int(d))
-  return out
-
-
-def _alive(pid):
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return False
-
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc for child processes")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
@@ -136,16 +90,16 @@ def test_a_signal_mid_build_stops_every_worker(tmp_path, signum):
        "--workers=2", "--num_train=400", "--num_test=0", "--image_size=48", "--shard_size=20",
        "--masks=grid"], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
   t = time.time()
-  while len(_children(proc.pid)) < 2 and time.time() - t < 120 and proc.poll() is None:
+  while len(child_pids(proc.pid)) < 2 and time.time() - t < 120 and proc.poll() is None:
     time.sleep(0.2)
   time.sleep(2)                            # the workers have started shards
-  kids = _children(proc.pid)
+  kids = child_pids(proc.pid)
   assert len(kids) >= 2 and proc.poll() is None
   proc.send_signal(signum)
   assert proc.wait(timeout=30) == (-signum if signum == signal.SIGKILL else 128 + signum)
   deadline = time.time() + 5
-  while any(map(_alive, kids)) and time.time() < deadline:
+  while any(map(is_alive, kids)) and time.time() < deadline:
     time.sleep(0.1)
-  assert not any(map(_alive, kids)), [k for k in kids if _alive(k)]
+  assert not any(map(is_alive, kids)), [k for k in kids if is_alive(k)]
   err.seek(0)
   assert ("rerun the same command to resume" in err.read()) == (signum != signal.SIGKILL)

@@ -3,8 +3,8 @@ import os
 import time
 
 import pytest
+from harness import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab_demo.ipynb")
 STEPS = 3
 

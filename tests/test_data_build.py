@@ -10,14 +10,14 @@ from PIL import Image
 from data_pipelines import views
 from data_pipelines import build, demo, records
 from data_pipelines.masks import fh
+from harness import TINY_DEMO
 
-TINY = dict(num_train=12, num_test=4, shard_size=4, image_size=48, progress=False)
+TINY = TINY_DEMO
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("demo"))
-  return out, build.build("demo", out, masks="fh,grid,gt", workers=1, **TINY)
+@pytest.fixture
+def tiny(tiny_demo):
+  return tiny_demo
 
 
 def _read(path):
@@ -155,12 +155,15 @@ def test_manifest_records_size_and_sha256_of_every_shard(tiny):
 def test_verify_names_a_changed_shard_and_reads_old_manifests(tmp_path):
   m = build.build("demo", str(tmp_path), masks="grid", workers=1, **dict(TINY, num_test=0))
   first = m["splits"]["train"]["shards"][0]["file"]
+  intact = (tmp_path / first).read_bytes()
   with open(tmp_path / first, "ab") as f:
     f.write(b"x")
   assert [b.split(":")[0] for b in records.verify(str(tmp_path))] == [first]
-  for s in m["splits"]["train"]["shards"]:      # a manifest from before the checksums
-    del s["bytes"], s["sha256"]
+  for s in m["splits"]["train"]["shards"]:      # a manifest from before the checksums:
+    del s["bytes"], s["sha256"]                 # the record framing is what is checked
   records.write_manifest(str(tmp_path), m)
+  assert records.verify(str(tmp_path)) == [f"{first}: ends inside a record (truncated or corrupt)"]
+  (tmp_path / first).write_bytes(intact)
   assert records.verify(str(tmp_path)) == []
   assert records.read_manifest(str(tmp_path))["splits"]["train"]["count"] == 12
 

@@ -12,12 +12,9 @@ from data_pipelines import input as input_lib
 S = 48
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("demo"))
-  build.build("demo", out, masks="fh,grid,gt", workers=1, num_train=12, num_test=4,
-              shard_size=4, image_size=S, progress=False)
-  return out
+@pytest.fixture
+def tiny(tiny_demo):
+  return tiny_demo[0]
 
 
 # Multi-crop: two global views at 32 px and four small crops at 16 px, all with masks.

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
+from harness import ROOT, TESTS
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
 SIZE = 32
 
 

@@ -10,37 +10,17 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
 import tensorflow as tf
 
 from data_pipelines import build, records
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
-from test_train_tiny_objective import TinyObjective, run, tiny_config
+from harness import (ENV, ROOT, TinyObjective, assert_same_state, latest_step, records_config,
+                     run, tiny_config, tiny_records)
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
 STEPS = 16
 KILLS = 5
-
-
-def final_params(workdir) -> list:
-  manager = checkpointing.make_manager(str(workdir), read_only=True)
-  try:
-    ts = manager.restore(manager.latest_step())
-  finally:
-    manager.close()
-  return jax.tree.leaves(ts)
-
-
-def assert_same_state(a, b):
-  la, lb = final_params(a), final_params(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(x, y)
 
 
 # --- kill -9 ------------------------------------------------------------------
@@ -49,19 +29,13 @@ def assert_same_state(a, b):
 # KILL_AT (the input runs a few batches ahead of the step), or runs to the end.
 CHILD = """
 import os, signal, sys
-from test_train_tiny_objective import run, tiny_config
+from harness import run, tiny_config
 kill_at, workdir = int(sys.argv[1]), sys.argv[2]
 def on_step(step):
   if step == kill_at:
     os.kill(os.getpid(), signal.SIGKILL)
 run(tiny_config(steps={steps}), workdir, ema=True, on_step=on_step)
 """.format(steps=STEPS)
-
-
-def latest_step(workdir) -> int:
-  path = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-  steps = [int(p) for p in os.listdir(path) if p.isdigit()] if os.path.isdir(path) else []
-  return max(steps, default=0)
 
 
 @pytest.mark.slow
@@ -121,37 +95,6 @@ def test_checkpoint_cut_mid_write_falls_back_to_the_previous_one(tmp_path, caplo
 
 # --- Corrupt records and a deleted shard (the real input pipeline) ---------------
 
-SIZE = 32
-
-
-def _records(out, n=200, bad=()):
-  """n examples in 10 shards; those in `bad` have an image that does not decode."""
-  rng = np.random.default_rng(0)
-  exs = [dict(image=rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
-              masks={"grid_2": (np.arange(SIZE)[:, None] // 16 * 2
-                                + np.arange(SIZE)[None, :] // 16).astype(np.int32)})
-         for _ in range(n)]
-  manifest = build.write_records(str(out), {"train": exs}, shard_size=n // 10)
-  if bad:
-    for shard in manifest["splits"]["train"]["shards"]:
-      path = os.path.join(out, shard["file"])
-      recs = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
-      first = int(shard["file"].split("-")[1]) * (n // 10)
-      with tf.io.TFRecordWriter(path) as w:
-        for i, rec in enumerate(recs, start=first):
-          w.write(records.example_bytes(image=b"not an image", fmt="png", height=SIZE,
-                                        width=SIZE, index=i, example_id=f"bad/{i}",
-                                        masks={"grid_2": b"nor this"}) if i in bad else rec)
-      if "bytes" in shard:        # builds that store them: the rewritten shard's own
-        shard.update(records.file_digest(path))
-    records.write_manifest(str(out), manifest)
-  return str(out)
-
-
-def _real_config(records_dir, **kw):
-  return tiny_config(**{"data.records_dir": records_dir, "data.mask_source": "grid",
-                        "data.shuffle_buffer": 64, "log_every_steps": 2, **kw})
-
 
 def _scalars(workdir, tag):
   out = {}
@@ -164,8 +107,8 @@ def _scalars(workdir, tag):
 
 
 def test_5_percent_corrupt_records_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
-  data = _records(tmp_path / "records", bad=set(range(5, 200, 20)))   # 10 of 200: 5%
-  config = _real_config(data, steps=24, **{"data.max_corrupt_fraction": 0.1})
+  data = tiny_records(tmp_path / "records", bad=set(range(5, 200, 20)))   # 10 of 200: 5%
+  config = records_config(data, steps=24, **{"data.max_corrupt_fraction": 0.1})
   summary = loop.train(config, str(tmp_path / "run"), objective=TinyObjective())
   assert summary["status"] == "done" and summary["step"] == 24
   skipped, read = summary["records_skipped"], summary["records_read"]
@@ -178,11 +121,11 @@ def test_5_percent_corrupt_records_are_skipped_counted_and_the_run_goes_on(tmp_p
 
 
 def test_a_deleted_shard_is_a_clear_error_within_seconds(tmp_path):
-  data = _records(tmp_path / "records", n=40)
+  data = tiny_records(tmp_path / "records", n=40)
   os.remove(os.path.join(data, "train-00003-of-00010.tfrecord"))
   t = time.time()
   with pytest.raises(loop.ConfigError, match=r"train-00003-of-00010\.tfrecord.*missing"):
-    loop.train(_real_config(data), str(tmp_path / "run"), objective=TinyObjective())
+    loop.train(records_config(data), str(tmp_path / "run"), objective=TinyObjective())
   assert time.time() - t < 20
   assert not (tmp_path / "run" / "config.json").exists()
   print(f"deleted shard: named error after {time.time() - t:.1f}s")
@@ -192,7 +135,7 @@ def test_a_deleted_shard_is_a_clear_error_within_seconds(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_on_the_cli_saves_and_exits_130_and_the_rerun_resumes(tmp_path):
-  data = _records(tmp_path / "records", n=40)
+  data = tiny_records(tmp_path / "records", n=40)
   argv = TRAIN + [f"--workdir={tmp_path / 'run'}", "--config.steps=400", "--config.batch_size=8",
                   "--config.image_size=32", "--config.model.width=0.125",
                   "--config.head.hidden_dim=32", "--config.head.output_dim=16",

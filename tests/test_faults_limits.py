@@ -10,9 +10,7 @@ from detcon_jax.core import validation
 from data_pipelines import records
 from detcon_jax.errors import ConfigError
 from detcon_jax.train import loop
-from test_build_reliability import _build, _folder
-from test_faults_ownership import refused
-from test_train_tiny_objective import TinyObjective, tiny_config
+from harness import TinyObjective, run_build, image_folder, refused, tiny_config
 
 TRAIN = [sys.executable, "-m", "detcon_jax.train", "--config=configs/detcon_b.py:demo"]
 
@@ -89,7 +87,7 @@ def test_every_size_and_count_key_must_be_positive(key, value):
 def small_records(tmp_path_factory):
   """3 train images stored at shorter side 32 px (a folder source)."""
   tmp = tmp_path_factory.mktemp("limits")
-  _build(_folder(tmp / "photos"), tmp / "rec")
+  run_build(image_folder(tmp / "photos"), tmp / "rec")
   return tmp / "rec"
 
 

@@ -21,11 +21,8 @@ from detcon_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from detcon_jax.objectives import registry
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
-from test_train_reliability import read_only
-from test_train_tiny_objective import run, tiny_config
+from harness import ROOT, TESTS, read_only, run, tiny_config
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
 # No GCE metadata probe and no retries: an unreachable gs:// fails in milliseconds, not 40 s.
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]),
            NO_GCE_CHECK="True", GCS_RETRY_CONFIG_MAX_RETRIES="0")
@@ -38,7 +35,7 @@ NAN_CHILD = """
 import sys
 from detcon_jax import cli
 from detcon_jax.train import loop
-from test_train_tiny_objective import run, tiny_config
+from harness import run, tiny_config
 try:
   run(tiny_config(steps=8), sys.argv[2], nan_at=int(sys.argv[1]))
 except loop.USER_ERRORS as e:

@@ -16,11 +16,8 @@ import jax
 import numpy as np
 
 from detcon_jax.core import checkpointing
-from test_train_tiny_objective import run, tiny_config
+from harness import ENV, ROOT, run, tiny_config
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
 
 # The train CLI (absl app, its logging, the `error:` line) on the tiny objective.
 # argv: workdir steps [enospc_from_step]; with a step, every file write of orbax's
@@ -30,7 +27,7 @@ import errno, os, re, sys
 from etils import epath
 from detcon_jax import cli
 from detcon_jax.train.__main__ import train_and_exit
-from test_train_tiny_objective import TinyObjective, synthetic_batches, tiny_config
+from harness import TinyObjective, synthetic_batches, tiny_config
 workdir, steps = sys.argv[1], int(sys.argv[2])
 if len(sys.argv) > 3:
   full_from = int(sys.argv[3])

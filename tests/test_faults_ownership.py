@@ -14,39 +14,13 @@ from data_pipelines import build
 from detcon_jax.errors import ConfigError, WorkdirError
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
-from test_build_reliability import _build, _folder
-from test_train_tiny_objective import TinyObjective, run, tiny_config
+from harness import (ENV, ROOT, TinyObjective, files, image_folder, refused, run, run_build,
+                     tiny_config)
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
 TRAIN = [sys.executable, "-m", "detcon_jax.train",
          f"--config={os.path.join(ROOT, 'configs', 'detcon_b.py')}:demo"]
 BUILD = [sys.executable, "-m", "data_pipelines.build"]
 USER_CONFIG = b'{"my_app_setting": 42}\n'
-
-
-def files(folder) -> dict:
-  """{relative path: bytes} of every file under folder."""
-  out = {}
-  for root, _, names in os.walk(folder):
-    for n in names:
-      path = os.path.join(root, n)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = f.read()
-  return out
-
-
-def refused(argv, named: str, cwd=ROOT) -> str:
-  """Run a CLI; assert exit 1, exactly one `error:` line naming `named`, no traceback."""
-  proc = subprocess.run(argv, env=ENV, cwd=str(cwd), capture_output=True, text=True,
-                        timeout=600)
-  out = proc.stdout + proc.stderr
-  errors = [line for line in out.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 1, out[-3000:]
-  assert len(errors) == 1 and named in errors[0], out[-3000:]
-  assert "Traceback" not in out
-  return errors[0]
 
 
 # --- workdirs --------------------------------------------------------------------
@@ -99,8 +73,8 @@ def test_a_runs_own_workdir_is_accepted(tmp_path):
 def folder_records(tmp_path_factory):
   """A small folder source built into records (grid masks, 32 px)."""
   tmp = tmp_path_factory.mktemp("own")
-  source = _folder(tmp / "photos")
-  _build(source, tmp / "rec")
+  source = image_folder(tmp / "photos")
+  run_build(source, tmp / "rec")
   return source, tmp / "rec"
 
 

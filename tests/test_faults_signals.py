@@ -14,13 +14,8 @@ import pytest
 from detcon_jax.evaluate import run as eval_run
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
-from test_build_reliability import _alive, _children
-from test_faults import _real_config, _records
-from test_train_tiny_objective import TinyObjective, run, tiny_config
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
+from harness import (ENV, ROOT, TinyObjective, child_pids, is_alive, records_config, run,
+                     tiny_config, tiny_records)
 
 
 def test_sigterm_during_the_final_evaluation_exits_143_and_the_rerun_evaluates(
@@ -64,7 +59,7 @@ BUILDING = """
 import sys
 from detcon_jax import cli
 from detcon_jax.train.__main__ import train_and_exit
-from test_train_tiny_objective import TinyObjective, tiny_config
+from harness import TinyObjective, tiny_config
 workdir, records = sys.argv[1], sys.argv[2]
 def main(argv):
   config = tiny_config(**{"data.build_demo": True, "data.records_dir": records})
@@ -81,11 +76,11 @@ def test_sigterm_during_the_demo_build_inside_train_stops_it_within_seconds(tmp_
                           env=ENV, cwd=ROOT, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
   deadline = time.time() + 300
-  while len(_children(proc.pid)) < 2:        # the build's workers have started
+  while len(child_pids(proc.pid)) < 2:        # the build's workers have started
     assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
     time.sleep(0.2)
   time.sleep(2)
-  kids = _children(proc.pid)
+  kids = child_pids(proc.pid)
   proc.send_signal(signal.SIGTERM)
   t = time.time()
   out, err = proc.communicate(timeout=120)
@@ -95,10 +90,10 @@ def test_sigterm_during_the_demo_build_inside_train_stops_it_within_seconds(tmp_
   assert "Traceback" not in err and not (records / "manifest.json").exists()
   assert stopped_in < 5, stopped_in          # the build takes ~40 s on one core
   deadline = time.time() + 5                  # no worker outlives it by more than seconds
-  while any(map(_alive, kids)) and time.time() < deadline:
+  while any(map(is_alive, kids)) and time.time() < deadline:
     time.sleep(0.1)
-  assert not any(map(_alive, kids)), [open(f"/proc/{k}/cmdline").read() for k in kids
-                                      if _alive(k)]
+  assert not any(map(is_alive, kids)), [open(f"/proc/{k}/cmdline").read() for k in kids
+                                      if is_alive(k)]
   print(f"SIGTERM during train's demo build: exit 143 after {stopped_in:.1f}s")
 
 
@@ -106,8 +101,8 @@ def test_a_corrupt_fraction_crossing_at_the_end_fails_the_first_run_and_the_reru
   """25% unreadable records, limit 10%: fewer than MIN_RECORDS_JUDGED are read, so only
   the end judges. The last step is not saved, so the rerun (from step 4) judges again
   (and a rerun with the raised limit the error suggests would finish from there)."""
-  data = _records(tmp_path / "records", bad=set(range(0, 200, 4)))
-  config = _real_config(data, steps=6, **{"data.max_corrupt_fraction": 0.1,
+  data = tiny_records(tmp_path / "records", bad=set(range(0, 200, 4)))
+  config = records_config(data, steps=6, **{"data.max_corrupt_fraction": 0.1,
                                           "checkpoint.every_steps": 4})
   workdir, ckpts = str(tmp_path / "run"), tmp_path / "run" / checkpointing.CHECKPOINT_DIR
   with pytest.raises(loop.InputError, match=r"unreadable.*last checkpoint: step 4"):

@@ -2,8 +2,7 @@
 import os
 import shutil
 import subprocess
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT
 
 
 def test_import_contract_is_kept():

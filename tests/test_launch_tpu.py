@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from launch import tpu
+from harness import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET = "--config=configs/detcon_b.py:imagenet"
 
 

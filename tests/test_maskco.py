@@ -22,6 +22,7 @@ from detcon_jax.models import heads
 from detcon_jax.models.roi_align import roi_align
 from detcon_jax.objectives import maskco, registry
 from detcon_jax.objectives.contrastive import region_nce
+from harness import assert_same_update, run_on_devices, one_step, small_config
 
 # --- RoI align against torchvision ------------------------------------------------
 
@@ -274,7 +275,6 @@ def test_mask_prediction_head_blocks_and_identity():
 
 
 def test_mph_is_in_both_encoders_and_not_in_the_exported_backbone():
-  from test_train_methods import small_config
   config = small_config("maskco")
   batch = B.synthetic_train_batch(8, specs=maskco.views(config))
   init = lambda c: jax.eval_shape(lambda: maskco.init(jax.random.PRNGKey(0), c, batch))
@@ -325,8 +325,6 @@ def test_method_override_onto_another_config_is_one_clear_error():
 # --- Training -----------------------------------------------------------------------
 
 def maskco_one_step(out_path):
-  from test_train_methods import small_config
-  from test_train_sharding import one_step
   config = small_config("maskco")
   config.optimizer.warmup_steps = 0
   config.loss.update(num_shards=2, intra_negatives=True)    # groups of 4 images
@@ -337,8 +335,7 @@ def maskco_one_step(out_path):
 def test_maskco_local_intra_negatives_8_devices_equal_1_device(tmp_path):
   """Negatives in groups of 4 images, +in, over 8 devices: nothing changes (the default
   suite runs the demo's single group in test_train_methods)."""
-  from test_train_sharding import _compare, _run_in_subprocess
   one, eight = str(tmp_path / "one.npz"), str(tmp_path / "eight.npz")
   maskco_one_step(one)
-  _run_in_subprocess(f"import test_maskco as m; m.maskco_one_step({eight!r})", eight)
-  _compare(dict(np.load(one)), dict(np.load(eight)), rtol=2e-4, atol=1e-6)
+  run_on_devices(f"import test_maskco as m; m.maskco_one_step({eight!r})", eight)
+  assert_same_update(dict(np.load(one)), dict(np.load(eight)), rtol=2e-4, atol=1e-6)

@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 import pytest
+from harness import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OVERRIDES = ["--config.batch_size=16", "--config.image_size=32", "--config.log_every_steps=1",
              "--config.checkpoint.every_steps=1", "--config.eval.at_end=False",

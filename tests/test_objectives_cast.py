@@ -14,8 +14,7 @@ from detcon_jax.objectives import cast, moco, registry
 from detcon_jax.objectives.contrastive import l2_normalize
 from detcon_jax.core import checkpointing, sharding
 from detcon_jax.core import state as state_lib
-from test_objectives_moco_swav import tiny_config
-from test_train_sharding import _compare, _run_in_subprocess
+from harness import assert_same_update, run_on_devices, tiny_method_config
 
 
 # --- Pure math -----------------------------------------------------------------------
@@ -121,7 +120,7 @@ def test_masked_key_is_the_mean_colour_outside_the_saliency():
 # --- The objective -------------------------------------------------------------------
 
 def cast_config(**cast_kw):
-  c = tiny_config("cast")
+  c = tiny_method_config("cast")
   c.moco.update(queue_size=12, momentum=0.9)
   c.cast.update(cast_kw)
   return c
@@ -254,9 +253,9 @@ def test_8_devices_equal_1_device(tmp_path):
   """The second-order step jits and shards: 8 devices give the 1-device loss and update."""
   cast_one_step(str(tmp_path / "one.npz"))
   one = dict(np.load(tmp_path / "one.npz"))
-  eight = _run_in_subprocess(f"import test_objectives_cast as m; "
+  eight = run_on_devices(f"import test_objectives_cast as m; "
                              f"m.cast_one_step({str(tmp_path / 'eight.npz')!r})",
                              str(tmp_path / "eight.npz"))
   assert float(one["loss_att"]) > 0
   np.testing.assert_allclose(eight["loss_att"], one["loss_att"], rtol=2e-4)
-  _compare(one, eight, rtol=2e-4, atol=1e-6)
+  assert_same_update(one, eight, rtol=2e-4, atol=1e-6)

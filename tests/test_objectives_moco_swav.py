@@ -13,21 +13,7 @@ from data_pipelines import views as V
 from detcon_jax.objectives import common, moco, queue, registry, swav
 from detcon_jax.objectives.contrastive import info_nce
 from detcon_jax.core import state as state_lib
-
-
-def _unit(x):
-  x = np.asarray(x, np.float64)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def tiny_config(method, **views):
-  c = importlib.import_module(f"configs.{method}").get_config("demo")
-  c.update(image_size=32, batch_size=4, steps=10)
-  c.optimizer.warmup_steps = 0
-  c.model.update(depth=18, width=0.125, stem_pool=False)
-  c.head.update(hidden_dim=16, output_dim=8)
-  c.views.update(small_size=16, **views)
-  return c
+from harness import _unit, tiny_method_config
 
 
 # --- MoCo ----------------------------------------------------------------------------
@@ -71,7 +57,7 @@ def test_queue_wraps_around():
 @pytest.fixture(scope="module")
 def moco_step():
   """One real train step of MoCo v2 (queue of 12, batch 4): states before and after."""
-  config = tiny_config("moco_v2")
+  config = tiny_method_config("moco_v2")
   config.moco.update(queue_size=12, momentum=0.9)
   objective = registry.get_objective("moco_v2")
   batch = B.synthetic_train_batch(4, specs=objective.views(config), seed=3)
@@ -116,7 +102,7 @@ def test_moco_loss_is_info_nce_against_the_state_queue(moco_step):
 
 
 def test_moco_validation():
-  config = tiny_config("moco_v2")
+  config = tiny_method_config("moco_v2")
   config.moco.queue_size = 2
   with pytest.raises(ConfigError, match="queue_size"):
     validate(config)
@@ -253,7 +239,7 @@ def test_swav_lars_scales_every_parameter_by_its_trust_ratio(preset):
 
 def test_swav_multi_crop_step_prototypes_and_queue():
   """2 x 32 px + 2 x 16 px crops; prototypes held 1 step, then unit rows; queue fills."""
-  config = tiny_config("swav", small_crops=2)
+  config = tiny_method_config("swav", small_crops=2)
   config.swav.update(num_prototypes=6, freeze_prototypes_steps=1, queue_size=8,
                      queue_start_step=0)
   objective = registry.get_objective("swav")

@@ -13,7 +13,7 @@ from data_pipelines import input as data_input
 from detcon_jax.objectives import registry, supervised
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
-from test_train_methods import small_config
+from harness import small_config
 
 
 def test_presets():

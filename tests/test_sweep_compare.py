@@ -17,8 +17,8 @@ from detcon_jax import compare, sweep
 from detcon_jax.evaluate import run as eval_run
 from detcon_jax.core import writers
 from detcon_jax.train import loop
-from test_faults import ENV, ROOT, assert_same_state, latest_step
-from test_train_tiny_objective import TinyObjective, synthetic_batches, tiny_config
+from harness import (ENV, ROOT, TinyObjective, assert_same_state, latest_step, synthetic_batches,
+                     tiny_config)
 
 # --- Statistics -------------------------------------------------------------------
 

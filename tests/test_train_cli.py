@@ -1,6 +1,5 @@
 """Start-up errors of the training CLI and loop: clear, early, before any compile."""
 import json
-import os
 import subprocess
 import sys
 
@@ -8,9 +7,7 @@ import pytest
 import tensorflow as tf
 
 from detcon_jax.train import loop
-from test_train_tiny_objective import TinyObjective, tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, TinyObjective, tiny_config
 
 
 def test_cli_override_error_names_the_key(tmp_path):

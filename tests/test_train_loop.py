@@ -1,23 +1,13 @@
 """Trainer mechanics on the tiny objective: exact resume, SIGTERM, NaN, EMA."""
-import os
-import signal
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
 from detcon_jax.core import state as state_lib
-from test_train_tiny_objective import TinyObjective, run, synthetic_batches, tiny_config
-
-
-def _sigterm_at(step_to_kill):
-  def on_step(step):
-    if step == step_to_kill:
-      os.kill(os.getpid(), signal.SIGTERM)
-  return on_step
+from harness import TinyObjective, sigterm_at, run, synthetic_batches, tiny_config
 
 
 def test_preempted_and_resumed_run_matches_uninterrupted(tmp_path):
@@ -25,7 +15,7 @@ def test_preempted_and_resumed_run_matches_uninterrupted(tmp_path):
   config, ema = tiny_config(steps=8), True
   full = run(config, tmp_path / "full", ema=ema)
   # SIGTERM arrives while the input produces batch 6 (it runs up to 4 batches ahead).
-  first = run(config, tmp_path / "cut", ema=ema, on_step=_sigterm_at(6))
+  first = run(config, tmp_path / "cut", ema=ema, on_step=sigterm_at(6))
   assert first["status"] == "preempted" and 0 < first["step"] < 8
   resumed = run(config, tmp_path / "cut", ema=ema)
   assert resumed["start_step"] == first["step"] and resumed["step"] == 8

@@ -1,5 +1,4 @@
 """The trainer with the real objectives (tiny ResNet-18, 32 px, batch 8, synthetic data)."""
-import importlib
 import os
 
 import jax
@@ -9,23 +8,8 @@ import pytest
 
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
-from test_train_sharding import _compare, _run_in_subprocess, one_step
-from test_train_tiny_objective import synthetic_batches
-
-
-def small_config(method, **kw):
-  c = importlib.import_module(f"configs.{method}").get_config("demo")
-  c.update(steps=3, batch_size=8, image_size=32, log_every_steps=1)
-  c.views.small_size = 16
-  c.model.width = 0.125
-  c.head.update(hidden_dim=32, output_dim=16)
-  c.loss.num_masks = 4
-  c.optimizer.update(warmup_steps=1)
-  c.checkpoint.every_steps = 0
-  c.eval.at_end = False
-  c.data.build_demo = False
-  c.update(kw)
-  return c
+from harness import (assert_same_update, run_on_devices, sigterm_at, one_step, small_config,
+                     synthetic_batches)
 
 
 def test_detcon_b_trains_and_its_encoder_loads_back(tmp_path):
@@ -58,10 +42,10 @@ def _one_vs_eight(tmp_path, methods):
   one.mkdir(), eight.mkdir()
   real_one_steps(methods, str(one))
   last = str(eight / f"{methods[-1]}.npz")       # one subprocess for every method
-  _run_in_subprocess(f"import test_train_methods as m; m.real_one_steps({methods!r}, "
+  run_on_devices(f"import test_train_methods as m; m.real_one_steps({methods!r}, "
                      f"{str(eight)!r})", last)
   for method in methods:
-    _compare(dict(np.load(one / f"{method}.npz")), dict(np.load(eight / f"{method}.npz")),
+    assert_same_update(dict(np.load(one / f"{method}.npz")), dict(np.load(eight / f"{method}.npz")),
              rtol=2e-4, atol=1e-6)
 
 
@@ -83,14 +67,13 @@ def test_other_objectives_8_devices_equal_1_device(tmp_path):
 @pytest.mark.parametrize("method", ["moco_v2", "swav"])
 def test_stop_and_resume_equals_a_straight_run_queue_included(tmp_path, method):
   """SIGTERM mid-run, then resume: the same loss curve, and the same queue and params."""
-  from test_train_loop import _sigterm_at
   config = small_config(method, steps=6)
   config.checkpoint.every_steps = 2
   if method == "swav":
     config.swav.update(queue_size=8, queue_start_step=1, freeze_prototypes_steps=2)
   straight = loop.train(config, str(tmp_path / "straight"), batches=synthetic_batches())
   first = loop.train(config, str(tmp_path / "cut"), batches=synthetic_batches(
-      on_step=_sigterm_at(5)))   # the input runs up to 4 batches ahead of the step
+      on_step=sigterm_at(5)))   # the input runs up to 4 batches ahead of the step
   assert first["status"] == "preempted" and 0 < first["step"] < 6
   resumed = loop.train(config, str(tmp_path / "cut"), batches=synthetic_batches())
   assert resumed["start_step"] == first["step"] and resumed["step"] == 6

@@ -1,7 +1,6 @@
 """The trainer under trouble: a stalled input, signals while waiting, a held or stale
 workdir lock, resumes that would not be exact, a failed rerun of a finished run,
 unreadable records, checkpoints that do not restore, read-only workdirs."""
-import contextlib
 import json
 import os
 import signal
@@ -17,39 +16,8 @@ import pytest
 from data_pipelines import build
 from detcon_jax.core import checkpointing
 from detcon_jax.train import loop
-from test_train_tiny_objective import TinyObjective, run, synthetic_batches, tiny_config
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
-
-
-def _writable(path) -> bool:
-  try:
-    with open(os.path.join(path, ".probe"), "w"):
-      pass
-    os.remove(os.path.join(path, ".probe"))
-    return True
-  except OSError:
-    return False
-
-
-@contextlib.contextmanager
-def read_only(path):
-  """path unwritable for this process (chmod; chattr +i when root), or the test skipped."""
-  path = str(path)
-  os.chmod(path, 0o555)
-  immutable = False
-  try:
-    if _writable(path) and os.geteuid() == 0:
-      immutable = subprocess.run(["chattr", "+i", path], capture_output=True).returncode == 0
-    if _writable(path):
-      pytest.skip("cannot make a read-only directory on this filesystem")
-    yield path
-  finally:
-    if immutable:
-      subprocess.run(["chattr", "-i", path], check=True)
-    os.chmod(path, 0o755)
+from harness import (ENV, ROOT, TinyObjective, read_only, run, small_config, synthetic_batches,
+                     tiny_config)
 
 
 def blocking_batches(block_at, on_block=None):
@@ -222,7 +190,6 @@ def trained(tmp_path_factory):
   import jax
   from detcon_jax.objectives import registry
   from detcon_jax.core import state as state_lib
-  from test_train_methods import small_config
   root = tmp_path_factory.mktemp("trained")
   rng = np.random.default_rng(0)
   grid = (np.arange(SIZE)[:, None] // 16 * 2 + np.arange(SIZE)[None, :] // 16).astype(np.int32)
