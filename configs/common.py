@@ -37,9 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 32            # global, over all hosts and devices
   c.image_size = 64            # crop size of the training views
 
-  # stem_pool=False: no stem max-pool, output stride 16 (small images; see models/resnet.py)
+  # stem_pool=False: no stem max-pool, output stride 16 (small images; see models/resnet.py).
+  # remat=True: recompute each ResNet block in the backward pass (less activation memory,
+  # about one more forward pass of FLOPs; python -m launch.plan shows both).
   c.model = ml_collections.ConfigDict(dict(depth=18, width=1.0, dtype="float32",
-                                          stem_pool=True))
+                                          stem_pool=True, remat=False))
   c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, output_dim=128, batch_norm=True))
   # detcon_form: "reference" (the public DetCon code) or "dedup" (duplicate masks
   # folded out); detcon_same_image_negatives=False drops same-image negatives.
@@ -175,6 +177,9 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _fail("model.dtype", c.model.dtype, f"choose one of {list(DTYPES)}.")
   if c.model.width <= 0:
     _fail("model.width", c.model.width, "must be > 0 (1.0 = standard ResNet).")
+  if not isinstance(c.model.get("remat", False), bool):
+    _fail("model.remat", c.model.remat, "must be True or False (True: recompute each ResNet "
+          "block in the backward pass, for memory).")
   if c.loss.num_masks <= 0:
     _fail("loss.num_masks", c.loss.num_masks, "must be > 0 (the paper samples 16).")
   if c.loss.temperature <= 0:
