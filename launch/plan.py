@@ -115,12 +115,23 @@ def gpu_target(name: str) -> Target:
   return Target(f"{kind}-{n}", acc, n, math.ceil(n / acc.chips_per_host))
 
 
-def accelerator_of(device_kind: str) -> Accelerator | None:
-  """The DEVICES entry for a jax device_kind ('TPU v4', 'NVIDIA H100 80GB HBM3'), if any;
+def accelerator_of(device_kind: str) -> str | None:
+  """The DEVICES key of a jax device_kind ('TPU v4', 'NVIDIA H100 80GB HBM3'), if any;
   the longest matching name wins ('TPU v5 lite' before 'TPU v5')."""
-  hits = [(len(k), a) for a in DEVICES.values() for k in a.kinds if k.lower() in
-          device_kind.lower()]
-  return max(hits, key=lambda h: h[0])[1] if hits else None
+  hits = [(len(k), key) for key, a in DEVICES.items() for k in a.kinds
+          if k.lower() in device_kind.lower()]
+  return max(hits)[1] if hits else None
+
+
+def device_peak(device) -> float | None:
+  """Peak bf16 FLOP/s of one JAX device (a v2/v3 TensorCore: half its chip's); None on
+  CPU or for a kind DEVICES lacks."""
+  from launch.tpu import GENERATIONS
+  key = accelerator_of(device.device_kind) if device.platform != "cpu" else None
+  if key is None:
+    return None
+  return DEVICES[key].peak_bf16 / (GENERATIONS[key].devices_per_chip if key in GENERATIONS
+                                    else 1)
 
 
 # --- The compiled step (shared with benchmarks/train_step.py) --------------------------------
