@@ -138,7 +138,8 @@ def write_markdown(path: str, rows, args, devices: int) -> None:
       f.write(MARKDOWN_HEADER)
     for method, med, mfu, peak in rows:
       f.write(f"| {time.strftime('%Y-%m-%d')} | {kind} | {method} | {args.batch_size // devices} "
-              f"| {1e3 * med:.1f} | {args.batch_size / med:.0f} | {args.batch_size / med / devices:.0f} "
+              f"| {1e3 * med:.1f} | {args.batch_size / med:.0f} "
+              f"| {args.batch_size / med / devices:.0f} "
               f"| {format(mfu, '.1%') if mfu else 'n/a'} | {peak / 2 ** 30:.2f} |\n")
 
 

@@ -353,7 +353,8 @@ def table_row(row: dict, label: str) -> str:
 
 
 def remat_line(base: dict, remat: dict) -> str:
-  return (f"  remat on {remat['target'].name}: FLOPs {100 * (remat['flops'] / base['flops'] - 1):+.1f}%,"
+  flops = 100 * (remat["flops"] / base["flops"] - 1)
+  return (f"  remat on {remat['target'].name}: FLOPs {flops:+.1f}%,"
           f" peak memory {100 * (remat['peak'] / base['peak'] - 1):+.1f}% "
           f"({_gib(base['peak'])} -> {_gib(remat['peak'])} GiB/device)")
 
@@ -399,7 +400,14 @@ def main(argv=None) -> int:
   except (LaunchError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from configs.common import ConfigError
+  from configs.common import ConfigError, validate
+  for spec, config in configs:                  # every mistake before anything compiles
+    for target in targets:
+      try:
+        validate(config, device_count=target.devices, process_count=target.hosts)
+      except ConfigError as e:
+        print(f"error: {spec} on {target.name}: {e}", file=sys.stderr)
+        return 2
   if not a.summary:
     print(HEADER)
   t0 = time.perf_counter()
@@ -411,13 +419,9 @@ def main(argv=None) -> int:
       base.model.remat = False
       variants = [base, config]
     for target in targets:
-      try:
-        rows = [plan(variants[0], target, probe_batches=probes, exact=a.exact)]
-        if len(variants) == 2:                 # the same CPU compiles serve the remat row
-          rows.append(plan(variants[1], target, cpu=rows[0]["cpu"]))
-      except ConfigError as e:
-        print(f"error: {label} on {target.name}: {e}", file=sys.stderr)
-        return 2
+      rows = [plan(variants[0], target, probe_batches=probes, exact=a.exact)]
+      if len(variants) == 2:                   # the same CPU compiles serve the remat row
+        rows.append(plan(variants[1], target, cpu=rows[0]["cpu"]))
       if a.summary:                            # the config as given
         print(summary(rows[-1], label), flush=True)
         continue

@@ -360,7 +360,7 @@ def plan_summary(a, overrides: list[str]) -> str:
   process, which makes the slice's device count); a failure is reported, not fatal."""
   cmd = [sys.executable, "-m", "launch.plan", f"--config={a.config}", f"--tpu={a.tpu}",
          "--summary", *overrides]
-  print(f"planning memory and FLOPs per device (python -m launch.plan, compiling for CPU; "
+  print("planning memory and FLOPs per device (python -m launch.plan, compiling for CPU; "
         "minutes at ResNet-50, --no_plan skips it) ...", file=sys.stderr, flush=True)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
