@@ -144,7 +144,7 @@ def test_launch_tpu_dry_run_plans_end_to_end():
       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   line = next(x for x in out.stdout.splitlines() if x.startswith("# plan: "))
-  assert "simclr on v5e-8: 2/device (global 16)" in line and ": fits;" in line
+  assert "simclr:demo on v5e-8: 2/device (global 16)" in line and ": fits;" in line
 
 
 def test_accelerator_sh_dry_run_names_install_and_runs():
