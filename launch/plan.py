@@ -27,8 +27,8 @@ host of 8, h100-16 = 16), from abstract shapes only (no batch is ever allocated)
 
 What this is not: the TPU's or GPU's own figure. XLA for CPU lays out, fuses and
 schedules the step differently from XLA for TPU/GPU (tiled and padded layouts,
-other fusions, no bf16 convolutions of its own), so the device's peak differs;
-benchmarks/accelerator.sh prints the device-compiled peak beside this estimate.
+other fusions), so the device's peak differs, by an amount no device has measured
+yet; benchmarks/accelerator.sh prints the device-compiled peak beside this estimate.
 """
 from __future__ import annotations
 
