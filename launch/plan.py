@@ -15,9 +15,10 @@ host of 8, h100-16 = 16), from abstract shapes only (no batch is ever allocated)
 - peak memory per device: XLA's memory analysis (arguments + outputs - donated +
   temporaries) of the per-device program that jit partitions for the devices
   (simulated CPU devices, the batch sharded as the trainer shards it, so batch norm
-  and negatives span the global batch). Memory is linear in the per-device batch
-  (DetCon-B RN50 on 16 devices: 321.4 and 321.6 MB per image between 8, 16 and 64),
-  and CPU compile time grows with it (23 s, 28 s, 96 s on 2 loaded cores), so by
+  and negatives span the global batch). Memory is nearly linear in the per-device
+  batch (DetCon-B RN50 on 16 devices: 193.3 MB per image between batches 8 and 16,
+  197.7 between 16 and 64, so the line through 8 and 16 reads 1.6% low at 64), and a
+  CPU compile grows with the batch (93, 66, 183 s there on 2 loaded cores), so by
   default two small per-device batches (--probe_batches) are compiled and the line
   through them is read at the real batch; --exact compiles the real batch and every
   candidate of the search instead;
