@@ -99,6 +99,10 @@ for m in $METHODS; do
       echo "error: launch.plan found no per-device batch of $m that fits" >&2; exit 1
     fi
     [ "$b" -gt "$CAP" ] && b=$CAP
+    # The planner's line (GiB + MiB per image) read at the benchmarked batch, for the table.
+    est=$(echo "$line" | sed -n 's/.*CPU-compiled estimate: \([0-9.]*\) GiB + \([0-9.]*\) MiB per image.*/\1 \2/p' \
+          | awk -v b="$b" '{printf "%.2f", $1 + $2 * b / 1024}')
+    PLANS+="  at $b/device (benchmarked): ~${est:-?} GiB/device"$'\n'
   fi
   STEP=("$PYTHON" benchmarks/train_step.py --preset imagenet --methods "$m" $STEPS
         --markdown "$OUT")
@@ -116,7 +120,8 @@ if [ "$DRY" = 1 ]; then
 fi
 {
   echo
-  echo "launch.plan's CPU-compiled estimates (not the device's figure; compare the last column):"
+  echo "launch.plan's CPU-compiled estimates (not the device's figure; the device-compiled one"
+  echo "is the table's last column):"
   echo
   printf '%s' "$PLANS"
 } >> "$OUT"

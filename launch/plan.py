@@ -297,12 +297,13 @@ def plan(config, target: Target, *, probe_batches=(8, 16), exact: bool = False,
   base.model.remat = False
   cpu = cpu or CpuPeak(base, mesh, probe_batches, exact)
   memory_at, how = cpu.at, cpu.how
+  line = None if exact else (cpu.line.fixed, cpu.line.per_image)
   if remat:
-    line = cpu.line
-    b1, b2 = sorted(line.points)
+    b1, b2 = sorted(cpu.line.points)
     factor = ((kept_bytes(config, n, b2) - kept_bytes(config, n, b1))
               / (kept_bytes(base, n, b2) - kept_bytes(base, n, b1)))
-    memory_at = lambda b: line.fixed + factor * line.per_image * b  # noqa: E731
+    line = (cpu.line.fixed, factor * cpu.line.per_image)
+    memory_at = lambda b: line[0] + line[1] * b  # noqa: E731
     how = (f"linear through per-device batches {b1} and {b2} without remat, its per-image "
            f"part x{factor:.2f} (kept activations with / without remat)")
   peak = memory_at(per_device)
@@ -311,7 +312,7 @@ def plan(config, target: Target, *, probe_batches=(8, 16), exact: bool = False,
               flops_per_image=flops / config.batch_size, peak=peak,
               kept=kept_bytes(config, n, per_device), fits=peak <= target.memory,
               largest=largest, memory_how=how, seconds=time.perf_counter() - t, remat=remat,
-              cpu=cpu)
+              cpu=cpu, line=line)
 
 
 # --- Output ---------------------------------------------------------------------------------
@@ -330,10 +331,12 @@ def summary(row: dict, label: str = "") -> str:
   t = row["target"]
   c = row["config"]
   fit = "fits" if row["fits"] else "does NOT fit"
+  line = (f": {row['line'][0] / GiB:.2f} GiB + {row['line'][1] / 2 ** 20:.1f} MiB per image"
+          if row.get("line") else "")
   return (f"{label or c.method}{' remat' if row['remat'] else ''} on {t.name}: "
           f"{row['per_device']}/device (global {c.batch_size}), "
           f"{row['flops_per_image'] / 1e9:.1f} GFLOP/image, "
-          f"peak ~{_gib(row['peak'])} GiB/device (CPU-compiled estimate) of "
+          f"peak ~{_gib(row['peak'])} GiB/device (CPU-compiled estimate{line}) of "
           f"{_gib(t.memory)} GiB: {fit}; largest power-of-two batch that fits: "
           f"{row['largest']}/device")
 

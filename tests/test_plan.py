@@ -111,6 +111,8 @@ def test_fit_on_a_fake_tiny_device(train_step, rows):
   row = plan.plan(config, small, cpu=rows[0]["cpu"])
   assert (row["per_device"], row["fits"], row["largest"]) == (16, False, 8)
   assert "does NOT fit" in plan.summary(row) and "8/device" in plan.summary(row)
+  assert row["line"] == (line.fixed, line.per_image)             # in the summary, for others
+  assert f"{line.per_image / 2 ** 20:.1f} MiB per image" in plan.summary(row)
   row = plan.plan(config, _target(line.at(16)), cpu=rows[0]["cpu"])
   assert row["fits"] and row["largest"] == 16
   assert "CPU-compiled estimate" in plan.summary(row)
