@@ -12,6 +12,11 @@ DetCon-B over the ResNet-50 backbone at 224 px, forward).
   python benchmarks/train_step.py --preset rn50        # RN50, 224 px, paper heads, bf16
   python benchmarks/train_step.py --batch_size 256 --repeats 10
   python benchmarks/train_step.py --preset rn50 --batch_size 4096 --flops_only  # count only
+  python benchmarks/train_step.py --preset imagenet --methods detcon_b,byol --batch_size 1024 \
+      --markdown /tmp/steps.md     # the methods' imagenet presets (benchmarks/accelerator.sh)
+
+On a TPU or GPU the table adds MFU (XLA's FLOPs / step time / the peak bf16 rate of
+launch/plan.py's DEVICES) and the peak memory per device of the device-compiled step.
 
 At the CPU size the backbone is tiny, so head and loss costs weigh far more
 than at RN50/224; only the rn50 preset is comparable with the paper.
@@ -33,8 +38,7 @@ from data_pipelines import batch as B  # noqa: E402
 from detcon_jax.models.resnet import output_stride  # noqa: E402
 from detcon_jax.objectives import registry  # noqa: E402
 from detcon_jax.core import sharding  # noqa: E402
-from detcon_jax.train import loop  # noqa: E402
-from detcon_jax.core import state as state_lib  # noqa: E402
+from launch import plan  # noqa: E402
 
 PAIRS = (("simclr", "detcon_s", 5.3), ("byol", "detcon_b", 11.6))
 # Further methods, each priced against SimCLR (one network, two global views):
@@ -46,11 +50,15 @@ PRESETS = {
                 dtype="float32", paper_heads=False, stem_pool=False),  # the demo's stride 16
     "rn50": dict(depth=50, width=1.0, image_size=224, small_size=96, batch_size=64,
                  dtype="bfloat16", paper_heads=True, stem_pool=True),  # the paper's network
+    # each method's own imagenet preset (its heads, views, queue), at this batch:
+    "imagenet": dict(depth=50, width=1.0, image_size=224, small_size=96, batch_size=64,
+                     dtype="bfloat16", paper_heads=True, stem_pool=True),
 }
 
 
 def make_config(method: str, args):
-  config = importlib.import_module(f"configs.{method}").get_config("demo")
+  config = importlib.import_module(f"configs.{method}").get_config(
+      "imagenet" if args.preset == "imagenet" else "demo")
   if args.paper_heads:   # DetCon A.2: 2048/128 (SimCLR family), 4096/256 (BYOL family)
     config.head.update(importlib.import_module(f"configs.{method}").get_config("imagenet").head)
   config.model.update(depth=args.depth, width=args.width, dtype=args.dtype,
@@ -58,18 +66,13 @@ def make_config(method: str, args):
   config.update(batch_size=args.batch_size, image_size=args.image_size)
   config.loss.num_masks = args.num_masks
   config.loss.local_negatives = args.local_negatives
-  if method == "swav":
+  if method == "swav" and args.preset != "imagenet":
     config.views.update(small_crops=6, small_size=args.small_size)
     config.swav.update(queue_size=0, num_prototypes=3000 if args.paper_heads else 30)
   if method == "moco_v2":
     config.moco.queue_size = 65536                      # the paper's queue
   config.optimizer.warmup_steps = 0
   return config
-
-
-def _flops(cost) -> float:
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0))
 
 
 def compile_pair(pair, args, mesh, rng):
@@ -87,29 +90,25 @@ def compile_pair(pair, args, mesh, rng):
              for k, v in host.items()}
   else:
     batch = sharding.host_batch_to_global(host, mesh)
-  replicated = sharding.replicated(mesh)
   out = {}
   shared = None
   for method in reversed(pair):                       # init the DetCon variant once, share it
     config = make_config(method, args)
-    objective = registry.get_objective(method)
-    tx, schedule = state_lib.make_optimizer(objective, config)
+    init, step = plan.jit_step(registry.get_objective(method), config, mesh, rng)
     if shared is None:
-      init = jax.jit(lambda r, b: loop.init_train_state(objective, tx, config, r, b),
-                     out_shardings=replicated)
       shared = jax.eval_shape(init, rng, batch) if args.flops_only else init(rng, batch)
     ts = shared if args.flops_only else jax.tree.map(jnp.copy, shared)  # steps donate state
-    step = jax.jit(loop.make_train_step(objective, tx, schedule, config, rng),
-                   in_shardings=(replicated, sharding.batch_sharded(mesh)),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
     t = time.perf_counter()
     lowered = step.lower(ts, batch)
     if args.flops_only:
-      out[method] = dict(flops=_flops(lowered.cost_analysis()), compile_s=0.0, times=[])
+      out[method] = dict(flops=plan.xla_flops(lowered.cost_analysis()), compile_s=0.0, times=[])
       continue
+    model_flops = plan.xla_flops(lowered.cost_analysis())   # the global step's, as the planner's
     compiled = lowered.compile()
-    out[method] = dict(step=compiled, ts=ts, flops=_flops(compiled.cost_analysis()),
-                       compile_s=time.perf_counter() - t, batch=batch, times=[])
+    out[method] = dict(step=compiled, ts=ts, flops=plan.xla_flops(compiled.cost_analysis()),
+                       compile_s=time.perf_counter() - t, batch=batch, times=[],
+                       model_flops=model_flops,
+                       peak=plan.peak_bytes(compiled.memory_analysis()))
   return out
 
 
@@ -119,6 +118,29 @@ def run_steps(entry, n: int) -> float:
     entry["ts"], metrics = entry["step"](entry["ts"], entry["batch"])
   jax.block_until_ready(metrics["loss"])
   return (time.perf_counter() - t) / n
+
+
+def _present(pairs, entries):
+  """The pairs whose methods were all run."""
+  return [p for p in pairs if all(m in entries for m in p if isinstance(m, str))]
+
+
+MARKDOWN_HEADER = ("| date | device | method | batch/dev | ms/step | images/s | images/s/dev | MFU "
+                   "| peak GiB/dev (device-compiled) |\n|---|---|---|---|---|---|---|---|---|\n")
+
+
+def write_markdown(path: str, rows, args, devices: int) -> None:
+  """Append one row per method (the header first, into a new file)."""
+  kind = f"{devices} x {jax.devices()[0].device_kind}"
+  new = not os.path.exists(path) or not os.path.getsize(path)
+  with open(path, "a") as f:
+    if new:
+      f.write(MARKDOWN_HEADER)
+    for method, med, mfu, peak in rows:
+      f.write(f"| {time.strftime('%Y-%m-%d')} | {kind} | {method} | {args.batch_size // devices} "
+              f"| {1e3 * med:.1f} | {args.batch_size / med:.0f} "
+              f"| {args.batch_size / med / devices:.0f} "
+              f"| {format(mfu, '.1%') if mfu else 'n/a'} | {peak / 2 ** 30:.2f} |\n")
 
 
 def main(argv=None):
@@ -137,6 +159,10 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5, help="timed blocks per method")
   parser.add_argument("--flops_only", action="store_true",
                       help="count XLA FLOPs of the lowered steps; compile and run nothing")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated methods to time alone (default: the pairs and others)")
+  parser.add_argument("--markdown", default=None,
+                      help="append one markdown table row per method to this file")
   args = parser.parse_args(argv)
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
@@ -151,17 +177,21 @@ def main(argv=None):
         f"median of {args.repeats} blocks x {args.steps} steps after {args.warmup} warm-up")
   rng = jax.random.PRNGKey(0)
   entries = {}
-  for pair, _ in ((p[:2], p[2]) for p in PAIRS):
-    entries.update(compile_pair(pair, args, mesh, rng))
-  for method, _ in OTHERS:
-    entries.update(compile_pair((method,), args, mesh, rng))
+  if args.methods:
+    for method in args.methods.split(","):
+      entries.update(compile_pair((method,), args, mesh, rng))
+  else:
+    for pair, _ in ((p[:2], p[2]) for p in PAIRS):
+      entries.update(compile_pair(pair, args, mesh, rng))
+    for method, _ in OTHERS:
+      entries.update(compile_pair((method,), args, mesh, rng))
   if args.flops_only:
     for method, e in entries.items():
       print(f"{method:<10}{e['flops'] / 1e9:>12.1f} GFLOP/step")
-    for base, detcon, paper in PAIRS:
+    for base, detcon, paper in _present(PAIRS, entries):
       fb, fd = entries[base]["flops"], entries[detcon]["flops"]
       print(f"{detcon} / {base}: XLA flops {100 * (fd / fb - 1):+.1f}%  (paper {paper:+.1f}%)")
-    for method, base in OTHERS:
+    for method, base in _present(OTHERS, entries):
       fb, fm = entries[base]["flops"], entries[method]["flops"]
       print(f"{method} / {base}: XLA flops x{fm / fb:.2f}")
     return
@@ -172,20 +202,29 @@ def main(argv=None):
     for entry in entries.values():
       entry["times"].append(run_steps(entry, args.steps))
 
+  peak = plan.device_peak(jax.devices()[0])            # None on CPU and unknown devices
   print(f"{'method':<10}{'ms/step':>10}{'min':>9}{'img/s/dev':>11}{'GFLOP/step':>12}"
-        f"{'compile s':>11}")
+        f"{'compile s':>11}{'MFU':>7}{'peak GiB/dev':>13}")
+  rows = []
   for method, e in entries.items():
     med = statistics.median(e["times"])
+    mfu = e["model_flops"] / devices / med / peak if peak else None
+    rows.append((method, med, mfu, e["peak"]))
     print(f"{method:<10}{1e3 * med:>10.1f}{1e3 * min(e['times']):>9.1f}"
-          f"{args.batch_size / med / devices:>11.1f}{e['flops'] / 1e9:>12.2f}{e['compile_s']:>11.1f}")
-  print(f"{'overhead':<20}{'time':>8}{'XLA flops':>11}{'paper (flops)':>15}")
-  for base, detcon, paper in PAIRS:
+          f"{args.batch_size / med / devices:>11.1f}{e['flops'] / 1e9:>12.2f}{e['compile_s']:>11.1f}"
+          f"{format(mfu, '.1%') if mfu else 'n/a':>7}{e['peak'] / 2 ** 30:>13.2f}")
+  if args.markdown:
+    write_markdown(args.markdown, rows, args, devices)
+  if _present(PAIRS, entries):
+    print(f"{'overhead':<20}{'time':>8}{'XLA flops':>11}{'paper (flops)':>15}")
+  for base, detcon, paper in _present(PAIRS, entries):
     tb, td = (statistics.median(entries[m]["times"]) for m in (base, detcon))
     fb, fd = entries[base]["flops"], entries[detcon]["flops"]
     flops = f"{100 * (fd / fb - 1):+.1f}%" if fb else "n/a"
     print(f"{detcon + ' / ' + base:<20}{100 * (td / tb - 1):>+7.1f}%{flops:>11}{paper:>+14.1f}%")
-  print(f"{'ratio':<20}{'time':>8}{'XLA flops':>11}")
-  for method, base in OTHERS:
+  if _present(OTHERS, entries):
+    print(f"{'ratio':<20}{'time':>8}{'XLA flops':>11}")
+  for method, base in _present(OTHERS, entries):
     tb, tm = (statistics.median(entries[m]["times"]) for m in (base, method))
     fb, fm = entries[base]["flops"], entries[method]["flops"]
     flops = f"x{fm / fb:.2f}" if fb else "n/a"

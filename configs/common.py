@@ -31,9 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 32            # global, over all hosts and devices
   c.image_size = 64            # crop size of the training views
 
-  # stem_pool=False: no stem max-pool, output stride 16 (small images; see models/resnet.py)
+  # stem_pool=False: no stem max-pool, output stride 16 (small images; see models/resnet.py).
+  # remat=True: recompute each ResNet block in the backward pass (less activation memory,
+  # about one more forward pass of FLOPs; python -m launch.plan shows both).
   c.model = ml_collections.ConfigDict(dict(depth=18, width=1.0, dtype="float32",
-                                          stem_pool=True))
+                                          stem_pool=True, remat=False))
   c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, output_dim=128, batch_norm=True))
   # num_masks: mask ids sampled per view with masks (DetCon's K; the paper samples 16).
   c.loss = ml_collections.ConfigDict(dict(temperature=0.1, local_negatives=False,

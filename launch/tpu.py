@@ -4,8 +4,9 @@
       --zone=us-central2-b --workdir=gs://BUCKET/runs/detcon_b [--spot] [--queued] \
       [--records=gs://BUCKET/records/imagenet] [--config.KEY=VALUE ...] [--dry_run]
 
-What it does, as plain gcloud commands (--dry_run prints them as a bash script
-and starts nothing; without it, this module runs them):
+What it does, as plain gcloud commands (--dry_run prints them as a bash script,
+headed by launch.plan's one-line memory and FLOPs summary, and starts nothing;
+without it, this module runs them):
   1. create the slice: `tpu-vm create` (or a `queued-resources create` that is
      waited for until ACTIVE) with the accelerator type, zone, runtime version
      and, if asked, spot / preemptible capacity;
@@ -124,6 +125,7 @@ class Plan:
   keep_tpu: bool
   archive: str                # local path of the source archive
   notes: list[str]
+  summary: str = ""           # launch.plan's one line (memory and FLOPs per device)
 
   def _gcloud(self, *args) -> list[str]:
     tail = [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
@@ -197,6 +199,8 @@ def script(plan: Plan, max_restarts: int) -> str:
       f"# workdir {p.workdir}: checkpoints, config.json, TensorBoard (tb/).",
   ]
   lines += [f"# note: {n}" for n in p.notes]
+  if p.summary:
+    lines += [f"# plan: {p.summary}"]
   lines += ["set -uo pipefail", f"cd {shlex.quote(ROOT)}", "mkdir -p dist", ""]
 
   def up(indent=""):
@@ -352,6 +356,23 @@ def make_plan(a, overrides: list[str]) -> Plan:
               archive=os.path.join("dist", ARCHIVE), notes=notes)
 
 
+def plan_summary(a, overrides: list[str]) -> str:
+  """launch.plan's one-line summary for this config and slice (compiled for CPU in a child
+  process, which makes the slice's device count); a failure is reported, not fatal."""
+  cmd = [sys.executable, "-m", "launch.plan", f"--config={a.config}", f"--tpu={a.tpu}",
+         "--summary", *overrides]
+  print("planning memory and FLOPs per device (python -m launch.plan, compiling for CPU; "
+        "minutes at ResNet-50, --no_plan skips it) ...", file=sys.stderr, flush=True)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode or not lines:
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")] or ["failed"]
+    return f"not available ({errors[-1]})"
+  return lines[-1]
+
+
 def parser():
   import argparse
   p = argparse.ArgumentParser(
@@ -375,7 +396,10 @@ def parser():
                  help="give up after this many failed training runs")
   p.add_argument("--keep_tpu", action="store_true", help="do not delete the slice at the end")
   p.add_argument("--dry_run", action="store_true",
-                 help="print the gcloud commands as a bash script; start nothing")
+                 help="print the gcloud commands as a bash script, with launch.plan's summary "
+                      "(memory and FLOPs per device); start nothing")
+  p.add_argument("--no_plan", action="store_true",
+                 help="leave launch.plan's summary out of the dry run (it compiles for minutes)")
   return p
 
 
@@ -395,6 +419,8 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if a.dry_run:
+    if not a.no_plan:
+      plan.summary = plan_summary(a, overrides)
     sys.stdout.write(script(plan, a.max_restarts))
     return 0
   os.makedirs(os.path.join(ROOT, os.path.dirname(plan.archive)), exist_ok=True)

@@ -31,7 +31,7 @@ def test_slices_know_chips_hosts_and_devices(name, gcloud_type, chips, hosts, de
 
 
 def _dry_run(capsys, *args):
-  assert tpu.main([IMAGENET, "--workdir=gs://b/run", "--dry_run", *args]) == 0
+  assert tpu.main([IMAGENET, "--workdir=gs://b/run", "--dry_run", "--no_plan", *args]) == 0
   return capsys.readouterr().out
 
 
@@ -104,7 +104,8 @@ def test_clear_errors(capsys, monkeypatch):
   monkeypatch.setenv("PATH", "/nonexistent")
   msg = _errors(capsys, *base, "--tpu=v5e-8", "--workdir=gs://b/r")
   assert "gcloud is not on PATH" in msg
-  assert tpu.main([*base, "--tpu=v5e-8", "--workdir=runs/x", "--dry_run"]) == 0  # 1 host: fine
+  assert tpu.main([*base, "--tpu=v5e-8", "--workdir=runs/x", "--dry_run",
+                   "--no_plan"]) == 0  # 1 host: fine
 
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
@@ -133,8 +134,8 @@ def test_preemption_recreates_the_slice_and_reruns_the_same_command(tmp_path, ho
   args = [sys.executable, "-m", "launch.tpu", IMAGENET, "--tpu=v4-32", "--zone=us-central2-b",
           "--workdir=gs://b/run"]
   if how == "script":
-    script = subprocess.run(args + ["--dry_run"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, check=True).stdout
+    script = subprocess.run(args + ["--dry_run", "--no_plan"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, check=True).stdout
     proc = subprocess.run(["bash"], input=script, env=env, capture_output=True, text=True)
   else:
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)

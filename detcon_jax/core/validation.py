@@ -112,6 +112,9 @@ def _check_model(c) -> int:
     _fail("model.dtype", c.model.dtype, f"choose one of {list(DTYPES)}.")
   if c.model.width <= 0:
     _fail("model.width", c.model.width, "must be > 0 (1.0 = standard ResNet).")
+  if not isinstance(c.model.get("remat", False), bool):
+    _fail("model.remat", c.model.remat, "must be True or False (True: recompute each ResNet "
+          "block in the backward pass, for memory).")
   if c.loss.num_masks <= 0:
     _fail("loss.num_masks", c.loss.num_masks, "must be > 0 (the paper samples 16).")
   if c.loss.temperature <= 0:

@@ -135,6 +135,11 @@ class ResNet(nn.Module):
   is the a-trous form of the same network: in inference mode its map at even
   positions equals the undilated map. Same parameters: a trained encoder runs
   dilated unchanged.
+
+  remat=True rematerialises each block (flax nn.remat): the backward pass keeps
+  only the blocks' inputs and recomputes their insides, trading about one more
+  forward pass of FLOPs for less activation memory (launch/plan.py shows both).
+  Same parameters, names and values.
   """
   depth: int = 50
   width: float = 1.0
@@ -142,6 +147,7 @@ class ResNet(nn.Module):
   stem_pool: bool = True
   dtype: Any = jnp.float32
   dilate_last: bool = False
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -166,12 +172,13 @@ class ResNet(nn.Module):
     out = {"stem": x}
     if self.stem_pool:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    block = nn.remat(_Block, static_argnums=(2,)) if self.remat else _Block  # 2: `train`
     for s, blocks in enumerate(layers, start=1):
       planes = base * 2 ** (s - 1)
       dilate = self.dilate_last and s == len(layers)
       for b in range(blocks):
         stride = 2 if (b == 0 and s > 1 and not dilate) else 1
-        x = _Block(kind, planes, stride, self.zero_init_residual, self.dtype,
+        x = block(kind, planes, stride, self.zero_init_residual, self.dtype,
                    dilation=2 if dilate else 1, carry_dilation=1 if dilate and b == 0 else None,
                    name=f"layer{s}_{b}")(x, train)
       out[f"stage{s}"] = x
@@ -195,9 +202,10 @@ def compute_dtype(name: str):
 
 def encoder_from_config(config) -> ResNet:
   """The backbone described by config.model (depth, width, dtype, zero_init_residual,
-  stem_pool)."""
+  stem_pool, remat)."""
   m = config.model
   return ResNet(depth=int(m.depth), width=float(m.width),
                 zero_init_residual=bool(m.get("zero_init_residual", False)),
                 stem_pool=bool(m.get("stem_pool", True)),
-                dtype=compute_dtype(m.get("dtype", "float32")))
+                dtype=compute_dtype(m.get("dtype", "float32")),
+                remat=bool(m.get("remat", False)))
