@@ -376,3 +376,40 @@ def tiny_method_config(method, **views):
   c.head.update(hidden_dim=16, output_dim=8)
   c.views.update(small_size=16, **views)
   return c
+
+
+def tiny_preset_config(method):
+  """The method's demo preset, shrunk: ResNet-18 x 1/8 at 32 px (stride 32), batch 4."""
+  c = importlib.import_module(f"configs.{method}").get_config("demo")
+  c.update(image_size=32, batch_size=4)
+  c.model.update(depth=18, width=0.125, dtype="float32", stem_pool=True)
+  c.head.update(hidden_dim=16, output_dim=8)
+  c.loss.update(temperature=0.1, local_negatives=False, num_masks=4)
+  return c
+
+
+def box_examples(n=8, seed=0, size=48):
+  """A coloured box on a flat per-image colour; mask id 1, saliency 1 on the box; the
+  tiled background is white left of the box's centre column and black right of it."""
+  rng = np.random.default_rng(seed)
+  exs = []
+  for i in range(n):
+    img = np.empty((size, 64, 3), np.uint8)
+    img[:] = rng.integers(0, 256, 3)
+    m = np.zeros((size, 64), np.int32)
+    y, x = rng.integers(0, 20), rng.integers(0, 30)
+    img[y:y + 24, x:x + 20], m[y:y + 24, x:x + 20] = rng.integers(0, 256, 3), 1
+    back = np.zeros((size, 64, 3), np.uint8)
+    back[:, :x + 10] = 255
+    exs.append(dict(image=img, masks={"box": m}, saliency=np.where(m == 1, 1.0, 0.0),
+                    background=back))
+  return exs
+
+
+class TinyEncoder(nn.Module):
+  """One strided conv named like the backbone's last stage: compiles in a moment."""
+  stem_pool: bool = True
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return {"stage4": nn.relu(nn.Conv(16, (8, 8), strides=(8, 8))(x))}

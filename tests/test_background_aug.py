@@ -16,28 +16,12 @@ from data_pipelines import views as V
 from data_pipelines.masks import tiled_background as tiles
 from detcon_jax.core import validation
 from detcon_jax.objectives import registry
+from harness import box_examples
 
 S = 48
 VIEWS = (V.ViewSpec("view1", 32, augment="simclr1", fields=(V.MASKS,)),
          V.ViewSpec("view2", 32, augment="simclr2", fields=(V.MASKS,)))
 
-
-def _examples(n=8, seed=0):
-  """A coloured box on a flat per-image colour; mask id 1, saliency 1 on the box; the
-  tiled background is white left of the box's centre column and black right of it."""
-  rng = np.random.default_rng(seed)
-  exs = []
-  for i in range(n):
-    img = np.empty((S, 64, 3), np.uint8)
-    img[:] = rng.integers(0, 256, 3)
-    m = np.zeros((S, 64), np.int32)
-    y, x = rng.integers(0, 20), rng.integers(0, 30)
-    img[y:y + 24, x:x + 20], m[y:y + 24, x:x + 20] = rng.integers(0, 256, 3), 1
-    back = np.zeros((S, 64, 3), np.uint8)
-    back[:, :x + 10] = 255
-    exs.append(dict(image=img, masks={"box": m}, saliency=np.where(m == 1, 1.0, 0.0),
-                    background=back))
-  return exs
 
 
 def test_tiled_background_fills_the_hole_from_the_background():
@@ -57,7 +41,7 @@ def test_background_follows_crops_and_flips(tmp_path):
   """Masks, saliency, foreground and the tiled background stay aligned in every view:
   away from edges, mask id 1 <=> foreground, and the background's white/black split
   sits where the box's centre column went (flips mirror it with the rest)."""
-  build.write_records(str(tmp_path), {"train": _examples()})
+  build.write_records(str(tmp_path), {"train": box_examples()})
   fields = (V.MASKS, V.SALIENCY, V.FOREGROUND, V.BACKGROUND)
   views = tuple(V.ViewSpec(n, 32, augment="simclr1", fields=fields) for n in ("view1", "view2"))
   b = next(input_lib.train_iterator(str(tmp_path), batch_size=8, views=views, mask_source="box",
@@ -143,7 +127,7 @@ def test_swaps_negative_has_query_background_and_another_images_foreground():
 def test_p_zero_is_the_plain_batch(tmp_path):
   """p_pos = 0: the views are the plain pipeline's bit for bit, and the batch has exactly
   the plain keys (BG RM and BG Random); so the loss of any method is the plain one."""
-  build.write_records(str(tmp_path), {"train": _examples()})
+  build.write_records(str(tmp_path), {"train": box_examples()})
   kw = dict(batch_size=8, views=VIEWS, mask_source="box", host_index=0, host_count=1)
   plain = next(input_lib.train_iterator(str(tmp_path), **kw))
   for mode in ("rm", "random"):
@@ -219,10 +203,10 @@ def test_moco_swaps_negative_goes_through_the_key_network_and_is_never_enqueued(
   """The loss with batch[NEGATIVE] is info_nce with the key network's embedding of the
   negative as one extra column (computed here by hand); the enqueued rows are the keys."""
   import jax
-  from tests.test_objectives_moco_swav import tiny_config
+  from harness import tiny_method_config
   from detcon_jax.objectives import common, moco
   from detcon_jax.objectives.contrastive import info_nce
-  config = tiny_config("moco_v2")
+  config = tiny_method_config("moco_v2")
   config.moco.queue_size = 16
   config.background.mode = "swaps"
   batch = B.synthetic_train_batch(4, specs=V.standard_views(config))

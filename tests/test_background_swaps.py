@@ -18,9 +18,8 @@ from data_pipelines import build
 from data_pipelines import input as input_lib
 from data_pipelines import views as V
 from detcon_jax.objectives import common, registry
-from tests.test_background_aug import _examples
-from tests.test_detcon_reference import jax_loss, random_case, reference_loss
-from tests.test_objectives import tiny_config
+from detcon_numpy import jax_loss, random_case, reference_loss
+from harness import box_examples, tiny_preset_config
 
 
 # --- The loss: one more negative per view-1 mask anchor -----------------------------
@@ -62,7 +61,7 @@ def tiny_params():
   tests compare two computations on the same values, and compiling init costs ~30 s."""
   batch = B.synthetic_train_batch(4, 32, num_masks=4, seed=0)
   shapes = jax.eval_shape(lambda k: registry.get_objective("simclr").init(
-      k, tiny_config("simclr"), batch), jax.random.key(0))
+      k, tiny_preset_config("simclr"), batch), jax.random.key(0))
   rng = np.random.default_rng(0)
 
   def draw(path, leaf):
@@ -90,7 +89,7 @@ def test_detcon_s_with_one_global_mask_and_the_negative_equals_simclr(grad, tiny
   params, state = tiny_params
   got = {}
   for method, b in (("simclr", batch), ("detcon_s", whole)):
-    config = tiny_config(method)
+    config = tiny_preset_config(method)
     config.loss.detcon_form = "dedup"
     out = _value_and_grad(method, config, grad)(params, state, b)
     (value, (_, new_state)), grads = out if grad else (out, {})
@@ -102,7 +101,7 @@ def test_detcon_s_with_one_global_mask_and_the_negative_equals_simclr(grad, tiny
 # --- The pipeline: DetCon-S + swaps ---------------------------------------------------
 
 def _detcon_s_swaps(**background):
-  config = tiny_config("detcon_s")
+  config = tiny_preset_config("detcon_s")
   config.background.update(mode="swaps", **background)
   bg.validate(config)
   return config
@@ -120,7 +119,7 @@ def _iterator(path, config, settings, extra_fields=()):
 def test_p_zero_detcon_s_swaps_is_plain_detcon_s(tmp_path, grad, tiny_params):
   """p_pos = p_neg = fg_min = 0: the same batch bit for bit (no negative), so the same
   loss (and, slow-marked, gradient)."""
-  build.write_records(str(tmp_path), {"train": _examples()})
+  build.write_records(str(tmp_path), {"train": box_examples()})
   config = _detcon_s_swaps(p_pos=0.0, p_neg=0.0, fg_min=0.0)
   settings = bg.settings(config)
   assert settings.mode == "swaps" and not settings.negative and settings.fg_min == 0
@@ -140,7 +139,7 @@ def test_detcon_s_swaps_negative_and_fg_min_crops_in_the_pipeline(tmp_path):
   """With DetCon-S's masked views: batch[NEGATIVE] has the query's background pixels and
   another image's foreground (p_neg = 1); the default fg_min = 0.1 constrains both global
   crops, and every crop and fallback is counted."""
-  build.write_records(str(tmp_path), {"train": _examples()})
+  build.write_records(str(tmp_path), {"train": box_examples()})
   config = _detcon_s_swaps(p_pos=1.0, p_neg=1.0)
   settings = bg.settings(config)
   assert settings.negative and settings.fg_min == 0.1                 # the paper's FGmin
@@ -212,7 +211,7 @@ def test_fg_min_config_and_view_specs():
   assert bg.settings(_detcon_s_swaps(fg_min=0.05)).fg_min == 0.05
   with pytest.raises(ConfigError, match="fg_min"):
     _detcon_s_swaps(fg_min=1.0)
-  config = tiny_config("detcon_s")
+  config = tiny_preset_config("detcon_s")
   config.background.mode = "swaps"
   config.views.min_salient_cover = 0.2
   with pytest.raises(ConfigError, match="set one of them to 0"):
@@ -224,7 +223,7 @@ def test_fg_min_config_and_view_specs():
 
 
 def _rm():
-  config = tiny_config("detcon_s")
+  config = tiny_preset_config("detcon_s")
   config.background.mode = "rm"
   return config
 

@@ -21,69 +21,7 @@ from configs import common as config_common
 from data_pipelines import batch as B
 from detcon_jax.objectives.contrastive import DETCON_FORMS, detcon_nce, nt_xent
 from detcon_jax.objectives.detcon import detcon_criterion
-
-TAU = 0.1
-
-
-def _unit(x):
-  return np.asarray(x, np.float64) / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def reference_loss(o1, o2, t1, t2, ids1, ids2, tau=TAU, num_shards=1,
-                   same_image_negatives=True, extra=None):
-  """One anchor row at a time; excluded candidates are left out of the softmax.
-  extra [B, K, D]: one more negative of each view-1 row (BG Swaps)."""
-  online, target, ids = (o1, o2), (t1, t2), (np.asarray(ids1), np.asarray(ids2))
-  b, k = ids[0].shape
-  block = b // num_shards
-  total = 0.0
-  for v in (0, 1):
-    w = 1 - v
-    rows = []
-    for i in range(b):
-      for r in range(k):
-        m, q = ids[v][i, r], _unit(online[v][i, r])
-        logits, labels = [], []
-        for j in range(b):
-          if j // block != i // block:
-            continue
-          for l in range(k):                                  # other view
-            positive = j == i and ids[w][j, l] == m
-            if j == i and not positive and not same_image_negatives:
-              continue
-            logits.append(q @ _unit(target[w][j, l]) / tau)
-            labels.append(float(positive))
-          for l in range(k):                                  # same view
-            if j == i and (ids[v][j, l] == m or not same_image_negatives):
-              continue
-            logits.append(q @ _unit(target[v][j, l]) / tau)
-            labels.append(0.0)
-        if extra is not None and v == 0:
-          logits.append(q @ _unit(extra[i, r]) / tau)
-          labels.append(0.0)
-        labels, logits = np.array(labels), np.array(logits)
-        if labels.sum() == 0:
-          rows.append(0.0)
-          continue
-        log_softmax = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
-        weight = 1.0 / np.sum(ids[v][i] == m)
-        rows.append(-weight * np.sum(labels / labels.sum() * log_softmax))
-    total += np.mean(rows)
-  return total
-
-
-def random_case(seed, b=4, k=5, num_ids=6, dim=3, bootstrap=True):
-  """Independent latents per slot; ids drawn per view with replacement."""
-  rng = np.random.default_rng(seed)
-  ids1, ids2 = (rng.integers(0, num_ids, (b, k)).astype(np.int32) for _ in range(2))
-  o1, o2, t1, t2 = (rng.normal(size=(b, k, dim)).astype(np.float32) for _ in range(4))
-  return (o1, o2, t1, t2, ids1, ids2) if bootstrap else (o1, o2, o1, o2, ids1, ids2)
-
-
-def jax_loss(o1, o2, t1, t2, ids1, ids2, tau=TAU, **kw):
-  return float(detcon_nce(*map(jnp.asarray, (o1, o2, t1, t2, ids1, ids2)), temperature=tau,
-                          **kw)[0])
-
+from detcon_numpy import TAU, jax_loss, random_case, reference_loss
 
 def test_forms_and_config_choices():
   assert DETCON_FORMS == ("reference", "dedup")
@@ -176,7 +114,7 @@ def test_8_sharded_devices_equal_one():
       import numpy as np, jax, jax.numpy as jnp
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       from detcon_jax.objectives.contrastive import detcon_nce
-      from tests.test_detcon_reference import random_case, reference_loss, TAU
+      from detcon_numpy import random_case, reference_loss, TAU
       assert jax.device_count() == 8
       case = [jnp.asarray(x) for x in random_case(8, b=16, k=4, num_ids=5, dim=8)]
       mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -1,5 +1,4 @@
 """Background robustness (ImageNet-9 variants, BG-Gap) and the correlated demo option."""
-import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -8,6 +7,7 @@ from data_pipelines import batch as B
 from data_pipelines import build, records
 from detcon_jax.evaluate import background_robustness, features, run
 from detcon_jax.train import loop
+from harness import TinyEncoder
 
 SIZE = 16
 
@@ -101,15 +101,6 @@ def records_dir(tmp_path_factory):
       "test": [_example(c, rng, int(rng.integers(3))) for c in range(3) for _ in range(2)]},
       num_classes=3, class_names=["r", "g", "b"])
   return out
-
-
-class TinyEncoder(nn.Module):
-  """One strided conv named like the backbone's last stage: compiles in a moment."""
-  stem_pool: bool = True
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    return {"stage4": nn.relu(nn.Conv(16, (8, 8), strides=(8, 8))(x))}
 
 
 def test_background_evaluation_in_the_runner(records_dir, tmp_path):

@@ -1,5 +1,4 @@
 """Objectives: known answers of the contrastive math, and the four objectives end to end."""
-import importlib
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 from data_pipelines import batch as B
 from detcon_jax.objectives import byol, common, registry
 from detcon_jax.objectives.contrastive import detcon_nce, nt_xent
+from harness import tiny_preset_config
 
 TAU = 0.1
 
@@ -224,22 +224,12 @@ def test_byol_regression_known_answers():
 
 # --- The objectives end to end (tiny ResNet-18) -----------------------------------
 
-def tiny_config(method):
-  """The method's demo preset, shrunk: ResNet-18 x 1/8 at 32 px (stride 32), batch 4."""
-  c = importlib.import_module(f"configs.{method}").get_config("demo")
-  c.update(image_size=32, batch_size=4)
-  c.model.update(depth=18, width=0.125, dtype="float32", stem_pool=True)
-  c.head.update(hidden_dim=16, output_dim=8)
-  c.loss.update(temperature=TAU, local_negatives=False, num_masks=4)
-  return c
-
-
 @pytest.fixture(scope="module")
 def bootstrap_init():
   """One init for every test below (initialisers compile slowly on CPU)."""
   batch = B.synthetic_train_batch(4, 32, num_masks=4, grid=2, seed=0)
   params, state = registry.get_objective("detcon_b").init(jax.random.key(0),
-                                                          tiny_config("detcon_b"), batch)
+                                                          tiny_preset_config("detcon_b"), batch)
   return batch, params, state
 
 
@@ -251,7 +241,7 @@ def test_detcon_s_with_one_global_mask_equals_simclr(bootstrap_init):
   for key in (B.MASKS1, B.MASKS2, B.MASK_IDS1, B.MASK_IDS2):
     whole[key] = np.full_like(batch[key], 7)              # one global mask, 4 copies
   def run(method, b):
-    config = tiny_config(method)
+    config = tiny_preset_config(method)
     config.loss.detcon_form = "dedup"                     # where 4 copies are one mask
     return jax.jit(lambda p, s, b: registry.get_objective(method).loss(
         p, s, b, None, 0, config))(params, state, b)
@@ -272,7 +262,7 @@ def test_detcon_b_step_layout_and_gradients(bootstrap_init):
       {k: params[k] for k in ("encoder", "projector")})
   objective = registry.get_objective("detcon_b")
   fn = jax.jit(jax.value_and_grad(
-      lambda p, s, b: objective.loss(p, s, b, jax.random.key(1), 0, tiny_config("detcon_b")),
+      lambda p, s, b: objective.loss(p, s, b, jax.random.key(1), 0, tiny_preset_config("detcon_b")),
       has_aux=True))
   (value, (metrics, new_state)), grads = fn(params, state, batch)
   assert np.isfinite(float(value)) and set(metrics) == {"loss", "positive_fraction", "tau", "chance"}
@@ -287,7 +277,7 @@ def test_detcon_b_step_layout_and_gradients(bootstrap_init):
     assert all(bool(jnp.isfinite(g).all()) for g in leaves) and any(bool(g.any()) for g in leaves)
   # The EMA of after_update (tau0 at step 0) and the backbone view.
   moved = jax.tree.map(lambda x: x + 1.0, params)
-  cfg = tiny_config("detcon_b")
+  cfg = tiny_preset_config("detcon_b")
   cfg.ema.tau0 = 0.75
   _, updated = objective.after_update(moved, state, 0, cfg)
   np.testing.assert_allclose(updated["target"]["encoder"]["conv1"]["kernel"],
@@ -299,7 +289,7 @@ def test_detcon_b_step_layout_and_gradients(bootstrap_init):
 def test_byol_loss_runs(bootstrap_init):
   batch, params, state = bootstrap_init
   value, (metrics, _) = jax.jit(lambda p, s, b: registry.get_objective("byol").loss(
-      p, s, b, None, 0, tiny_config("byol")))(params, state, batch)
+      p, s, b, None, 0, tiny_preset_config("byol")))(params, state, batch)
   assert 0.0 <= float(value) <= 8.0 and float(metrics["loss"]) == float(value)
 
 
@@ -312,8 +302,8 @@ def test_registry_and_batch_errors():
   batch = B.synthetic_train_batch(2, 32, num_masks=4)
   no_masks = {k: v for k, v in batch.items() if k != B.MASKS2}
   with pytest.raises(ValueError, match="view2/masks"):
-    registry.get_objective("detcon_s").init(jax.random.key(0), tiny_config("detcon_s"), no_masks)
-  cfg = tiny_config("detcon_s")
+    registry.get_objective("detcon_s").init(jax.random.key(0), tiny_preset_config("detcon_s"), no_masks)
+  cfg = tiny_preset_config("detcon_s")
   cfg.loss.num_masks = 16
   with pytest.raises(ValueError, match="num_masks"):
     registry.get_objective("detcon_s").init(jax.random.key(0), cfg, batch)

@@ -4,7 +4,7 @@ import pytest
 
 from data_pipelines import build, records, tfds_segmentation
 from detcon_jax.evaluate import features, run
-from tests.test_eval_background import TinyEncoder
+from harness import TinyEncoder
 
 tfds = pytest.importorskip("tensorflow_datasets")
 tf = pytest.importorskip("tensorflow")
