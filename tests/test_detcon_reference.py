@@ -22,6 +22,7 @@ from data_pipelines import batch as B
 from detcon_jax.objectives.contrastive import DETCON_FORMS, detcon_nce, nt_xent
 from detcon_jax.objectives.detcon import detcon_criterion
 from detcon_numpy import TAU, jax_loss, random_case, reference_loss
+from harness import ENV
 
 def test_forms_and_config_choices():
   assert DETCON_FORMS == ("reference", "dedup")
@@ -133,8 +134,7 @@ def test_8_sharded_devices_equal_one():
       print("ok")
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

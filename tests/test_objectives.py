@@ -12,7 +12,7 @@ import pytest
 from data_pipelines import batch as B
 from detcon_jax.objectives import byol, common, registry
 from detcon_jax.objectives.contrastive import detcon_nce, nt_xent
-from harness import tiny_preset_config
+from harness import ENV, tiny_preset_config
 
 TAU = 0.1
 
@@ -192,7 +192,7 @@ def test_local_negatives_on_8_sharded_devices():
       import ml_collections
       from detcon_jax.objectives.common import negative_shards
       from detcon_jax.objectives.contrastive import detcon_nce
-      from tests.test_objectives import random_case, detcon_reference, TAU
+      from test_objectives import random_case, detcon_reference, TAU
       assert jax.device_count() == 8
       cfg = ml_collections.ConfigDict(dict(loss=dict(local_negatives=True)))
       case = random_case(8, b=16)
@@ -207,8 +207,7 @@ def test_local_negatives_on_8_sharded_devices():
       print("ok")
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
