@@ -146,11 +146,13 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 
-def one_step(objective, config, out_path: str) -> None:
-  """Init, one sharded train step, then save loss + params (before and after)."""
+def one_step(objective, config, out_path: str, host=None, metrics_saved=("loss",)) -> None:
+  """Init, one sharded train step, then save the metrics + params (before and after).
+  host: the host batch (default: synthetic for the objective's views)."""
   mesh = sharding.make_mesh()
-  host = B.synthetic_train_batch(config.batch_size, num_masks=config.loss.num_masks, seed=7,
-                                 specs=objective.views(config))
+  if host is None:
+    host = B.synthetic_train_batch(config.batch_size, num_masks=config.loss.num_masks, seed=7,
+                                   specs=objective.views(config))
   batch = sharding.host_batch_to_global(host, mesh)
   tx, schedule = state_lib.make_optimizer(objective, config)
   rep = sharding.replicated(mesh)
@@ -164,8 +166,8 @@ def one_step(objective, config, out_path: str) -> None:
   after = checkpointing.to_host(ts["params"])
   flat = {f"update/{jax.tree_util.keystr(k)}": a - b for (k, a), b in
           zip(jax.tree_util.tree_leaves_with_path(after), jax.tree.leaves(before))}
-  np.savez(out_path, loss=np.asarray(checkpointing.to_host(metrics["loss"])),
-           devices=jax.device_count(), **flat)
+  saved = {k: np.asarray(checkpointing.to_host(metrics[k])) for k in metrics_saved}
+  np.savez(out_path, devices=jax.device_count(), **saved, **flat)
 
 
 def run_on_devices(snippet: str, out: str, devices: int = 8) -> dict:

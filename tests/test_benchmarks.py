@@ -1,18 +1,5 @@
-"""The train-step benchmark's FLOP count runs and measures the paper's network."""
-import importlib.util
-import os
-
-import pytest
-from harness import ROOT
-
-
-@pytest.fixture(scope="module")
-def train_step():
-  spec = importlib.util.spec_from_file_location(
-      "train_step_benchmark", os.path.join(ROOT, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+"""The train-step benchmark's FLOP count runs and measures the paper's network (the
+`train_step` fixture: conftest.py)."""
 
 
 def test_rn50_preset_is_the_standard_stride_32_network(train_step, capsys):

@@ -12,9 +12,7 @@ from data_pipelines import views as V
 from detcon_jax.models import gradcam
 from detcon_jax.objectives import cast, moco, registry
 from detcon_jax.objectives.contrastive import l2_normalize
-from detcon_jax.core import checkpointing, sharding
-from detcon_jax.core import state as state_lib
-from harness import assert_same_update, run_on_devices, tiny_method_config
+from harness import assert_same_update, one_step, run_on_devices, tiny_method_config
 
 
 # --- Pure math -----------------------------------------------------------------------
@@ -229,23 +227,8 @@ def cast_one_step(out_path):
   """Init and one sharded train step on the devices of this process; save loss and update."""
   config = cast_config()
   config.batch_size = 8
-  objective = registry.get_objective("cast")
-  mesh = sharding.make_mesh()
-  batch = sharding.host_batch_to_global(cast_batch(config), mesh)
-  tx, schedule = state_lib.make_optimizer(objective, config)
-  rep = sharding.replicated(mesh)
-  ts = jax.jit(lambda r, b: state_lib.init_train_state(objective, tx, config, r, b),
-               out_shardings=rep)(jax.random.PRNGKey(0), batch)
-  before = checkpointing.to_host(ts["params"])
-  step = jax.jit(state_lib.make_train_step(objective, tx, schedule, config, jax.random.PRNGKey(1)),
-                 in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep))
-  ts, metrics = step(ts, batch)
-  after = checkpointing.to_host(ts["params"])
-  flat = {f"update/{jax.tree_util.keystr(k)}": a - b for (k, a), b in
-          zip(jax.tree_util.tree_leaves_with_path(after), jax.tree.leaves(before))}
-  np.savez(out_path, loss=np.asarray(checkpointing.to_host(metrics["loss"])),
-           loss_att=np.asarray(checkpointing.to_host(metrics["loss_att"])),
-           devices=jax.device_count(), **flat)
+  one_step(registry.get_objective("cast"), config, out_path, host=cast_batch(config),
+           metrics_saved=("loss", "loss_att"))
 
 
 @pytest.mark.slow

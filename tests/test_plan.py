@@ -2,7 +2,6 @@
 line, remat's cost and saving, the fit and largest-batch search, launch.tpu's plan line,
 and benchmarks/accelerator.sh --dry_run. Tiny networks (ResNet-18 x0.25, 32 px) only."""
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,15 +17,6 @@ from launch import plan, tpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 METHOD = "simclr"
-
-
-@pytest.fixture(scope="module")
-def train_step():
-  spec = importlib.util.spec_from_file_location(
-      "train_step_benchmark", os.path.join(ROOT, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _args(**kw):
