@@ -1,11 +1,12 @@
 """The method-agnostic training loop.
 
-Sections, in order: validate -> workdir (writable, locked) -> resume checks ->
-data (shards verified, first batch) -> init or resume (falling back past
-checkpoints that do not restore) -> config.json -> compile -> loop (step, log,
-checkpoint, preemption) -> summary -> evaluation. Nothing but the lock (and
-empty folders) is written before the config, the data and the resume are
-checked. The objective is looked up by config.method and the trainer knows
+Sections, in order, one function each: validate, workdir (writable, locked)
+(train) -> resume checks, falling back past checkpoints that do not restore
+(_restore) -> data (shards verified; _batch_source), first batch -> init or
+resume, config.json (_init_or_resumed) -> compile (_compile) -> loop (step, log,
+checkpoint, preemption; _train_steps) -> summary (_summary) -> evaluation
+(_evaluate_at_end); _run calls them in turn. Nothing but the lock (and empty
+folders) is written before the config, the data and the resume are checked. The objective is looked up by config.method and the trainer knows
 nothing method-specific: the train state and step are in state.py, the
 writers in writers.py.
 
@@ -254,6 +255,7 @@ RESUME_FREE = ("log_every_steps", "checkpoint.", "eval.", "data.timeout_s",
 
 
 def _flat(tree, prefix=""):
+  """A nested dict as one level of dotted keys."""
   out = {}
   for k, v in tree.items():
     out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
@@ -674,6 +676,7 @@ def diverged_advice(workdir: str, last_saved) -> str:
 
 
 def signal_name(signum) -> str:
+  """SIGTERM, SIGINT...: how messages name a signal."""
   return signal.Signals(signum).name
 
 
