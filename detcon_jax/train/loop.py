@@ -1,11 +1,12 @@
 """The method-agnostic training loop.
 
-Sections, in order: validate -> workdir (writable, locked) -> resume checks ->
-data (shards verified, first batch) -> init or resume (falling back past
-checkpoints that do not restore) -> config.json -> compile -> loop (step, log,
-checkpoint, preemption) -> summary -> evaluation. Nothing but the lock (and
-empty folders) is written before the config, the data and the resume are
-checked. The objective is looked up by config.method and the trainer knows
+Sections, in order, one function each: validate, workdir (writable, locked)
+(train) -> resume checks, falling back past checkpoints that do not restore
+(_restore) -> data (shards verified; _batch_source), first batch -> init or
+resume, config.json (_init_or_resumed) -> compile (_compile) -> loop (step, log,
+checkpoint, preemption; _train_steps) -> summary (_summary) -> evaluation
+(_evaluate_at_end); _run calls them in turn. Nothing but the lock (and empty
+folders) is written before the config, the data and the resume are checked. The objective is looked up by config.method and the trainer knows
 nothing method-specific: the train state and step are in state.py, the
 writers in writers.py.
 
@@ -17,14 +18,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
+import itertools
 import json
 import os
 import queue
 import signal
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -252,6 +255,7 @@ RESUME_FREE = ("log_every_steps", "checkpoint.", "eval.", "data.timeout_s",
 
 
 def _flat(tree, prefix=""):
+  """A nested dict as one level of dotted keys."""
   out = {}
   for k, v in tree.items():
     out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
@@ -311,216 +315,324 @@ def abstract_batch(objective, config) -> dict:
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
+class _Run(NamedTuple):
+  """What every section of a run reads: train()'s arguments and the pieces built once."""
+  config: Any
+  workdir: str
+  objective: Any
+  flag: Any                      # checkpointing.PreemptionFlag
+  manager: Any                   # the orbax CheckpointManager
+  cleanup: contextlib.ExitStack  # closed when train() returns or raises
+  mesh: Any
+  replicated: Any                # the sharding of the train state
+  tx: Any
+  schedule: Any
+  init_rng: Any
+  train_rng: Any
+  init: Callable                 # jitted (rng, global batch) -> train state
+
+
+@dataclasses.dataclass
+class _Progress:
+  """The step loop's state: the sections that log, save and summarise read and update it."""
+  ts: Any
+  start_step: int
+  step: int
+  last_saved: int | None
+  t_run: float                   # when the steps began
+  t_log: float                   # when the current log interval began
+  status: str = "done"
+  losses: dict = dataclasses.field(default_factory=dict)   # step -> loss
+  pending: list = dataclasses.field(default_factory=list)  # (step, device metrics) unread
+  chance: float | None = None    # the objective's chance level (metric 'chance'), last log
+  eval_s: float = 0.0            # spent in evaluations during the run (not step time)
+  log_from: int = 0              # the first step of the current log interval
+
+
 def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -> dict:
-  primary = jax.process_index() == 0
+  """Init or resume, train to config.steps (or a stop), summarise and evaluate."""
+  run = _setup(config, workdir, objective, flag, manager, cleanup)
+  ts, start_step = _restore(run)
+  if start_step >= config.steps:
+    return _already_trained(run, start_step)
+  source = _batch_source(run, batches, start_step)
+  if source is None:
+    return _stopped(run, start_step)
+  host_input = HostBatches(source, config.data.timeout_s, flag)
+  cleanup.callback(host_input.close)
+  first_host = host_input.get()
+  if first_host is None:   # stopped while waiting for the first batch: nothing new to save
+    say(f"Stopped by {signal_name(flag.signum)} before step {start_step}; nothing new to save.")
+    return _stopped(run, start_step)
+  global_batches = _on_mesh(first_host, host_input, run.mesh)
+  first = next(global_batches)
+  ts = _init_or_resumed(run, ts, start_step, first)
+  setup_s = time.time() - t_start
+  step_fn, compile_s = _compile(run, ts, first, setup_s)
+  writer = writers.make_writer(workdir, jax.process_index() == 0)
+  cleanup.callback(writer.close)
+  if not start_step:
+    _show_inputs(writer, config, first_host)
+  now = time.time()
+  progress = _Progress(ts=ts, start_step=start_step, step=start_step,
+                       last_saved=start_step or None, t_run=now, t_log=now, log_from=start_step)
+  del ts   # donated to the first step
+  _train_steps(run, progress, step_fn, first, global_batches, source, writer)
+  summary = _summary(run, progress, source, setup_s, compile_s)
+  say(summary_line(summary))
+  step = progress.step
+  if progress.status == "done" and (config.eval.at_end
+                                    or step in tuple(config.eval.get("at_steps", ()))):
+    return _evaluate_at_end(config, workdir, step, flag, summary)
+  return summary
+
+
+def _setup(config, workdir, objective, flag, manager, cleanup) -> _Run:
+  """The mesh, optimizer, rngs and jitted init that the later sections share."""
   mesh = sharding.make_mesh()
   tx, schedule = make_optimizer(objective, config)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   replicated = sharding.replicated(mesh)
   init = jax.jit(lambda rng, b: init_train_state(objective, tx, config, rng, b),
                  out_shardings=replicated)
+  return _Run(config, workdir, objective, flag, manager, cleanup, mesh, replicated, tx,
+              schedule, init_rng, train_rng, init)
 
-  # Resume: the newest checkpoint that restores, the ones after it set aside.
-  ts, start_step = None, manager.latest_step() or 0
-  if start_step:
-    check_resumable(config, checkpointing.load_config(workdir), workdir)
-    abstract = checkpointing.abstract_with_sharding(
-        jax.eval_shape(init, init_rng, abstract_batch(objective, config)), replicated)
-    ts, start_step, skipped = checkpointing.restore(manager, abstract)
-    if ts is None:
-      raise WorkdirError(
-          f"No checkpoint in {manager.directory} restores (steps {skipped}, see the warnings "
-          "above); move them away to start over, or use a new --workdir. Full traces: "
-          f"{checkpointing.error_log()}")
-    if skipped:
-      moved = checkpointing.set_aside(manager, workdir, skipped) if primary else []
-      say(f"warning: checkpoint step(s) {skipped} do not restore; resuming from step "
-          f"{start_step} instead (moved to {', '.join(moved)}).")
-  if start_step >= config.steps:
-    summary = dict(method=config.method, status="done", start_step=start_step, step=start_step,
-                   losses={}, signal=None, checkpoint=os.path.join(
-                       workdir, checkpointing.CHECKPOINT_DIR, str(start_step)))
-    if config.eval.at_end and not evaluated(workdir, start_step):
-      say(f"{workdir} is trained to step {start_step} but not evaluated yet; evaluating.")
-      return _evaluate_at_end(config, workdir, start_step, flag, summary)
-    say(f"{workdir} is already trained to step {start_step} (config.steps={config.steps}); "
-        "nothing to do. Raise --config.steps to train further.")
-    return summary
 
-  # Data: a missing shard, mask field or records dir fails here, before compiling.
+def _restore(run: _Run) -> tuple:
+  """(train state, step) of the newest checkpoint that restores, the ones after it set
+  aside; (None, 0) for a new run."""
+  config, workdir, manager = run.config, run.workdir, run.manager
+  start_step = manager.latest_step() or 0
+  if not start_step:
+    return None, 0
+  check_resumable(config, checkpointing.load_config(workdir), workdir)
+  abstract = checkpointing.abstract_with_sharding(
+      jax.eval_shape(run.init, run.init_rng, abstract_batch(run.objective, config)),
+      run.replicated)
+  ts, start_step, skipped = checkpointing.restore(manager, abstract)
+  if ts is None:
+    raise WorkdirError(
+        f"No checkpoint in {manager.directory} restores (steps {skipped}, see the warnings "
+        "above); move them away to start over, or use a new --workdir. Full traces: "
+        f"{checkpointing.error_log()}")
+  if skipped:
+    moved = checkpointing.set_aside(manager, workdir, skipped) if jax.process_index() == 0 else []
+    say(f"warning: checkpoint step(s) {skipped} do not restore; resuming from step "
+        f"{start_step} instead (moved to {', '.join(moved)}).")
+  return ts, start_step
+
+
+def _already_trained(run: _Run, start_step: int) -> dict:
+  """A rerun of a finished run: evaluate it if config.eval.at_end has not yet, else say so."""
+  config, workdir = run.config, run.workdir
+  summary = dict(method=config.method, status="done", start_step=start_step, step=start_step,
+                 losses={}, signal=None, checkpoint=os.path.join(
+                     workdir, checkpointing.CHECKPOINT_DIR, str(start_step)))
+  if config.eval.at_end and not evaluated(workdir, start_step):
+    say(f"{workdir} is trained to step {start_step} but not evaluated yet; evaluating.")
+    return _evaluate_at_end(config, workdir, start_step, run.flag, summary)
+  say(f"{workdir} is already trained to step {start_step} (config.steps={config.steps}); "
+      "nothing to do. Raise --config.steps to train further.")
+  return summary
+
+
+def _stopped(run: _Run, start_step: int) -> dict:
+  """The summary of a run stopped by a signal before its first step."""
+  return dict(method=run.config.method, status="preempted", start_step=start_step,
+              step=start_step, losses={}, signal=run.flag.signum, checkpoint=None)
+
+
+def _batch_source(run: _Run, batches: BatchSource | None, start_step: int):
+  """This host's batches from start_step, the records (and config.eval's data) checked
+  first: a missing shard, mask field or records dir fails here, before compiling. None
+  when a signal stopped the demo build."""
+  config, flag = run.config, run.flag
   try:   # checks the records against the config: manifest, shards, mask source, hosts
     if batches is None:   # (the demo build refuses a records_dir of another source)
       from data_pipelines import records
       try:
         with flag.abortable():   # a signal stops the demo build now (complete shards stay)
-          ensure_records(config, objective.views(config))
+          ensure_records(config, run.objective.views(config))
       except checkpointing.Interrupted:
         say(f"Stopped by {signal_name(flag.signum)} while building the demo records in "
             f"{config.data.records_dir}; complete shards are kept for the rerun.")
-        return dict(method=config.method, status="preempted", start_step=start_step,
-                    step=start_step, losses={}, signal=flag.signum, checkpoint=None)
+        return None
       check_eval_data(config)
       validate_records(config, records.read_manifest(config.data.records_dir),
                        config.data.records_dir)   # image size, batch vs the records
-      batches = functools.partial(records_batches, views=objective.views(config))
-    source = batches(config, start_step, jax.process_index(), jax.process_count())
+      batches = functools.partial(records_batches, views=run.objective.views(config))
+    return batches(config, start_step, jax.process_index(), jax.process_count())
   except ConfigError:   # names its key already
     raise
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"config.data (records_dir={config.data.records_dir!r}): {e}") from e
-  host_input = HostBatches(source, config.data.timeout_s, flag)
-  cleanup.callback(host_input.close)
-  first_host = host_input.get()
-  if first_host is None:   # stopped while waiting for the first batch: nothing new to save
-    say(f"Stopped by {signal_name(flag.signum)} before step {start_step}; nothing new to save.")
-    return dict(method=config.method, status="preempted", start_step=start_step,
-                step=start_step, losses={}, signal=flag.signum, checkpoint=None)
-  global_batches = _on_mesh(first_host, host_input, mesh)
-  first = next(global_batches)
-  if ts is None:
-    ts = init(init_rng, first)
-  else:
-    say(f"Resumed from {manager.directory} at step {start_step}.")
-  if primary:   # the config, data and resume are checked: now the run is written
-    checkpointing.save_config(workdir, config)
 
-  setup_s = time.time() - t_start
+
+def _init_or_resumed(run: _Run, ts, start_step: int, first: dict):
+  """The train state to start from (a new one from the first batch, or the restored one),
+  then config.json: the config, data and resume are checked, so now the run is written."""
+  if ts is None:
+    ts = run.init(run.init_rng, first)
+  else:
+    say(f"Resumed from {run.manager.directory} at step {start_step}.")
+  if jax.process_index() == 0:
+    checkpointing.save_config(run.workdir, run.config)
+  return ts
+
+
+def _compile(run: _Run, ts, first: dict, setup_s: float) -> tuple:
+  """(the compiled train step, seconds it took), announced in the run's first line."""
+  config, mesh = run.config, run.mesh
   t = time.time()
-  step_fn = jax.jit(make_train_step(objective, tx, schedule, config, train_rng),
-                    in_shardings=(replicated, sharding.batch_sharded(mesh)),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
+  step_fn = jax.jit(make_train_step(run.objective, run.tx, run.schedule, config, run.train_rng),
+                    in_shardings=(run.replicated, sharding.batch_sharded(mesh)),
+                    out_shardings=(run.replicated, run.replicated), donate_argnums=0)
   step_fn = step_fn.lower(ts, first).compile()
   compile_s = time.time() - t
   say(f"{config.method}: {jax.device_count()} x {jax.devices()[0].platform} device(s), "
       f"{jax.process_count()} host(s), global batch {config.batch_size}; "
       f"set up in {setup_s:.1f}s, compiled in {compile_s:.1f}s; "
-      f"TensorBoard: {os.path.join(workdir, TB_DIR)}")
+      f"TensorBoard: {os.path.join(run.workdir, TB_DIR)}")
+  return step_fn, compile_s
 
-  writer = writers.make_writer(workdir, primary)
-  cleanup.callback(writer.close)
-  if not start_step and B.MASKS1 in first_host:   # what the masks look like after augmentation
+
+def _show_inputs(writer, config, first_host: dict) -> None:
+  """The first host batch as TensorBoard images: what the views look like after augmentation."""
+  if B.MASKS1 in first_host:   # the masks
     from detcon_jax.evaluate.visualize import view_mask_overlay_images
     writer.images(0, "input/views with masks", view_mask_overlay_images(first_host))
-  if not start_step and any(k.endswith("/boxes") for k in first_host):   # MaskCo's boxes
+  if any(k.endswith("/boxes") for k in first_host):   # box-based objectives' boxes
     from detcon_jax.evaluate.visualize import view_box_images
     writer.images(0, "input/views with boxes", view_box_images(first_host))
-  if not start_step and bg_lib.settings(config):   # view1 | view2 (| Swaps' negative)
+  if bg_lib.settings(config):   # view1 | view2 (| the background-swap negative)
     from detcon_jax.evaluate.visualize import side_by_side, to_uint8
     shown = [B.VIEW1, B.VIEW2] + [bg_lib.NEGATIVE] * (bg_lib.NEGATIVE in first_host)
     writer.images(0, "input/background augmentations",
                   side_by_side(*[to_uint8(np.asarray(first_host[k][:8])) for k in shown]))
-  host_batch = config.batch_size // jax.process_count()
-  losses: dict[int, float] = {}
-  chance = None   # the objective's chance level (metric 'chance'), at the last log
-  status, last_saved = "done", start_step if start_step else None
-  pending = []   # (step, device metrics) dispatched but not yet read back
 
-  def drain():
-    """Read back pending metrics (one step behind the device); stop on NaN/inf."""
-    out = None
-    for s, m in pending:
-      out = checkpointing.to_host(m)
-      loss = float(out["loss"])
-      if not np.isfinite(loss):
-        checkpointing.wait(manager, last_saved)
-        raise NonFiniteLossError(
-            f"Loss is {loss} at step {s} (lr {float(out['lr']):.4g}). Stopped; "
-            + diverged_advice(workdir, last_saved))
-      losses[s] = loss
-    pending.clear()
-    return out
 
-  def save(step):
-    nonlocal last_saved
-    drain()
-    if not checkpointing.all_finite(ts["params"]):
-      raise NonFiniteLossError(f"Parameters are not finite after step {step - 1}. Stopped; "
-                               + diverged_advice(workdir, last_saved))
-    checkpointing.save(manager, step, ts)
-    last_saved = step
-
-  step = start_step
-  devices = jax.device_count()
-  t_run = t_log = time.time()
-  eval_s = 0.0
-  log_from = step
-  bar = tqdm(total=config.steps, initial=start_step, disable=not primary, unit="step",
-             desc=config.method, dynamic_ncols=True, mininterval=2.0)
-  cleanup.callback(bar.close)
-  batch = first
-  while step < config.steps:
-    if _stop_requested(flag, manager, step):
-      status = "preempted"
+def _train_steps(run: _Run, p: _Progress, step_fn, first: dict, global_batches, source,
+                 writer) -> None:
+  """Steps to config.steps or a stop (logging, checkpointing and evaluating as
+  configured), then the final checkpoint."""
+  config = run.config
+  bar = tqdm(total=config.steps, initial=p.start_step, disable=jax.process_index() != 0,
+             unit="step", desc=config.method, dynamic_ncols=True, mininterval=2.0)
+  run.cleanup.callback(bar.close)
+  batches = itertools.chain([first], global_batches)
+  while p.step < config.steps:
+    if _stop_requested(run.flag, run.manager, p.step):
+      p.status = "preempted"
       break
-    if batch is None:
-      batch = next(global_batches, None)
-      if batch is None:          # a stop arrived while waiting for input
-        status = "preempted"
-        break
-    ts, metrics = step_fn(ts, batch)
+    batch = next(batches, None)
+    if batch is None:          # a stop arrived while waiting for input
+      p.status = "preempted"
+      break
+    p.ts, metrics = step_fn(p.ts, batch)
     batch = None
-    if len(pending) == 1:
-      drain()                 # the previous step; this one keeps the device busy
-    pending.append((step, metrics))
-    step += 1
+    if len(p.pending) == 1:
+      _drain(run, p)          # the previous step; this one keeps the device busy
+    p.pending.append((p.step, metrics))
+    p.step += 1
     bar.update(1)
-    if step % config.log_every_steps == 0 or step == config.steps:
-      values = drain()
-      now = time.time()
-      step_s = (now - t_log) / (step - log_from)
-      values = {k: float(v) for k, v in values.items()}
-      values["loss"] = float(np.mean([losses[s] for s in range(log_from, step)]))
-      values.update(step_time_s=step_s,
-                    img_per_s_per_device=config.batch_size / step_s / devices)
-      skipped, read = data_counts(source, host_batch)
-      values.update({f"data/{k}": v for k, v in getattr(source, "stats", {}).items()})
-      values["data/corrupt_fraction"] = skipped / max(read, 1)
-      writer.scalars(step, values)
-      chance = values.get("chance", chance)
-      bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}")
-      t_log, log_from = now, step
-      # At the last step the whole run is judged, before its final checkpoint: a run
-      # that fails here is not "already trained" on the rerun, which judges it again.
-      check_corrupt(config, skipped, read, last_saved, final=step == config.steps)
+    if p.step % config.log_every_steps == 0 or p.step == config.steps:
+      _log(run, p, source, writer, bar)
     every = config.checkpoint.every_steps
-    evaluate = evaluate_at(config, step)
-    if (every and step % every == 0) or evaluate:
-      save(step)
-    if evaluate and step < config.steps:
-      t_eval = time.time()
-      checkpointing.wait(manager, step)
-      try:
-        with flag.abortable():   # saved: a signal need not wait for the evaluation
-          run_evaluations(config, workdir, step)
-      except checkpointing.Interrupted:
-        status = "preempted"
-        break
-      paused = time.time() - t_eval     # kept out of step time and img/s
-      t_log, eval_s = t_log + paused, eval_s + paused
-  if last_saved != step:
-    save(step)
-  checkpointing.wait(manager, step)
+    evaluate = evaluate_at(config, p.step)
+    if (every and p.step % every == 0) or evaluate:
+      _save(run, p, p.step)
+    if evaluate and p.step < config.steps and not _evaluate_midway(run, p):
+      p.status = "preempted"
+      break
+  if p.last_saved != p.step:
+    _save(run, p, p.step)
+  checkpointing.wait(run.manager, p.step)
   bar.close()
 
-  wall = time.time() - t_run - eval_s
-  ran = step - start_step
-  ordered = [losses[k] for k in sorted(losses)]
+
+def _drain(run: _Run, p: _Progress):
+  """Read back pending metrics (one step behind the device); stop on NaN/inf."""
+  out = None
+  for s, m in p.pending:
+    out = checkpointing.to_host(m)
+    loss = float(out["loss"])
+    if not np.isfinite(loss):
+      checkpointing.wait(run.manager, p.last_saved)
+      raise NonFiniteLossError(
+          f"Loss is {loss} at step {s} (lr {float(out['lr']):.4g}). Stopped; "
+          + diverged_advice(run.workdir, p.last_saved))
+    p.losses[s] = loss
+  p.pending.clear()
+  return out
+
+
+def _save(run: _Run, p: _Progress, step: int) -> None:
+  """Checkpoint the train state at `step`, once its metrics and parameters are finite."""
+  _drain(run, p)
+  if not checkpointing.all_finite(p.ts["params"]):
+    raise NonFiniteLossError(f"Parameters are not finite after step {step - 1}. Stopped; "
+                             + diverged_advice(run.workdir, p.last_saved))
+  checkpointing.save(run.manager, step, p.ts)
+  p.last_saved = step
+
+
+def _log(run: _Run, p: _Progress, source, writer, bar) -> None:
+  """The log interval ending at p.step to TensorBoard and the bar; then the unreadable
+  records are judged."""
+  config = run.config
+  values = _drain(run, p)
+  now = time.time()
+  step_s = (now - p.t_log) / (p.step - p.log_from)
+  values = {k: float(v) for k, v in values.items()}
+  values["loss"] = float(np.mean([p.losses[s] for s in range(p.log_from, p.step)]))
+  values.update(step_time_s=step_s,
+                img_per_s_per_device=config.batch_size / step_s / jax.device_count())
+  skipped, read = data_counts(source, config.batch_size // jax.process_count())
+  values.update({f"data/{k}": v for k, v in getattr(source, "stats", {}).items()})
+  values["data/corrupt_fraction"] = skipped / max(read, 1)
+  writer.scalars(p.step, values)
+  p.chance = values.get("chance", p.chance)
+  bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}")
+  p.t_log, p.log_from = now, p.step
+  # At the last step the whole run is judged, before its final checkpoint: a run
+  # that fails here is not "already trained" on the rerun, which judges it again.
+  check_corrupt(config, skipped, read, p.last_saved, final=p.step == config.steps)
+
+
+def _evaluate_midway(run: _Run, p: _Progress) -> bool:
+  """config.eval.evals on the checkpoint just saved at p.step, its time kept out of step
+  time and img/s; False when a signal stopped it."""
+  t_eval = time.time()
+  checkpointing.wait(run.manager, p.step)
+  try:
+    with run.flag.abortable():   # saved: a signal need not wait for the evaluation
+      run_evaluations(run.config, run.workdir, p.step)
+  except checkpointing.Interrupted:
+    return False
+  paused = time.time() - t_eval
+  p.t_log, p.eval_s = p.t_log + paused, p.eval_s + paused
+  return True
+
+
+def _summary(run: _Run, p: _Progress, source, setup_s: float, compile_s: float) -> dict:
+  """The run's summary: losses of the first and last log intervals, timings, records."""
+  config, devices = run.config, jax.device_count()
+  wall = time.time() - p.t_run - p.eval_s
+  ran = p.step - p.start_step
+  ordered = [p.losses[k] for k in sorted(p.losses)]
   window = min(config.log_every_steps, len(ordered)) or 1
-  skipped, read = data_counts(source, host_batch)
-  summary = dict(method=config.method, status=status, signal=flag.signum,
-                 start_step=start_step, step=step,
-                 loss_first=float(np.mean(ordered[:window])) if ordered else None,
-                 loss_last=float(np.mean(ordered[-window:])) if ordered else None,
-                 chance=chance,
-                 losses=losses, setup_s=setup_s, compile_s=compile_s, wall_s=wall,
-                 step_time_s=wall / max(ran, 1),
-                 img_per_s_per_device=config.batch_size * ran / max(wall, 1e-9) / devices,
-                 records_read=read, records_skipped=skipped,
-                 checkpoint=os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step)))
-  say(summary_line(summary))
-  if status == "done" and (config.eval.at_end or step in tuple(config.eval.get("at_steps", ()))):
-    return _evaluate_at_end(config, workdir, step, flag, summary)
-  return summary
+  skipped, read = data_counts(source, config.batch_size // jax.process_count())
+  return dict(method=config.method, status=p.status, signal=run.flag.signum,
+              start_step=p.start_step, step=p.step,
+              loss_first=float(np.mean(ordered[:window])) if ordered else None,
+              loss_last=float(np.mean(ordered[-window:])) if ordered else None,
+              chance=p.chance,
+              losses=p.losses, setup_s=setup_s, compile_s=compile_s, wall_s=wall,
+              step_time_s=wall / max(ran, 1),
+              img_per_s_per_device=config.batch_size * ran / max(wall, 1e-9) / devices,
+              records_read=read, records_skipped=skipped,
+              checkpoint=os.path.join(run.workdir, checkpointing.CHECKPOINT_DIR, str(p.step)))
 
 
 def _evaluate_at_end(config, workdir: str, step: int, flag, summary: dict) -> dict:
@@ -564,6 +676,7 @@ def diverged_advice(workdir: str, last_saved) -> str:
 
 
 def signal_name(signum) -> str:
+  """SIGTERM, SIGINT...: how messages name a signal."""
   return signal.Signals(signum).name
 
 
