@@ -333,7 +333,7 @@ def constrained_crop_box(seed, height, width, area, ratio, anchor, rule="paper",
   `tries` candidates (size and position) are drawn at once and the first that
   fits the image and satisfies the rule is used; if none does, the
   unconstrained crop_box from the same seed (the released code's fallback), and
-  fallback = True so that the caller can count it.
+  fell_back = True so that the input counts it.
   """
   s = tf.random.experimental.stateless_split(seed, 3)
   hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
@@ -352,11 +352,12 @@ def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIE
   """Every random choice of one view (a ViewSpec: its table, crop_area and size) from a seed.
 
   A spec with min_salient_cover > 0 needs the image's saliency [H, W] (salient
-  above threshold); its box comes from salient_crop_box and p['crop_fallback']
-  says whether it fell back. A view with spec.constraint draws its box with
-  constrained_crop_box against anchor_box (the anchor view's box) and adds
-  'fallback'. A table with auto_augment > 0 adds 'auto' (this view takes
-  AutoAugment instead of the table's colour ops) and the policy draws.
+  above threshold) and draws its box with salient_crop_box; a view with
+  spec.constraint draws it with constrained_crop_box against anchor_box (the
+  anchor view's box). Either adds p['crop_fallback'] (whether it fell back; the
+  input counts them: one counter for every constrained view). A table with
+  auto_augment > 0 adds 'auto' (this view takes AutoAugment instead of the
+  table's colour ops) and the policy draws.
   """
   t = table(spec.augment)
   s = tf.random.experimental.stateless_split(seed, 12)
@@ -365,9 +366,9 @@ def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIE
   if c is not None:
     if anchor_box is None:
       raise ValueError(f"View {spec.name!r} is constrained to {c.anchor!r}; pass its box.")
-    box, extra["fallback"] = constrained_crop_box(s[0], height, width, spec.crop_area,
-                                                  t["crop_ratio"], anchor_box, c.rule,
-                                                  c.min_overlap, c.tries)
+    box, extra["crop_fallback"] = constrained_crop_box(
+        s[0], height, width, spec.crop_area, t["crop_ratio"], anchor_box, c.rule,
+        c.min_overlap, c.tries)
   elif spec.min_salient_cover > 0:
     if saliency is None:
       raise ValueError(f"View {spec.name!r} has min_salient_cover={spec.min_salient_cover}: "
