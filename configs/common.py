@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   # A.1): constraint_rule "paper" (>= 20% of the small crop inside it) or "reference"
   # (the released code: >= 10% of the small crop's target area); constraint_overlap
   # None = the rule's fraction; constraint_tries candidates, then an unconstrained
-  # crop (counted: metric views/constraint_fallbacks).
+  # crop (counted: TensorBoard data/crop_fallbacks).
   c.views = ml_collections.ConfigDict(dict(
       global_area=(0.08, 1.0), small_crops=0, small_size=96, small_area=(0.05, 0.14),
       min_salient_cover=0.0, constrained=False, constraint_rule="paper",

@@ -205,12 +205,25 @@ def _uniform(seed, lo=0.0, hi=1.0, shape=()):
   return tf.random.stateless_uniform(shape, seed, lo, hi, dtype=tf.float32)
 
 
+def first_accepted(candidates, ok, fallback):
+  """(candidate, fell_back): the first of candidates [n, ...] whose ok [n] holds, else
+  fallback (a candidate's shape): every "first accepted of n draws" rule of the crops."""
+  found = tf.reduce_any(ok)
+  first = tf.gather(candidates, tf.argmax(tf.cast(ok, tf.int32)))
+  return tf.where(found, first, fallback), tf.logical_not(found)
+
+
+def fits(ch, cw, hf, wf):
+  """Predicate: crop sides (ch, cw) [n] lie inside an hf x wf image and are at least 1 px."""
+  return (cw <= wf) & (ch <= hf) & (cw >= 1) & (ch >= 1)
+
+
 def _candidates(area_key, ratio_key, hf, wf, area, ratio, n):
   """n random-resized-crop sizes: (target area, height, width, fits), float32 [n] each."""
   target = hf * wf * _uniform(area_key, area[0], area[1], [n])
   r = tf.exp(_uniform(ratio_key, math.log(ratio[0]), math.log(ratio[1]), [n]))
   cw, ch = tf.round(tf.sqrt(target * r)), tf.round(tf.sqrt(target / r))
-  return target, ch, cw, (cw <= wf) & (ch <= hf) & (cw >= 1) & (ch >= 1)
+  return target, ch, cw, fits(ch, cw, hf, wf)
 
 
 def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
@@ -222,10 +235,8 @@ def crop_box(seed, height, width, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
   s = tf.random.experimental.stateless_split(seed, 3)
   hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   _, ch, cw, ok = _candidates(s[0], s[1], hf, wf, area, ratio, attempts)
-  first = tf.argmax(tf.cast(ok, tf.int32))
-  found = tf.reduce_any(ok)
-  cw = tf.where(found, cw[first], wf)
-  ch = tf.where(found, ch[first], hf)
+  size, _ = first_accepted(tf.stack([ch, cw], 1), ok, tf.stack([hf, wf]))
+  ch, cw = size[0], size[1]
   u = _uniform(s[2], shape=[2])
   y = tf.floor(u[0] * (hf - ch + 1))
   x = tf.floor(u[1] * (wf - cw + 1))
@@ -270,20 +281,24 @@ def salient_crop_box(seed, saliency, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), phi
   h, w = tf.shape(saliency)[0], tf.shape(saliency)[1]
   salient = tf.cast(saliency > threshold, tf.float32)
   total = tf.reduce_sum(salient)
-  table = tf.pad(tf.cumsum(tf.cumsum(salient, 0), 1), [[1, 0], [1, 0]])  # summed-area table
   pixels = tf.cast(h * w, tf.float32)
   phi = float(phi) if rule == "fg_min" else tf.minimum(
       float(phi), area[0] * pixels / tf.maximum(total, 1.0))
   seeds = [seed] + [tf.random.experimental.stateless_fold_in(seed, t) for t in range(1, tries)]
   boxes = tf.stack([crop_box(s, h, w, area, ratio) for s in seeds])        # [tries, 4]
+  fallback = centre_crop_box(h, w) if rule == "fg_min" else tf.stack([0, 0, h, w])
+  return first_accepted(boxes, covers_salient(boxes, salient, phi), fallback)
+
+
+def covers_salient(boxes, salient, phi):
+  """Predicate: boxes (y, x, h, w) int32 [n, 4] holding >= phi of the salient pixels of
+  salient [H, W] (float32 {0, 1}); every box qualifies when nothing is salient."""
+  total = tf.reduce_sum(salient)
+  table = tf.pad(tf.cumsum(tf.cumsum(salient, 0), 1), [[1, 0], [1, 0]])  # summed-area table
   y, x, bh, bw = tf.unstack(boxes, axis=1)
   at = lambda i, j: tf.gather_nd(table, tf.stack([i, j], axis=1))
   covered = at(y + bh, x + bw) - at(y, x + bw) - at(y + bh, x) + at(y, x)
-  ok = (covered >= phi * total) | (total == 0.0)
-  found = tf.reduce_any(ok)
-  fallback = centre_crop_box(h, w) if rule == "fg_min" else tf.stack([0, 0, h, w])
-  box = tf.where(found, boxes[tf.argmax(tf.cast(ok, tf.int32))], fallback)
-  return box, tf.logical_not(found)
+  return (covered >= phi * total) | (total == 0.0)
 
 
 def overlap(y, x, h, w, anchor):
@@ -294,15 +309,21 @@ def overlap(y, x, h, w, anchor):
   return dy * dx
 
 
+def overlaps_paper(inter, area, target, min_overlap):
+  """Predicate (the paper's rule): at least min_overlap (0.2) of the small crop's area
+  lies inside the anchor."""
+  return inter >= min_overlap * area
+
+
+def overlaps_reference(inter, area, target, min_overlap):
+  """Predicate (the authors' released code): intersection >= min_overlap (0.1) x the
+  small crop's sampled target area (before rounding its sides)."""
+  return inter >= min_overlap * target
+
+
 # Constrained multi-crop (Van Gansbeke et al. 2021, A.1): when a small crop counts as
 # overlapping its anchor, given (intersection, crop area h*w, target area, min_overlap).
-OVERLAP_RULES = {
-    # paper: at least min_overlap (0.2) of the small crop's area lies inside the anchor
-    "paper": lambda inter, area, target, m: inter >= m * area,
-    # the authors' released code: intersection >= min_overlap (0.1) x the small crop's
-    # sampled target area (before rounding its sides)
-    "reference": lambda inter, area, target, m: inter >= m * target,
-}
+OVERLAP_RULES = {"paper": overlaps_paper, "reference": overlaps_reference}
 
 
 def constrained_crop_box(seed, height, width, area, ratio, anchor, rule="paper",
@@ -312,7 +333,7 @@ def constrained_crop_box(seed, height, width, area, ratio, anchor, rule="paper",
   `tries` candidates (size and position) are drawn at once and the first that
   fits the image and satisfies the rule is used; if none does, the
   unconstrained crop_box from the same seed (the released code's fallback), and
-  fallback = True so that the caller can count it.
+  fell_back = True so that the input counts it.
   """
   s = tf.random.experimental.stateless_split(seed, 3)
   hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
@@ -321,12 +342,9 @@ def constrained_crop_box(seed, height, width, area, ratio, anchor, rule="paper",
   y = tf.floor(u[:, 0] * (hf - ch + 1))
   x = tf.floor(u[:, 1] * (wf - cw + 1))
   ok &= OVERLAP_RULES[rule](overlap(y, x, ch, cw, anchor), ch * cw, target, min_overlap)
-  first = tf.argmax(tf.cast(ok, tf.int32))
-  found = tf.reduce_any(ok)
-  box = tf.cast(tf.stack([y[first], x[first], ch[first], cw[first]]), tf.int32)
   fallback = crop_box(tf.random.experimental.stateless_fold_in(seed, 1), height, width,
                       area, ratio, tries)
-  return tf.where(found, box, fallback), tf.logical_not(found)
+  return first_accepted(tf.cast(tf.stack([y, x, ch, cw], 1), tf.int32), ok, fallback)
 
 
 def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIENT,
@@ -334,11 +352,12 @@ def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIE
   """Every random choice of one view (a ViewSpec: its table, crop_area and size) from a seed.
 
   A spec with min_salient_cover > 0 needs the image's saliency [H, W] (salient
-  above threshold); its box comes from salient_crop_box and p['crop_fallback']
-  says whether it fell back. A view with spec.constraint draws its box with
-  constrained_crop_box against anchor_box (the anchor view's box) and adds
-  'fallback'. A table with auto_augment > 0 adds 'auto' (this view takes
-  AutoAugment instead of the table's colour ops) and the policy draws.
+  above threshold) and draws its box with salient_crop_box; a view with
+  spec.constraint draws it with constrained_crop_box against anchor_box (the
+  anchor view's box). Either adds p['crop_fallback'] (whether it fell back; the
+  input counts them: one counter for every constrained view). A table with
+  auto_augment > 0 adds 'auto' (this view takes AutoAugment instead of the
+  table's colour ops) and the policy draws.
   """
   t = table(spec.augment)
   s = tf.random.experimental.stateless_split(seed, 12)
@@ -347,9 +366,9 @@ def sample_view_params(seed, height, width, spec, saliency=None, threshold=SALIE
   if c is not None:
     if anchor_box is None:
       raise ValueError(f"View {spec.name!r} is constrained to {c.anchor!r}; pass its box.")
-    box, extra["fallback"] = constrained_crop_box(s[0], height, width, spec.crop_area,
-                                                  t["crop_ratio"], anchor_box, c.rule,
-                                                  c.min_overlap, c.tries)
+    box, extra["crop_fallback"] = constrained_crop_box(
+        s[0], height, width, spec.crop_area, t["crop_ratio"], anchor_box, c.rule,
+        c.min_overlap, c.tries)
   elif spec.min_salient_cover > 0:
     if saliency is None:
       raise ValueError(f"View {spec.name!r} has min_salient_cover={spec.min_salient_cover}: "

@@ -82,8 +82,6 @@ def train_batch_shapes(batch_size: int, image_size: int | None = None,
       n = s.boxes.num_boxes()
       out[key(s.name, "boxes")] = ((b, n, 4), np.float32)
       out[key(s.name, "boxes_valid")] = ((b, n), np.bool_)
-    if s.constraint is not None:
-      out[key(s.name, V.FALLBACK)] = ((b,), np.int32)
   out.update({LABEL: ((b,), np.int32), INDEX: ((b,), np.int32)})
   return out
 
@@ -120,8 +118,6 @@ def synthetic_train_batch(batch_size: int, image_size: int | None = None,
       out[name] = rng.integers(0, 10, shape, dtype=np.int32)
     elif name == INDEX:
       out[name] = np.arange(shape[0], dtype=np.int32)
-    elif dtype == np.int32:          # e.g. '<view>/fallback' flags
-      out[name] = np.zeros(shape, np.int32)
     else:
       out[name] = rng.random(shape, dtype=np.float32)
   return out

@@ -78,16 +78,17 @@ def _sides(seed, lo, hi, shape):
   return _uniform(seed, tf.minimum(lo, hi), hi, shape)
 
 
-def sample(seed, height, width, params: dict, specs) -> dict:
-  """MaskCo's boxes for one example (module docstring): moves the key crop in
-  params[key.name]['box'] and returns {view name: {'boxes', 'boxes_valid'}} in source pixels."""
+def sample(seed, height, width, crops: dict, specs):
+  """MaskCo's boxes for one example (module docstring), from the views' crop boxes
+  crops {view name: (y, x, h, w)}: (the key view's crop moved to overlap the query's,
+  {view name: {'boxes', 'boxes_valid'}} in source pixels). Pure: the caller puts the
+  moved crop in the key view's params."""
   query, key = pair(specs)
   spec = key.boxes
   s = tf.random.experimental.stateless_split(seed, 6)
-  kbox = overlapping_position(s[0], params[query.name]["box"], params[key.name]["box"],
+  kbox = overlapping_position(s[0], crops[query.name], crops[key.name],
                               height, width, spec.size[0] / 224.0)
-  params[key.name] = dict(params[key.name], box=kbox)
-  q = tf.cast(params[query.name]["box"], tf.float32)
+  q = tf.cast(crops[query.name], tf.float32)
   k = tf.cast(kbox, tf.float32)
   to_src = k[2:] / float(key.size)                       # source pixels per key-view pixel (y, x)
   lo, hi = (v * key.size / 224.0 for v in spec.size)    # key-view pixels
@@ -107,8 +108,9 @@ def sample(seed, height, width, params: dict, specs) -> dict:
   first = tf.argsort(tf.cast(~ok, tf.int32), stable=True)[:n]   # qualifying ones first, in order
   negatives = tf.gather(candidates, first)
   valid = tf.concat([[True], tf.gather(ok, first)], 0)
-  return {key.name: {BOXES: tf.concat([positive[None], negatives], 0), BOXES_VALID: valid},
-          query.name: {BOXES: positive[None], BOXES_VALID: tf.constant([True])}}
+  return kbox, {key.name: {BOXES: tf.concat([positive[None], negatives], 0),
+                           BOXES_VALID: valid},
+                query.name: {BOXES: positive[None], BOXES_VALID: tf.constant([True])}}
 
 
 def box_mask(boxes, size: int):

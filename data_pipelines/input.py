@@ -3,9 +3,11 @@
 Train stream, for host h of n (defaults: jax.process_index()/process_count()):
   shards[h::n] -> per epoch e: shard order permuted by (seed, e), records
   interleaved, then shuffled within windows of `shuffle_window` records by
-  (seed, e, window) -> epochs concatenated -> skip to start_step -> decode, pick
-  a mask map, build every view of the view specs (views.py) with the keyed ops
-  of augment.py -> batch -> batched colour ops -> numpy.
+  (seed, e, window) -> epochs concatenated -> skip to start_step -> make_views
+  (decode, pick a mask map, build every view of the view specs (views.py) with the
+  keyed ops of augment.py) -> batch -> colour_batch (batched colour ops) -> numpy.
+make_views and colour_batch are module-level functions of a Recipe (train_recipe:
+the arguments resolved against the records), so they also run eagerly.
 Every random number is a stateless function of (seed, epoch, example index),
 with one key per view (by its position in the view list), and the order a
 function of (seed, epoch), so batch s is the same whether the run started at
@@ -37,13 +39,14 @@ gets no colour ops; the background augmentations (data_pipelines/background_augm
 use it after every other augmentation, in the batched colour step.
 
 Boxes (MaskCo: a 'key' and a 'query' view whose specs carry a BoxSpec):
-boxes.sample moves the key crop to overlap the query crop and draws the boxes
-in source pixels from the example's key; the keyed ops move them into each
-view ('<view>/boxes', '<view>/boxes_valid'), and the query's box is zeroed
+boxes.sample returns the key crop moved to overlap the query crop (make_views
+puts it in the key view's params) and the boxes in source pixels, drawn from
+the example's key; the keyed ops move them into each view ('<view>/boxes', '<view>/boxes_valid'), and the query's box is zeroed
 after the batched colour ops.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -57,7 +60,7 @@ from data_pipelines import records as R
 from data_pipelines import views as V
 
 _EPOCH, _POS = "_epoch", "_pos"
-_FALLBACKS = "_crop_fallbacks"   # per example: saliency-constrained crops that fell back
+_FALLBACKS = "_crop_fallbacks"   # per example: constrained crops that fell back
 _BG, _BG_SLOT = "_bg_draws", 1_000_033   # background augmentations' uniforms, their key slot
 
 
@@ -108,9 +111,10 @@ class Batches:
   Elements carry their (epoch, position-in-epoch); gaps in that sequence are
   records that failed to parse or decode. `stats['corrupt_skipped']` holds the
   count so far (the tail of an epoch is counted once the next epoch starts,
-  or at the end of a finite pass). With saliency-constrained views
-  (ViewSpec.min_salient_cover), stats['constrained_crops'] counts their crops and
-  stats['crop_fallbacks'] those that fell back (augment.salient_crop_box).
+  or at the end of a finite pass). With constrained views (ViewSpec.constrained_crop:
+  a salient cover or an anchor to overlap), stats['constrained_crops'] counts their
+  crops and stats['crop_fallbacks'] those that fell back (augment.first_accepted); the
+  trainer logs them as TensorBoard data/constrained_crops and data/crop_fallbacks.
   """
 
   def __init__(self, ds, per_epoch: int, start_pos: int = 0, start_epoch: int = 0,
@@ -178,21 +182,31 @@ def _epoch_records(paths, seed, epoch, window):
   return ds.enumerate().map(lambda p, r: {_EPOCH: epoch, _POS: p, "record": r})
 
 
-def _decode_image(data):
+def decode_image(data):
+  """float32 [H, W, 3] in [0, 1] from any stored image format."""
   img = tf.io.decode_image(data, channels=3, expand_animations=False)
   return tf.image.convert_image_dtype(img, tf.float32)
 
 
-def _decode_ids(data):
+def decode_ids(data):
+  """int32 [H, W] id map from the 16-bit PNG."""
   return tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16)[..., 0], tf.int32)
 
 
-def _decode_saliency(data, image):
+def decode_saliency(data, image):
   """float32 [H, W] in [0, 1] from the 8-bit PNG; must match the image's size."""
   sal = tf.cast(tf.io.decode_png(data, channels=1)[..., 0], tf.float32) / 255.0
   tf.debugging.assert_equal(tf.shape(sal), tf.shape(image)[:2],
                             message="saliency and image sizes differ (corrupt record)")
   return sal
+
+
+def decode_background(data, image):
+  """float32 [H, W, 3] tiled background; must match the image's size."""
+  bg = decode_image(data)
+  tf.debugging.assert_equal(tf.shape(bg), tf.shape(image),
+                            message="background and image sizes differ (corrupt record)")
+  return bg
 
 
 def _needs_saliency(spec) -> bool:
@@ -207,13 +221,6 @@ def _view_fields(spec) -> tuple[str, ...]:
   if V.FOREGROUND in spec.fields and V.SALIENCY not in dense:
     dense.append(V.SALIENCY)
   return (aug.IMAGE,) + tuple(dense)
-
-
-def _decode_background(data, image):
-  bg = _decode_image(data)
-  tf.debugging.assert_equal(tf.shape(bg), tf.shape(image),
-                            message="background and image sizes differ (corrupt record)")
-  return bg
 
 
 def sample_mask_ids(maps, seed, num_masks):
@@ -242,7 +249,8 @@ def _view_slot(i: int) -> int:
   return i + 1 if i < 2 else i + 2
 
 
-def _check_views(views):
+def _check_views(views, foreground_threshold, background):
+  """train_iterator's view arguments, checked before the records are read."""
   names = [s.name for s in views]
   reserved = {B.LABEL, B.INDEX, _EPOCH, _POS}
   bad = [n for n in names if not n or "/" in n or n in reserved]
@@ -255,6 +263,10 @@ def _check_views(views):
     if s.constraint and s.constraint.anchor not in names[:i]:
       raise ValueError(f"train_iterator: view {s.name!r} is constrained to "
                        f"{s.constraint.anchor!r}, which must come before it in the view list.")
+  if not 0.0 <= float(foreground_threshold) <= 1.0:
+    raise ValueError(f"train_iterator: foreground_threshold={foreground_threshold} must lie "
+                     "in [0, 1] (config.data.foreground_threshold).")
+  boxes_lib.pair(bg_lib.with_fields(views, background))   # MaskCo: one 'key', one 'query'
 
 
 _BOX_SLOT = 1_000_003   # folded into the example's key for MaskCo's boxes (boxes.sample)
@@ -262,6 +274,192 @@ _BOX_SLOT = 1_000_003   # folded into the example's key for MaskCo's boxes (boxe
 
 def _param(view, name):
   return f"_p/{view}/{name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """What the per-example step (make_views) and the per-batch step (colour_batch) read,
+  resolved once from train_iterator's arguments and the records (train_recipe)."""
+  views: tuple                 # ViewSpecs built, with the fields the background augmentation reads
+  order: tuple                 # the batch keys asked for, in batch.py's order
+  mask_names: tuple = ()       # stored mask maps, one picked per example (views with 'masks')
+  seed: int = 0
+  num_masks: int = B.NUM_MASKS
+  foreground_threshold: float = 0.5
+  saliency: bool = False       # decode the records' saliency field
+  tiled: bool = False          # decode the records' tiled background
+  num_classes: int = 0         # > 0: multi-hot 'labels' of the GT classes
+  background: bg_lib.Settings | None = None
+
+  @property
+  def feature_spec(self):
+    return R.feature_spec(list(self.mask_names), saliency=self.saliency,
+                          background=self.tiled, gt=self.num_classes > 0)
+
+  @property
+  def masked(self):
+    return [s for s in self.views if V.MASKS in s.fields]
+
+  @property
+  def bg_views(self):
+    return [s.name for s in V.global_views(self.views)] if self.background else []
+
+  @property
+  def box_pair(self):
+    """MaskCo's (query, key) view specs, or None."""
+    return boxes_lib.pair(self.views)
+
+
+def train_recipe(records_dir, manifest, *, views, mask_source="fh", num_masks=B.NUM_MASKS,
+                 seed=0, foreground_threshold=0.5, background: bg_lib.Settings | None = None,
+                 multi_hot: bool = False) -> Recipe:
+  """The Recipe of train_iterator's arguments (which see) for the records in records_dir
+  (manifest: their manifest.json); records lacking what the views need are refused."""
+  order = tuple(B.train_batch_shapes(1, num_masks=num_masks, specs=views))
+  views = bg_lib.with_fields(views, background)     # what the augmentation reads
+  salient = any(_needs_saliency(s) for s in views)
+  if salient:
+    R.require_field(records_dir, "saliency", manifest)
+  tiled = any(V.BACKGROUND in s.fields for s in views)
+  if tiled:
+    R.require_field(records_dir, "background", manifest)
+    bg_lib.check_hole(manifest, foreground_threshold)
+  masked = any(V.MASKS in s.fields for s in views)
+  names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
+  if multi_hot and not (manifest.get("has_gt") and manifest.get("num_classes")):
+    raise ValueError(f"{records_dir!r} has no ground-truth instance classes for multi-hot "
+                     "labels (config.data.multi_hot_labels); use the demo or a tfds "
+                     "segmentation dataset, or single labels.")
+  return Recipe(views, order, tuple(names), int(seed), int(num_masks),
+                float(foreground_threshold), salient, tiled,
+                int(manifest["num_classes"]) if multi_hot else 0, background)
+
+
+def example_key(seed: int, epoch, index):
+  """The example's stateless key: a function of (seed, epoch, example index) only."""
+  base = tf.constant([seed, 1], tf.int64)
+  return tf.random.experimental.stateless_fold_in(
+      tf.random.experimental.stateless_fold_in(base, epoch), index)
+
+
+def decode_fields(ex: dict, recipe: Recipe, mask_key) -> dict:
+  """The dense fields the views move, from a parsed record: the image, one stored mask
+  map (picked with mask_key among recipe.mask_names), the saliency, the tiled background."""
+  image = decode_image(ex[R.IMAGE])
+  fields = {aug.IMAGE: image}
+  if recipe.mask_names:
+    names = recipe.mask_names
+    choice = tf.random.stateless_uniform([], mask_key, 0, len(names), dtype=tf.int32)
+    pngs = tf.stack([ex[R.MASK_PREFIX + n] for n in names])
+    fields[V.MASKS] = decode_ids(tf.gather(pngs, choice))
+    tf.debugging.assert_equal(tf.shape(fields[V.MASKS]), tf.shape(image)[:2],
+                              message="mask and image sizes differ (corrupt record)")
+  if recipe.saliency:
+    fields[V.SALIENCY] = decode_saliency(ex[R.SALIENCY], image)
+  if recipe.tiled:
+    fields[V.BACKGROUND] = decode_background(ex[R.BACKGROUND], image)
+  return fields
+
+
+def view_params(keys, height, width, views, saliency, threshold) -> dict:
+  """{view name: augment.sample_view_params}, each from its key slot; a constrained
+  view gets its anchor's box (the anchor comes earlier in the list)."""
+  params = {}
+  for i, s in enumerate(views):
+    anchor = params[s.constraint.anchor]["box"] if s.constraint else None
+    params[s.name] = aug.sample_view_params(keys[_view_slot(i)], height, width, s, saliency,
+                                            threshold, anchor_box=anchor)
+  return params
+
+
+def one_view(spec, fields: dict, p: dict, boxes: dict, threshold: float) -> dict:
+  """The batch entries of one view (batch.py keys) before the batched photometric ops,
+  whose per-example parameters ride along under internal keys."""
+  data = aug.geometric({f: fields[f] for f in _view_fields(spec)} | boxes, p, spec.size)
+  out = {spec.name: aug.colour(data[aug.IMAGE], p)}
+  for f in spec.fields + tuple(boxes):
+    if f == V.FOREGROUND:
+      out[B.key(spec.name, f)] = tf.cast(data[V.SALIENCY] > threshold, tf.float32)
+    elif f in (V.SALIENCY, V.BACKGROUND):
+      out[B.key(spec.name, f)] = tf.clip_by_value(data[f], 0.0, 1.0)
+    else:
+      out[B.key(spec.name, f)] = data[f]
+  out.update({_param(spec.name, n): p[n] for n in aug.PHOTOMETRIC_KEYS})
+  return out
+
+
+def make_views(record, epoch, recipe: Recipe) -> dict:
+  """One serialized record -> every view of recipe.views (batch.py keys in batch order,
+  then internal keys that colour_batch and Batches consume). Plain TF ops: eager or tf.data."""
+  ex = tf.io.parse_single_example(record, recipe.feature_spec)
+  index = ex[R.INDEX]
+  key = example_key(recipe.seed, epoch, index)
+  views = recipe.views
+  k = tf.random.experimental.stateless_split(key, max(4, len(views) + 2))
+  fields = decode_fields(ex, recipe, k[0])
+  h, w = tf.shape(fields[aug.IMAGE])[0], tf.shape(fields[aug.IMAGE])[1]
+  out = {B.LABEL: tf.cast(ex[R.LABEL], tf.int32), B.INDEX: tf.cast(index, tf.int32)}
+  if recipe.num_classes:
+    classes = tf.sparse.to_dense(ex[R.GT_CLASSES])
+    out[B.LABELS] = tf.minimum(tf.reduce_sum(tf.one_hot(classes, recipe.num_classes), axis=0),
+                               1.0)
+  params = view_params(k, h, w, views, fields.get(V.SALIENCY), recipe.foreground_threshold)
+  boxes = {}
+  if recipe.box_pair:   # the key crop moved to overlap the query crop; boxes in source pixels
+    key_view = recipe.box_pair[1].name
+    moved, boxes = boxes_lib.sample(tf.random.experimental.stateless_fold_in(key, _BOX_SLOT),
+                                    h, w, {n: p["box"] for n, p in params.items()}, views)
+    params[key_view] = dict(params[key_view], box=moved)
+  for s in views:
+    out.update(one_view(s, fields, params[s.name], boxes.get(s.name, {}),
+                        recipe.foreground_threshold))
+  masked = recipe.masked
+  if masked:
+    ids = sample_mask_ids([out[B.key(s.name, V.MASKS)] for s in masked], k[3], recipe.num_masks)
+    out.update({B.key(s.name, "mask_ids"): m for s, m in zip(masked, ids)})
+  fallbacks = [tf.cast(p["crop_fallback"], tf.int32) for p in params.values()
+               if "crop_fallback" in p]
+  if fallbacks:      # every constrained view's fallbacks: one host counter (Batches.stats)
+    out[_FALLBACKS] = tf.add_n(fallbacks)
+  if recipe.background:
+    out[_BG] = bg_lib.draws(tf.random.experimental.stateless_fold_in(key, _BG_SLOT),
+                            len(recipe.bg_views))
+  return {n: out.pop(n) for n in recipe.order} | out        # batch.py's order, then internals
+
+
+def colour_batch(batch: dict, recipe: Recipe) -> dict:
+  """The per-batch step: photometric ops of every view, then MaskCo's masked box and the
+  background augmentations, after every other augmentation."""
+  for s in recipe.views:
+    p = {n: batch.pop(_param(s.name, n)) for n in aug.PHOTOMETRIC_KEYS}
+    batch[s.name] = aug.photometric(batch[s.name], p, s.size)
+  if recipe.box_pair:    # the masked box, zeroed after every other augmentation
+    q = recipe.box_pair[0].name
+    batch[q] = boxes_lib.erase(batch[q], batch[B.key(q, boxes_lib.BOXES)][:, 0])
+  if recipe.background:  # after every other augmentation
+    batch = bg_lib.apply(batch, recipe.bg_views, batch.pop(_BG), recipe.background)
+    for k in B.train_batch_shapes(1, num_masks=recipe.num_masks, specs=recipe.views):
+      if k not in recipe.order:     # what only the augmentation read
+        batch.pop(k)
+  return batch
+
+
+def train_dataset(recipe: Recipe, paths, *, batch_size, start_epoch=0, offset=0,
+                  shuffle_window=10_000, num_parallel_calls=tf.data.AUTOTUNE, prefetch=2):
+  """The tf.data pipeline of train_iterator: records from (start_epoch, offset) on ->
+  make_views -> batch -> colour_batch."""
+  def per_example(el):
+    return make_views(el["record"], el[_EPOCH], recipe) | {_EPOCH: el[_EPOCH], _POS: el[_POS]}
+
+  epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+  ds = epochs.flat_map(lambda e: _epoch_records(paths, recipe.seed, e, shuffle_window))
+  ds = ds.skip(offset)
+  ds = ds.map(per_example, num_parallel_calls=num_parallel_calls,
+              deterministic=True).ignore_errors()
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(lambda b: colour_batch(b, recipe), num_parallel_calls=num_parallel_calls,
+              deterministic=True)
+  return ds.prefetch(prefetch)
 
 
 def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_masks=B.NUM_MASKS,
@@ -290,124 +488,22 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
     if int(value) < low:
       raise ValueError(f"train_iterator: {key}={value} must be >= {low}.")
   views = tuple(views)
-  _check_views(views)
-  order = list(B.train_batch_shapes(batch_size, num_masks=num_masks, specs=views))
-  views = bg_lib.with_fields(views, background)     # what the augmentation reads
-  bg_views = [s.name for s in V.global_views(views)] if background else []
-  bg_only = [k for k in B.train_batch_shapes(batch_size, num_masks=num_masks, specs=views)
-             if k not in order]
-  masked = [s for s in views if V.MASKS in s.fields]
-  salient = any(_needs_saliency(s) for s in views)
-  if not 0.0 <= float(foreground_threshold) <= 1.0:
-    raise ValueError(f"train_iterator: foreground_threshold={foreground_threshold} must lie "
-                     "in [0, 1] (config.data.foreground_threshold).")
-  box_pair = boxes_lib.pair(views)      # MaskCo's (query, key) views, or None
+  _check_views(views, foreground_threshold, background)
   manifest = R.read_manifest(records_dir)
-  if salient:
-    R.require_field(records_dir, "saliency", manifest)
-  tiled = any(V.BACKGROUND in s.fields for s in views)
-  if tiled:
-    R.require_field(records_dir, "background", manifest)
-    bg_lib.check_hole(manifest, foreground_threshold)
-  names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
+  recipe = train_recipe(records_dir, manifest, views=views, mask_source=mask_source,
+                        num_masks=num_masks, seed=seed,
+                        foreground_threshold=foreground_threshold, background=background,
+                        multi_hot=multi_hot)
   host_index, host_count = _host(host_index, host_count)
   paths, per_epoch = host_shards(records_dir, manifest, split, host_index, host_count)
   if per_epoch == 0:
     raise ValueError(f"Host {host_index} has no {split!r} examples in {records_dir!r}.")
-  start = int(start_step) * int(batch_size)
-  start_epoch, offset = divmod(start, per_epoch)
-  if multi_hot and not (manifest.get("has_gt") and manifest.get("num_classes")):
-    raise ValueError(f"{records_dir!r} has no ground-truth instance classes for multi-hot "
-                     "labels (config.data.multi_hot_labels); use the demo or a tfds "
-                     "segmentation dataset, or single labels.")
-  spec = R.feature_spec(names, saliency=salient, background=tiled, gt=multi_hot)
-  base = tf.constant([seed, 1], tf.int64)
-
-  def make_views(el):
-    ex = tf.io.parse_single_example(el["record"], spec)
-    image = _decode_image(ex[R.IMAGE])
-    index = ex[R.INDEX]
-    key = tf.random.experimental.stateless_fold_in(
-        tf.random.experimental.stateless_fold_in(base, el[_EPOCH]), index)
-    k = tf.random.experimental.stateless_split(key, max(4, len(views) + 2))
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    fields = {aug.IMAGE: image}
-    if masked:
-      choice = tf.random.stateless_uniform([], k[0], 0, len(names), dtype=tf.int32)
-      pngs = tf.stack([ex[R.MASK_PREFIX + n] for n in names])
-      fields[V.MASKS] = _decode_ids(tf.gather(pngs, choice))
-      tf.debugging.assert_equal(tf.shape(fields[V.MASKS]), tf.shape(image)[:2],
-                                message="mask and image sizes differ (corrupt record)")
-    if salient:
-      fields[V.SALIENCY] = _decode_saliency(ex[R.SALIENCY], image)
-    if tiled:
-      fields[V.BACKGROUND] = _decode_background(ex[R.BACKGROUND], image)
-    out = {_EPOCH: el[_EPOCH], _POS: el[_POS], B.LABEL: tf.cast(ex[R.LABEL], tf.int32),
-           B.INDEX: tf.cast(index, tf.int32)}
-    if multi_hot:
-      classes = tf.sparse.to_dense(ex[R.GT_CLASSES])
-      out[B.LABELS] = tf.minimum(tf.reduce_sum(
-          tf.one_hot(classes, int(manifest["num_classes"])), axis=0), 1.0)
-    fallbacks, params = [], {}
-    for i, s in enumerate(views):
-      anchor = params[s.constraint.anchor]["box"] if s.constraint else None
-      p = aug.sample_view_params(k[_view_slot(i)], h, w, s, fields.get(V.SALIENCY),
-                                 foreground_threshold, anchor_box=anchor)
-      if "crop_fallback" in p:
-        fallbacks.append(tf.cast(p["crop_fallback"], tf.int32))
-      params[s.name] = p
-    boxes = {}
-    if box_pair:    # moves the key crop to overlap the query crop; boxes in source pixels
-      boxes = boxes_lib.sample(tf.random.experimental.stateless_fold_in(key, _BOX_SLOT), h, w,
-                               params, views)
-    for s in views:
-      p = params[s.name]
-      data = aug.geometric({f: fields[f] for f in _view_fields(s)} | boxes.get(s.name, {}), p,
-                           s.size)
-      out[s.name] = aug.colour(data[aug.IMAGE], p)
-      if s.constraint:
-        out[B.key(s.name, V.FALLBACK)] = tf.cast(p["fallback"], tf.int32)
-      for f in s.fields + tuple(boxes.get(s.name, ())):
-        if f == V.FOREGROUND:
-          out[B.key(s.name, f)] = tf.cast(data[V.SALIENCY] > foreground_threshold, tf.float32)
-        elif f in (V.SALIENCY, V.BACKGROUND):
-          out[B.key(s.name, f)] = tf.clip_by_value(data[f], 0.0, 1.0)
-        else:
-          out[B.key(s.name, f)] = data[f]
-      out.update({_param(s.name, n): p[n] for n in aug.PHOTOMETRIC_KEYS})
-    if masked:
-      ids = sample_mask_ids([out[B.key(s.name, V.MASKS)] for s in masked], k[3], num_masks)
-      out.update({B.key(s.name, "mask_ids"): m for s, m in zip(masked, ids)})
-    if fallbacks:
-      out[_FALLBACKS] = tf.add_n(fallbacks)
-    if background:
-      out[_BG] = bg_lib.draws(tf.random.experimental.stateless_fold_in(key, _BG_SLOT),
-                              len(bg_views))
-    return {n: out.pop(n) for n in order} | out        # batch.py's order, then internals
-
-  def colour(batch):
-    for s in views:
-      p = {n: batch.pop(_param(s.name, n)) for n in aug.PHOTOMETRIC_KEYS}
-      batch[s.name] = aug.photometric(batch[s.name], p, s.size)
-    if box_pair:    # the masked box, zeroed after every other augmentation
-      q = box_pair[0].name
-      batch[q] = boxes_lib.erase(batch[q], batch[B.key(q, boxes_lib.BOXES)][:, 0])
-    if background:  # after every other augmentation
-      batch = bg_lib.apply(batch, bg_views, batch.pop(_BG), background)
-      for k in bg_only:
-        batch.pop(k)
-    return batch
-
-  epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
-  ds = epochs.flat_map(lambda e: _epoch_records(paths, seed, e, shuffle_window))
-  ds = ds.skip(offset)
-  ds = ds.map(make_views, num_parallel_calls=num_parallel_calls,
-              deterministic=True).ignore_errors()
-  ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.map(colour, num_parallel_calls=num_parallel_calls, deterministic=True)
-  ds = ds.prefetch(prefetch)
+  start_epoch, offset = divmod(int(start_step) * int(batch_size), per_epoch)
+  ds = train_dataset(recipe, paths, batch_size=batch_size, start_epoch=start_epoch,
+                     offset=offset, shuffle_window=shuffle_window,
+                     num_parallel_calls=num_parallel_calls, prefetch=prefetch)
   return Batches(ds, per_epoch, start_pos=offset, start_epoch=start_epoch,
-                 constrained_views=sum(s.min_salient_cover > 0 for s in views))
+                 constrained_views=sum(s.constrained_crop for s in recipe.views))
 
 
 def _resize_centre(x, size, method):
@@ -444,13 +540,13 @@ def eval_iterator(records_dir, split, *, batch_size, image_size, mask_sources=()
 
   def decode(pos, record):
     ex = tf.io.parse_single_example(record, spec)
-    image = _decode_image(ex[R.IMAGE])
+    image = decode_image(ex[R.IMAGE])
     out = {_EPOCH: tf.constant(0, tf.int64), _POS: pos,
            B.IMAGE: tf.clip_by_value(_resize_centre(image, image_size, "bicubic"), 0., 1.),
            B.LABEL: tf.cast(ex[R.LABEL], tf.int32), B.INDEX: tf.cast(ex[R.INDEX], tf.int32)}
 
     def id_map(data):
-      ids = _decode_ids(data)
+      ids = decode_ids(data)
       tf.debugging.assert_equal(tf.shape(ids), tf.shape(image)[:2],
                                 message="map and image sizes differ (corrupt record)")
       m = _resize_centre(tf.cast(ids[..., None], tf.float32), image_size, "nearest")
@@ -464,7 +560,7 @@ def eval_iterator(records_dir, split, *, batch_size, image_size, mask_sources=()
     for n in names:
       out[B.MASK_PREFIX + n] = id_map(ex[R.MASK_PREFIX + n])
     if saliency:
-      sal = _decode_saliency(ex[R.SALIENCY], image)[..., None]
+      sal = decode_saliency(ex[R.SALIENCY], image)[..., None]
       out[B.SALIENCY] = tf.clip_by_value(_resize_centre(sal, image_size, "bilinear")[..., 0],
                                          0.0, 1.0)
     return out

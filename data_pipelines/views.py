@@ -31,8 +31,6 @@ SALIENCY = "saliency"    # dense field: the stored saliency map (records need it
 FOREGROUND = "foreground"  # the view's saliency > config.data.foreground_threshold
 BACKGROUND = "background"  # dense field: the stored tiled background (masks/tiled_background.py)
 FIELDS = (MASKS, SALIENCY, FOREGROUND, BACKGROUND)
-FALLBACK = "fallback"    # batch[key(view, FALLBACK)]: [B] int32, 1 where a constrained
-                         # crop found no overlapping candidate and fell back
 # Defaults of the constrained multi-crop rules (augment.OVERLAP_RULES): the paper's 20% of
 # the small crop inside the anchor; the released code's 10% of its target area.
 RULE_OVERLAP = {"paper": 0.2, "reference": 0.1}
@@ -76,7 +74,8 @@ class BoxSpec:
 @dataclasses.dataclass(frozen=True)
 class Constraint:
   """Constrained multi-crop: this view's crop must overlap the `anchor` view's crop
-  (augment.constrained_crop_box: rule, min_overlap, bounded tries, counted fallback)."""
+  (augment.constrained_crop_box: rule, min_overlap, bounded tries; a fallback is counted
+  by the input with the salient ones: ViewSpec.constrained_crop)."""
   anchor: str
   rule: str = "paper"
   min_overlap: float = 0.2
@@ -127,6 +126,12 @@ class ViewSpec:
                        f"of {SALIENT_RULES}.")
     if self.size < 8:
       raise ValueError(f"View {self.name!r}: size {self.size} must be >= 8.")
+
+  @property
+  def constrained_crop(self) -> bool:
+    """Whether the crop is drawn under a constraint that can fall back (anchor overlap or
+    salient cover); the input counts such crops and their fallbacks (Batches.stats)."""
+    return self.constraint is not None or self.min_salient_cover > 0
 
 
 def names(specs) -> list[str]:

@@ -62,7 +62,7 @@ def test_ids_above_255_survive_png_and_the_tf_reader():
   ids[0, 0] = 65535                                       # the top of the range too
   data = records.encode_ids(ids)
   np.testing.assert_array_equal(records.decode_ids(data), ids)
-  np.testing.assert_array_equal(input_lib._decode_ids(tf.constant(data)).numpy(), ids)
+  np.testing.assert_array_equal(input_lib.decode_ids(tf.constant(data)).numpy(), ids)
   with pytest.raises(ValueError, match="65535"):
     records.encode_ids(np.array([[70000]]))
 

@@ -91,7 +91,9 @@ def _box_pair(seed, flips):
   keys = tf.random.experimental.stateless_split(tf.constant([seed, 5], tf.int64), 3)
   params = {s.name: dict(aug.sample_view_params(k, H, W, s), flip=tf.constant(f))
             for s, k, f in zip(specs, keys, flips)}
-  src = boxes_lib.sample(keys[2], H, W, params, specs)
+  moved, src = boxes_lib.sample(keys[2], H, W, {n: p["box"] for n, p in params.items()},
+                               specs)
+  params[specs[1].name] = dict(params[specs[1].name], box=moved)   # the key view's crop
   out = {}
   for s in specs:
     data = aug.geometric({aug.IMAGE: tf.zeros([H, W, 3])} | src[s.name], params[s.name], s.size)
@@ -148,7 +150,8 @@ def test_too_few_negatives_are_flagged_not_kept():
            for s in maskco.views(_demo())]
   keys = tf.random.experimental.stateless_split(tf.constant([3, 5], tf.int64), 3)
   params = {s.name: aug.sample_view_params(kk, H, W, s) for s, kk in zip(specs, keys)}
-  src = boxes_lib.sample(keys[2], H, W, params, specs)[specs[1].name]
+  src = boxes_lib.sample(keys[2], H, W, {n: p["box"] for n, p in params.items()},
+                         specs)[1][specs[1].name]
   valid = src[aug.BOXES_VALID].numpy()
   assert valid[0] and not valid[1:].all()
   b = src[aug.BOXES].numpy()

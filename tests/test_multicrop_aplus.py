@@ -46,7 +46,7 @@ def test_constraint_holds_for_every_accepted_small_crop(mode, rule):
   def draw(x):
     a = augment.sample_view_params(x["seed"], 60, 90, anchor_spec)
     p = augment.sample_view_params(tf.reverse(x["seed"], [0]), 60, 90, small, anchor_box=a["box"])
-    return {"anchor": a["box"], "box": p["box"], "fallback": p["fallback"]}
+    return {"anchor": a["box"], "box": p["box"], "fallback": p["crop_fallback"]}
 
   n = 200 if mode == "tf.data" else 30      # eager ops are slow; tf.data is the real use
   seeds = {"seed": tf.stack([tf.range(n), tf.fill([n], 3)], 1)}

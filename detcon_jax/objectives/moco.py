@@ -24,9 +24,9 @@ Revisiting contrastive methods (Van Gansbeke et al. 2021), as options that
 compose (configs/moco_v2.py presets +mc, +cc, +aplus, +knn):
   * multi-crop: the queries are view1 and the small crops, all matched to the
     anchor (view2's key), as the authors' code; constrained multi-crop
-    (config.views.constrained) anchors the small crops to view2's crop, and the
-    fraction of small crops that fell back to an unconstrained crop is the
-    metric views/constraint_fallbacks;
+    (config.views.constrained) anchors the small crops to view2's crop (the input
+    counts those that fell back to an unconstrained crop: TensorBoard
+    data/crop_fallbacks of data/constrained_crops);
   * A+ is an input option (config.data.augment='moco_v2_aplus');
   * kNN-MoCo (config.loss.knn_weight > 0): a second queue of the keys' pooled,
     l2-normalised backbone features, pushed with the projection queue so that
@@ -150,10 +150,6 @@ def contrast(params, state, batch, config, specs=None, step=0):
     # eq. 2 at uniform similarities: -log(1 / L) for every neighbour
     chance = chance + weight * jnp.log(float(negatives.shape[0]))
     metrics.update(loss=value, loss_knn=aux, knn_weight=weight, chance=chance)
-  fallbacks = [batch[B.key(s.name, V.FALLBACK)] for s in specs
-               if s.name in query_names and s.constraint is not None]
-  if fallbacks:
-    metrics["views/constraint_fallbacks"] = jnp.mean(jnp.stack(fallbacks).astype(jnp.float32))
   return value, metrics, new_state, query
 
 
