@@ -216,12 +216,12 @@ def cpu_per_example(batches, examples: int, batch_size: int, warmup: int = 2):
   return 1e3 * (time.process_time() - c) / n, n / (time.perf_counter() - t)
 
 
-def jpeg_rows(records: str, examples: int, batch_size: int, rows=None):
+def jpeg_rows(records: str, examples: int, batch_size: int, rows=tuple(JPEG_ROWS)):
   """[(label, number of views, CPU ms/example, wall examples/s)] for JPEG_ROWS."""
   import gc
   from detcon_jax.train import loop
   out = []
-  for label in rows or JPEG_ROWS:
+  for label in rows:
     module, change = JPEG_ROWS[label]
     config = imagenet_config(module, change, records, batch_size)
     it = loop.records_batches(config, 0, 0, 1)
@@ -236,7 +236,9 @@ def jpeg_rows(records: str, examples: int, batch_size: int, rows=None):
 def print_jpeg_table(a):
   from data_pipelines.decode import DEFAULT_IMAGE_SIZE
   records = jpeg_records(a.cache, a.jpeg_images)
-  rows = jpeg_rows(records, a.examples, a.batch_size)
+  rows = jpeg_rows(records, a.examples, a.batch_size,
+                  [r for r in JPEG_ROWS if not a.rows or any(w.lower() in r.lower()
+                                                            for w in a.rows.split(","))])
   print(f"\nviews of each imagenet preset from {a.jpeg_images} JPEG records ({DEFAULT_IMAGE_SIZE} "
         f"px shorter side), batch {a.batch_size}, {a.examples} examples a row after 2 warm-up "
         f"batches; process CPU time, not wall (the machine is shared)\n")
@@ -255,6 +257,8 @@ def main(argv=None):
   p.add_argument("--examples", type=int, default=256, help="--source=jpeg: examples a row")
   p.add_argument("--jpeg_images", type=int, default=256,
                  help="--source=jpeg: JPEGs in the cached records")
+  p.add_argument("--rows", default="", help="--source=jpeg: only rows whose label holds one "
+                 "of these comma-separated words, e.g. DetCon,upper")
   p.add_argument("--cache", default=DEFAULT_CACHE, help="--source=jpeg: where the records live")
   p.add_argument("--records", default=None, help="demo records dir (built if missing)")
   p.add_argument("--image_size", type=int, default=64)
