@@ -180,7 +180,10 @@ def resize(data: dict, size: int) -> dict:
 def flip(data: dict, do_flip) -> dict:
   """Mirror every dense field left-right when do_flip (a scalar bool); boxes with them."""
   _, w = _hw(data)
-  out = {k: tf.where(do_flip, tf.reverse(data[k], [1]), data[k]) for k in _dense(data)}
+  # tf.cond, not tf.where: reverse only the views that flip (same numbers, ~10% less CPU
+  # for DetCon's views: benchmarks/input_pipeline.py --source=jpeg)
+  out = {k: tf.cond(do_flip, lambda v=data[k]: tf.reverse(v, [1]), lambda v=data[k]: v)
+         for k in _dense(data)}
   b, valid = _boxes(data)
   if b is not None:
     wf = tf.cast(w, tf.float32)
