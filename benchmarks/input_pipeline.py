@@ -43,7 +43,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --baseline runs this script on the library of another tree (DETCON_BENCH_ROOT).
+sys.path.insert(0, os.environ.get("DETCON_BENCH_ROOT", ROOT))
 
 from data_pipelines import build, demo  # noqa: E402
 from data_pipelines.masks import fh  # noqa: E402
@@ -249,6 +251,58 @@ def print_jpeg_table(a):
   return rows
 
 
+def parse_rows(text: str) -> dict:
+  """{label: CPU ms/example} from print_jpeg_table's markdown rows."""
+  out = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 5 and cells[0] in JPEG_ROWS:
+      out[cells[0]] = float(cells[2])
+  return out
+
+
+def baseline_tree(ref: str, cache: str) -> str:
+  """The library at git ref `ref` of this repository, exported once under cache."""
+  import subprocess
+  sha = subprocess.run(["git", "-C", ROOT, "rev-parse", ref], check=True, capture_output=True,
+                       text=True).stdout.strip()
+  out = os.path.join(cache, f"tree_{sha[:12]}")
+  if not os.path.isdir(out):
+    tmp = tempfile.mkdtemp(dir=cache)
+    subprocess.run(f"git -C {ROOT} archive {sha} | tar -x -C {tmp}", shell=True, check=True)
+    os.rename(tmp, out)
+  return out
+
+
+def print_baseline(a, argv):
+  """Before/after: this script's jpeg rows on the library at --baseline and on this tree,
+  in alternating processes (rounds), so both see the same machine load; ratios of the
+  medians."""
+  import subprocess
+  os.makedirs(a.cache, exist_ok=True)
+  jpeg_records(a.cache, a.jpeg_images)
+  trees = {"before": baseline_tree(a.baseline, a.cache), "after": ROOT}
+  args = [x for x in argv if not x.startswith(("--baseline", "--rounds"))]
+  ms = {t: {} for t in trees}
+  for _ in range(a.rounds):
+    for t, tree in trees.items():
+      env = dict(os.environ, DETCON_BENCH_ROOT=tree, PYTHONPATH=tree)
+      run = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env,
+                           capture_output=True, text=True)
+      if run.returncode:
+        sys.exit(f"error: the {t} run failed:\n{run.stderr[-2000:]}")
+      for label, v in parse_rows(run.stdout).items():
+        ms[t].setdefault(label, []).append(v)
+  print(f"\nbefore = library at {a.baseline}, after = this tree; CPU ms/example, median of "
+        f"{a.rounds} alternating rounds (load {os.getloadavg()[0]:.1f})\n")
+  print("| views (imagenet preset) | before ms | after ms | before/after | after images/s/core |")
+  print("|---|---:|---:|---:|---:|")
+  for label in ms["after"]:
+    b, f = np.median(ms["before"][label]), np.median(ms["after"][label])
+    print(f"| {label} | {b:.1f} | {f:.1f} | x{b / f:.2f} | {1e3 / f:.0f} |")
+  return ms
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--source", default="demo", choices=("demo", "jpeg"),
@@ -259,6 +313,10 @@ def main(argv=None):
                  help="--source=jpeg: JPEGs in the cached records")
   p.add_argument("--rows", default="", help="--source=jpeg: only rows whose label holds one "
                  "of these comma-separated words, e.g. DetCon,upper")
+  p.add_argument("--baseline", default=None,
+                 help="--source=jpeg: a git ref; print before (the library at that ref) / "
+                 "after (this tree) ratios, measured in alternating processes")
+  p.add_argument("--rounds", type=int, default=2, help="--baseline: alternations")
   p.add_argument("--cache", default=DEFAULT_CACHE, help="--source=jpeg: where the records live")
   p.add_argument("--records", default=None, help="demo records dir (built if missing)")
   p.add_argument("--image_size", type=int, default=64)
@@ -270,6 +328,9 @@ def main(argv=None):
   cores = os.cpu_count() or 1
   print(f"# input pipeline benchmark ({cores} cores, load {os.getloadavg()[0]:.1f})")
   if a.source == "jpeg":
+    if a.baseline:
+      print_baseline(a, sys.argv[1:] if argv is None else list(argv))
+      return
     a.batch_size = a.batch_size or 32
     print_jpeg_table(a)
     return
