@@ -227,7 +227,7 @@ def jpeg_rows(records: str, examples: int, batch_size: int, rows=tuple(JPEG_ROWS
     module, change = JPEG_ROWS[label]
     config = imagenet_config(module, change, records, batch_size)
     it = loop.records_batches(config, 0, 0, 1)
-    views = sum(1 for k in it.__next__() if k.startswith(("view", "small")) and "/" not in k)
+    views = sum(1 for k in next(it) if k.startswith(("view", "small")) and "/" not in k)
     ms, wall = cpu_per_example(it, examples, batch_size, warmup=1)
     out.append((label, views, ms, wall))
     del it
