@@ -1,8 +1,21 @@
 """Input pipeline throughput: two-view augmentation with/without masks, FH precompute.
 
   python benchmarks/input_pipeline.py [--records=DIR] [--image_size=64] [--batch_size=64]
+  python benchmarks/input_pipeline.py --source=jpeg [--examples=256] [--cache=DIR]
 
-Prints
+--source=jpeg (issue 23): every method's views at its imagenet preset, from
+records of ImageNet-like JPEGs (500x375, as benchmarks/build_records.py makes)
+stored at the build's default shorter side of 224 px (the size the imagenet
+presets expect: decode.DEFAULT_IMAGE_SIZE), with FH masks, a 4x4 grid, saliency
+and tiled backgrounds; built once and cached under --cache (default
+~/.cache/detcon_jax/input_bench_jpeg). Each row runs the training input itself
+(detcon_jax.train.loop.records_batches with the method's imagenet config) and
+prints CPU ms/example and images/s/core from this process's CPU time (not wall
+time: on a shared machine wall time measures the other users too), one source
+image = one example with all its views. The last row, JPEG decode + one
+random-resized crop + flip (the supervised preset's view), is the upper bound.
+
+Default mode prints
   * examples/s and CPU ms/example of the training iterator (two views, DetCon
     A.1 BYOL tables) with masks (views whose spec carries the 'masks' field:
     decode one FH map, crop/flip it with the views, sample 16 ids) and without,
@@ -30,10 +43,26 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --baseline runs this script on the library of another tree (DETCON_BENCH_ROOT).
+sys.path.insert(0, os.environ.get("DETCON_BENCH_ROOT", ROOT))
 
 from data_pipelines import build, demo  # noqa: E402
 from data_pipelines.masks import fh  # noqa: E402
+
+# --source=jpeg rows: label -> (configs module, change to its imagenet preset). The
+# config's own views and train_iterator arguments are used (loop.records_batches).
+JPEG_ROWS = {
+    "classic two views (BYOL)": ("byol", None),
+    "+ FH masks (DetCon-B)": ("detcon_b", None),
+    "2x224 + 6x96 multi-crop (SwAV)": ("swav", None),
+    "MaskCo boxes": ("maskco", None),
+    "saliency-constrained crops (CAST)": ("cast", None),
+    "BG Swaps (MoCo v2)": ("moco_v2", lambda c: c.background.update(mode="swaps")),
+    "upper bound: JPEG decode + one random-resized crop": ("supervised", None),
+}
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "detcon_jax",
+                             "input_bench_jpeg")
 
 
 def input_rates(records, batch_size, image_size, steps, rounds=2):
@@ -140,17 +169,172 @@ def agreement(images, scales):
   return rows
 
 
+def jpeg_records(cache: str, images: int, shard_size: int = 32) -> str:
+  """Records of `images` ImageNet-like JPEGs at the stored size the imagenet presets
+  expect, with every field a method's views read; built once under cache."""
+  from data_pipelines import records
+  from data_pipelines.decode import DEFAULT_IMAGE_SIZE
+  out = os.path.join(cache, f"records_{images}_{DEFAULT_IMAGE_SIZE}")
+  try:
+    if records.read_manifest(out).get("complete"):
+      return out
+  except (OSError, ValueError):
+    pass
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import build_records      # benchmarks/ is not a package
+  src = build_records.photo_folder(os.path.join(cache, f"photos_{images}"), images)
+  t = time.perf_counter()
+  build.build(f"folder:{src}", out, masks="fh,grid,background", image_size=DEFAULT_IMAGE_SIZE,
+              shard_size=shard_size, progress=False, overwrite=True,
+              workers=max(1, min(os.cpu_count() or 1, images // 64)))  # 1: no process start
+  print(f"built {images} records (500x375 JPEGs -> {DEFAULT_IMAGE_SIZE} px shorter side, "
+        f"fh + grid + saliency + background) in {time.perf_counter() - t:.0f} s: {out}")
+  return out
+
+
+def imagenet_config(module: str, change, records: str, batch_size: int):
+  import importlib
+  c = importlib.import_module(f"configs.{module}").get_config("imagenet")
+  if change:
+    change(c)
+  c.batch_size = batch_size
+  c.data.records_dir = records
+  return c
+
+
+def cpu_per_example(batches, examples: int, batch_size: int, warmup: int = 2):
+  """(CPU ms/example, wall examples/s) of an iterator after `warmup` batches (tracing).
+
+  Process CPU time counts every thread of the pipeline; the consumer takes each batch
+  as soon as it is ready, so the buffers stay near empty and the window holds the
+  work of its own batches."""
+  for _ in range(warmup):
+    next(batches)
+  steps = max(1, -(-examples // batch_size))
+  c, t = time.process_time(), time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  n = steps * batch_size
+  return 1e3 * (time.process_time() - c) / n, n / (time.perf_counter() - t)
+
+
+def jpeg_rows(records: str, examples: int, batch_size: int, rows=tuple(JPEG_ROWS)):
+  """[(label, number of views, CPU ms/example, wall examples/s)] for JPEG_ROWS."""
+  import gc
+  from detcon_jax.train import loop
+  out = []
+  for label in rows:
+    module, change = JPEG_ROWS[label]
+    config = imagenet_config(module, change, records, batch_size)
+    it = loop.records_batches(config, 0, 0, 1)
+    views = sum(1 for k in next(it) if k.startswith(("view", "small")) and "/" not in k)
+    ms, wall = cpu_per_example(it, examples, batch_size, warmup=1)
+    out.append((label, views, ms, wall))
+    del it
+    gc.collect()
+  return out
+
+
+def print_jpeg_table(a):
+  from data_pipelines.decode import DEFAULT_IMAGE_SIZE
+  records = jpeg_records(a.cache, a.jpeg_images)
+  rows = jpeg_rows(records, a.examples, a.batch_size,
+                  [r for r in JPEG_ROWS if not a.rows or any(w.lower() in r.lower()
+                                                            for w in a.rows.split(","))])
+  print(f"\nviews of each imagenet preset from {a.jpeg_images} JPEG records ({DEFAULT_IMAGE_SIZE} "
+        f"px shorter side), batch {a.batch_size}, {a.examples} examples a row after 2 warm-up "
+        f"batches; process CPU time, not wall (the machine is shared)\n")
+  print("| views (imagenet preset) | views | CPU ms/example | images/s/core | wall ex/s |")
+  print("|---|---:|---:|---:|---:|")
+  for label, views, ms, wall in rows:
+    print(f"| {label} | {views} | {ms:.1f} | {1e3 / ms:.0f} | {wall:.0f} |")
+  return rows
+
+
+def parse_rows(text: str) -> dict:
+  """{label: CPU ms/example} from print_jpeg_table's markdown rows."""
+  out = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 5 and cells[0] in JPEG_ROWS:
+      out[cells[0]] = float(cells[2])
+  return out
+
+
+def baseline_tree(ref: str, cache: str) -> str:
+  """The library at git ref `ref` of this repository, exported once under cache."""
+  import subprocess
+  sha = subprocess.run(["git", "-C", ROOT, "rev-parse", ref], check=True, capture_output=True,
+                       text=True).stdout.strip()
+  out = os.path.join(cache, f"tree_{sha[:12]}")
+  if not os.path.isdir(out):
+    tmp = tempfile.mkdtemp(dir=cache)
+    subprocess.run(f"git -C {ROOT} archive {sha} | tar -x -C {tmp}", shell=True, check=True)
+    os.rename(tmp, out)
+  return out
+
+
+def print_baseline(a, argv):
+  """Before/after: this script's jpeg rows on the library at --baseline and on this tree,
+  in alternating processes (rounds), so both see the same machine load; ratios of the
+  medians."""
+  import subprocess
+  os.makedirs(a.cache, exist_ok=True)
+  jpeg_records(a.cache, a.jpeg_images)
+  trees = {"before": baseline_tree(a.baseline, a.cache), "after": ROOT}
+  args = [x for x in argv if not x.startswith(("--baseline", "--rounds"))]
+  ms = {t: {} for t in trees}
+  for _ in range(a.rounds):
+    for t, tree in trees.items():
+      env = dict(os.environ, DETCON_BENCH_ROOT=tree, PYTHONPATH=tree)
+      run = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env,
+                           capture_output=True, text=True)
+      if run.returncode:
+        sys.exit(f"error: the {t} run failed:\n{run.stderr[-2000:]}")
+      for label, v in parse_rows(run.stdout).items():
+        ms[t].setdefault(label, []).append(v)
+  print(f"\nbefore = library at {a.baseline}, after = this tree; CPU ms/example, median of "
+        f"{a.rounds} alternating rounds (load {os.getloadavg()[0]:.1f})\n")
+  print("| views (imagenet preset) | before ms | after ms | before/after | after images/s/core |")
+  print("|---|---:|---:|---:|---:|")
+  for label in ms["after"]:
+    b, f = np.median(ms["before"][label]), np.median(ms["after"][label])
+    print(f"| {label} | {b:.1f} | {f:.1f} | x{b / f:.2f} | {1e3 / f:.0f} |")
+  return ms
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--source", default="demo", choices=("demo", "jpeg"),
+                 help="demo: two views from demo records + FH rates; jpeg: every method's "
+                 "views at 224 px from JPEG records (issue 23)")
+  p.add_argument("--examples", type=int, default=256, help="--source=jpeg: examples a row")
+  p.add_argument("--jpeg_images", type=int, default=256,
+                 help="--source=jpeg: JPEGs in the cached records")
+  p.add_argument("--rows", default="", help="--source=jpeg: only rows whose label holds one "
+                 "of these comma-separated words, e.g. DetCon,upper")
+  p.add_argument("--baseline", default=None,
+                 help="--source=jpeg: a git ref; print before (the library at that ref) / "
+                 "after (this tree) ratios, measured in alternating processes")
+  p.add_argument("--rounds", type=int, default=2, help="--baseline: alternations")
+  p.add_argument("--cache", default=DEFAULT_CACHE, help="--source=jpeg: where the records live")
   p.add_argument("--records", default=None, help="demo records dir (built if missing)")
   p.add_argument("--image_size", type=int, default=64)
-  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--batch_size", type=int, default=None, help="default 64 (jpeg: 32)")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--fh_images", type=int, default=40)
   p.add_argument("--fh_only", action="store_true", help="only the FH precompute figures")
   a = p.parse_args(argv)
   cores = os.cpu_count() or 1
   print(f"# input pipeline benchmark ({cores} cores, load {os.getloadavg()[0]:.1f})")
+  if a.source == "jpeg":
+    if a.baseline:
+      print_baseline(a, sys.argv[1:] if argv is None else list(argv))
+      return
+    a.batch_size = a.batch_size or 32
+    print_jpeg_table(a)
+    return
+  a.batch_size = a.batch_size or 64
   if not a.fh_only:
     records = a.records or os.path.join(tempfile.gettempdir(), "detcon_demo_records")
     build.ensure_demo_records(records)

@@ -180,7 +180,10 @@ def resize(data: dict, size: int) -> dict:
 def flip(data: dict, do_flip) -> dict:
   """Mirror every dense field left-right when do_flip (a scalar bool); boxes with them."""
   _, w = _hw(data)
-  out = {k: tf.where(do_flip, tf.reverse(data[k], [1]), data[k]) for k in _dense(data)}
+  # tf.cond, not tf.where: reverse only the views that flip (same numbers, ~10% less CPU
+  # for DetCon's views: benchmarks/input_pipeline.py --source=jpeg)
+  out = {k: tf.cond(do_flip, lambda v=data[k]: tf.reverse(v, [1]), lambda v=data[k]: v)
+         for k in _dense(data)}
   b, valid = _boxes(data)
   if b is not None:
     wf = tf.cast(w, tf.float32)
@@ -488,7 +491,21 @@ def photometric(x, p: dict, size: int):
   p holds per-example [B] booleans/sigmas from sample_view_params; colour
   jitter has already been applied per example by color_jitter.
   """
-  x = tf.where(_b(p["gray"]), tf.broadcast_to(_gray(x), tf.shape(x)), x)
-  x = tf.where(_b(p["blur"]), blur(x, p["sigma"], size), x)
-  x = tf.where(_b(p["solarize"]), tf.where(x < 0.5, x, 1.0 - x), x)
+  # Each op only where some image takes it, writing those images only: the numbers of
+  # tf.where(flag, op(x), x). Grayscale and blur still run on the whole batch, as an
+  # image's numbers may depend on its place in the batch (matmul rows, conv channels).
+  x = _on(p["gray"], lambda i: tf.repeat(tf.gather_nd(_gray(x), i), 3, axis=-1), x)
+  x = _on(p["blur"], lambda i: tf.gather_nd(blur(x, p["sigma"], size), i), x)
+  x = _on(p["solarize"], lambda i: _solarize(tf.gather_nd(x, i)), x)
   return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def _solarize(x):
+  return tf.where(x < 0.5, x, 1.0 - x)
+
+
+def _on(flags, new, x):
+  """x with the images whose flag is set replaced by new(their indices [n, 1]); x itself
+  when none is (new not run)."""
+  i = tf.where(flags)
+  return tf.cond(tf.size(i) > 0, lambda: tf.tensor_scatter_nd_update(x, i, new(i)), lambda: x)

@@ -159,6 +159,30 @@ def test_photometric_ops_known_answers(run):
   np.testing.assert_array_equal(out, np.zeros_like(out))       # brightness x 0 runs
 
 
+@pytest.mark.parametrize("size", [64, 33])
+def test_photometric_is_bit_for_bit_the_whole_batch_select(mode, size):
+  """photometric runs each op only when some image takes it and writes only those images;
+  the numbers are those of the plain form tf.where(flag, op(batch), batch), whatever the
+  flags (none, some, all), with dark pixels where blur sums tiny values."""
+  rng = np.random.default_rng(size)
+  x = rng.random((6, size, size, 3)).astype(np.float32) ** 8
+  x[:, : size // 3] = 0.0
+  b = lambda v: tf.reshape(v, [-1, 1, 1, 1])
+
+  def plain(x, p):
+    x = tf.where(b(p["gray"]), tf.broadcast_to(tf.image.rgb_to_grayscale(x), tf.shape(x)), x)
+    x = tf.where(b(p["blur"]), augment.blur(x, p["sigma"], size), x)
+    x = tf.where(b(p["solarize"]), tf.where(x < 0.5, x, 1.0 - x), x)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+  for prob in (0.0, 0.3, 1.0):
+    flags = {k: tf.constant(rng.random(6) < prob) for k in ("gray", "blur", "solarize")}
+    p = dict(flags, sigma=tf.constant(rng.uniform(0.1, 2.0, 6), tf.float32))
+    out = run_many(mode, lambda d: {"y": augment.photometric(d["x"], p, size)},
+                   {"x": tf.constant(x)[None]})[0]["y"]
+    assert out.tobytes() == plain(tf.constant(x), p).numpy().tobytes(), prob
+
+
 @pytest.mark.parametrize("size, half_width", [(224, 11), (64, 3), (16, 1)])
 def test_blur_kernel_scales_with_the_view_size(size, half_width):
   x = np.zeros((1, size, size, 3), np.float32)
