@@ -52,6 +52,10 @@ def train_and_exit(config, workdir, **train_kw):
     where = (f"the newest checkpoint is step {steps[-1]}; rerun the same command to resume"
              if steps else "no checkpoint was written")
     print(f"Stopped at once by a second Ctrl-C; {where}.", file=sys.stderr)
+    if jax.process_count() == 1:   # the interrupt may have landed inside a save: exit
+      sys.stdout.flush()           # handlers would then join a checkpoint thread whose
+      sys.stderr.flush()           # executor is shut down, and hang (seen once at load 8)
+      os._exit(130)
     sys.exit(130)
   status = loop.exit_status(summary)
   if status is not None:
