@@ -1,6 +1,6 @@
 """Masks from a trained encoder: one offline round of DetCon's "virtuous crescendo".
 
-  python -m detcon_jax.evaluate.learned_masks --records=DIR --mask_model=WORKDIR \
+  python -m detcon_jax.evaluate.learned_masks --records=DIR --mask_model=WORKDIR
       --out=NEW_DIR [--k=16] [--position_weight=0.5] [--colour_weight=0] [--step=N]
 
 DetCon's power follows how well its masks align with objects (its section 5), and
@@ -185,8 +185,11 @@ def write_learned_records(records_dir: str, workdir: str, out_dir: str, *, step=
   from detcon_jax.models.resnet import output_stride
 
   if records.exists(out_dir):
+    partial = not records.exists(records.join(out_dir, records.MANIFEST))
     raise InputError(f"--out={out_dir} exists; learned masks go into a new directory (the "
-                     "records at --records stay as they are): choose another --out.")
+                     "records at --records stay as they are): choose another --out"
+                     + (" (it has no manifest.json: an interrupted round; delete it and "
+                        "rerun)." if partial and records.listdir(out_dir) else "."))
   if init not in kmeans.INITS:
     raise InputError(f"--init={init}: choose one of {sorted(kmeans.INITS)}.")
   if k < 1 or iterations < 0 or batch_size < 1:
