@@ -231,8 +231,9 @@ def _masks(records_dir, manifest, s, image_size):
       sample += list(np.round(np.asarray(batch[B.IMAGE][:TIMED_IMAGES - len(sample)]) * 255
                               ).astype(np.uint8))
   out = {n: mask_quality.merge(r) for n, r in per_source.items()}
-  for k, ns in kinds.items():
-    if k != "gt" and sample:
+  from data_pipelines import masks as masks_lib
+  for k, ns in kinds.items():   # timed: the kinds the build computes (not gt, not learned)
+    if k != "gt" and k in masks_lib.REGISTRY and sample:
       speed = _kind_speed(sample, {n: manifest["masks"][n] for n in ns})
       for n in ns:
         out[n]["kind_images_per_s_core"] = speed
