@@ -1,11 +1,8 @@
 """Session fixtures the tests share; the helpers they use live in tests/harness.py."""
-import importlib.util
-import os
-
 import pytest
 
 from data_pipelines import build
-from harness import ROOT, TINY_DEMO
+from harness import TINY_DEMO, benchmark_module
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +15,5 @@ def tiny_demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def train_step():
-  """benchmarks/train_step.py as a module (benchmarks/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "train_step_benchmark", os.path.join(ROOT, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """benchmarks/train_step.py as a module."""
+  return benchmark_module("train_step")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -144,6 +145,15 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 ROOT = os.path.dirname(TESTS)
+
+
+def benchmark_module(name: str):
+  """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"{name}_benchmark",
+                                                os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def one_step(objective, config, out_path: str, host=None, metrics_saved=("loss",)) -> None:

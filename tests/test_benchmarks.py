@@ -2,6 +2,8 @@
 `train_step` fixture: conftest.py); the input benchmark's jpeg mode times the views."""
 import pytest
 
+from harness import benchmark_module
+
 
 def test_rn50_preset_is_the_standard_stride_32_network(train_step, capsys):
   train_step.main(["--preset", "rn50", "--flops_only", "--depth", "18", "--image_size", "64",
@@ -11,18 +13,6 @@ def test_rn50_preset_is_the_standard_stride_32_network(train_step, capsys):
   for line in ("detcon_s / simclr: XLA flops +", "detcon_b / byol: XLA flops +",
                "moco_v2 / simclr: XLA flops x", "swav / simclr: XLA flops x"):
     assert line in out, out                      # DetCon costs more than its base method
-
-
-def _input_pipeline():
-  """benchmarks/input_pipeline.py as a module (benchmarks/ is not a package)."""
-  import importlib.util
-  import os
-  from harness import ROOT
-  spec = importlib.util.spec_from_file_location(
-      "input_pipeline_benchmark", os.path.join(ROOT, "benchmarks", "input_pipeline.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 JPEG = ["--source=jpeg", "--jpeg_images=4", "--examples=3", "--batch_size=3"]
@@ -46,7 +36,7 @@ def test_jpeg_mode_times_detcon_views_from_cached_records(tmp_path, capsys):
   """--source=jpeg builds 224 px JPEG records once under --cache and times DetCon-B's
   imagenet views and the decode + crop bound through the training input (a handful of
   examples: the table, not the speed); a second run reuses the records."""
-  bench = _input_pipeline()
+  bench = benchmark_module("input_pipeline")
   argv = JPEG + [f"--cache={tmp_path}", "--rows=DetCon,upper"]
   out, views = _table(bench, argv, capsys)
   assert "built 4 records" in out and "224 px shorter side" in out, out
@@ -58,5 +48,5 @@ def test_jpeg_mode_times_detcon_views_from_cached_records(tmp_path, capsys):
 @pytest.mark.slow
 def test_jpeg_mode_prints_every_methods_views(tmp_path, capsys):
   """Every row: each method's imagenet views run on the records (SwAV's 8, BG Swaps'...)."""
-  out, views = _table(_input_pipeline(), JPEG + [f"--cache={tmp_path}"], capsys)
+  out, views = _table(benchmark_module("input_pipeline"), JPEG + [f"--cache={tmp_path}"], capsys)
   assert views == VIEWS, out

@@ -1,6 +1,5 @@
 """Learned masks (detcon_jax/evaluate/learned_masks.py): K-means segments of dense
 features, and the offline round that adds them to records as the `learned` field."""
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import pytest
 from data_pipelines import demo
 from data_pipelines import input as input_lib
 from data_pipelines import records
-from data_pipelines import views as views_lib
 from detcon_jax.evaluate import learned_masks as LM
 from detcon_jax.evaluate import mask_quality
 from harness import ROOT
