@@ -474,6 +474,12 @@ def ensure_demo_records(out_dir: str, masks=(), saliency: bool = False,
       if (asked_stored == asked and (not saliency or records.has_field(manifest, "saliency"))
           and (not background or records.has_field(manifest, "background"))):
         return manifest
+      if manifest.get("derived_from"):   # e.g. a learned-masks round: not the build's to remake
+        raise DemoSettingsError(
+            f"{out_dir} holds records derived from {manifest['derived_from']} (mask kinds "
+            f"{sorted({s.get('kind') for s in stored.values()})}) that lack what this config "
+            f"needs; the demo build will not overwrite them. Make them anew: "
+            f"`{records.rebuild_command(out_dir, manifest)}`.")
       kinds += sorted({spec.get("kind") for spec in stored.values()} - set(kinds))
       keep_background |= records.has_field(manifest, "background")
   except DemoSettingsError:

@@ -290,18 +290,31 @@ def has_field(manifest: dict, field: str) -> bool:
   return bool(manifest.get(OPTIONAL_FIELDS[field][0]))
 
 
+# Mask kinds a trained model makes from other records, not the build: their command.
+MODEL_MASKS = {"learned": "python -m detcon_jax.evaluate.learned_masks"}
+
+
 def rebuild_command(records_dir: str, manifest: dict, flag: str = "") -> str:
   """The build command that remakes these records (same source and masks) plus `flag`
-  (a flag '+KIND' adds KIND to --masks)."""
-  kinds = sorted({spec.get("kind", name.split("_")[0])
-                  for name, spec in manifest.get("masks", {}).items()}
+  (a flag '+KIND' adds KIND to --masks). Records with model-made masks (MODEL_MASKS,
+  manifest 'derived_from'): the build of the records they came from, then the model's
+  command again."""
+  masks = manifest.get("masks", {})
+  kinds = sorted({spec.get("kind", name.split("_")[0]) for name, spec in masks.items()}
                  | ({flag[1:]} if flag.startswith("+") else set()))
   flag = "" if flag.startswith("+") else flag
+  model_made = {n: spec for n, spec in masks.items() if spec.get("kind") in MODEL_MASKS}
+  built = manifest.get("derived_from", records_dir) if model_made else records_dir
   source = manifest.get("source") or "SOURCE"
-  parts = ["python -m data_pipelines.build", f"--source={source}", f"--out={records_dir}"]
+  parts = ["python -m data_pipelines.build", f"--source={source}", f"--out={built}"]
+  kinds = [k for k in kinds if k not in MODEL_MASKS]
   if kinds:
     parts.append(f"--masks={','.join(kinds)}")
-  return " ".join(parts + ([flag] if flag else []))
+  command = " ".join(parts + ([flag] if flag else []))
+  for spec in model_made.values():   # the caller quotes the whole: "`build`, then `model`"
+    command += (f"`, then `{MODEL_MASKS[spec['kind']]} --records={built} "
+                f"--mask_model={spec.get('workdir', 'WORKDIR')} --out=NEW_DIR")
+  return command
 
 
 def require_field(records_dir: str, field: str, manifest: dict | None = None) -> dict:

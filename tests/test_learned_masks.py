@@ -151,6 +151,19 @@ def test_learned_records_round_trip(tiny_demo, tmp_path):
                                    seed=1, progress=False)
   assert again["masks"][LM.NAME]["seed"] == 1 and again["masks"][LM.NAME]["replaces"] == spec
   assert again["masks"][LM.NAME]["replaces"]["seed"] == 0
+  assert again["derived_from"] == os.path.abspath(records_dir)   # the build's records
+
+  # Model-made masks are not the build's to remake: the hint builds the records they came
+  # from, then reruns the round; the demo build refuses to overwrite them.
+  hint = records.rebuild_command(out, new)
+  built, model = hint.split("`, then `")
+  assert f"--out={os.path.abspath(records_dir)}" in built and LM.NAME not in built
+  assert model.startswith(f"python -m detcon_jax.evaluate.learned_masks --records="
+                          f"{os.path.abspath(records_dir)} --mask_model={os.path.abspath(workdir)}")
+  from data_pipelines import build
+  with pytest.raises(build.DemoSettingsError, match="derived from .* will not overwrite"):
+    build.ensure_demo_records(out, masks=("mcg",))
+  assert records.verify(out) == []
 
 
 def test_mistakes_are_one_error_line(tiny_demo, tmp_path):

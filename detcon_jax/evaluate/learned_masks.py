@@ -54,7 +54,8 @@ from detcon_jax.evaluate import features as F
 from detcon_jax.evaluate import retrieval
 from detcon_jax.models import kmeans
 
-NAME = "learned"          # the mask field (config.data.mask_source=learned)
+NAME = "learned"          # the mask field (config.data.mask_source=learned); a key
+                          # of records.MODEL_MASKS
 K = 16
 POSITION_WEIGHT = 0.5
 COLOUR_WEIGHT = 0.0
@@ -236,9 +237,10 @@ def write_learned_records(records_dir: str, workdir: str, out_dir: str, *, step=
               seconds_per_image=round(seconds / total, 4))
   if replaced:
     spec["replaces"] = replaced
+  parent = records_dir if "://" in records_dir else os.path.abspath(records_dir)
   new = dict(manifest, splits=splits, masks=dict(manifest.get("masks", {}), **{NAME: spec}),
-             derived_from=(records_dir if "://" in records_dir
-                           else os.path.abspath(records_dir)))
+             derived_from=manifest.get("derived_from", parent))   # the build's records
+  #   (a second round keeps the first's: records.rebuild_command builds them anew)
   new = json.loads(json.dumps(new))          # ConfigDict leaves -> plain JSON
   records.write_manifest(out_dir, new)       # last: its presence means complete
   return new
