@@ -1,6 +1,8 @@
-"""BYOL. Presets: demo (CPU minutes), imagenet[-EPOCHS], coco[-EPOCHS]; see common.py."""
+"""BYOL. Presets: demo (CPU minutes), bench (demo x 5),
+imagenet[-EPOCHS], coco[-EPOCHS]; see common.py."""
 from configs import common
 
 
+@common.with_bench
 def get_config(arg: str | None = None):
   return common.get_preset("byol", "byol", arg)

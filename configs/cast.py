@@ -1,5 +1,5 @@
-"""CAST (Selvaraju et al. 2021) on MoCo v2. Presets: demo (CPU minutes), imagenet[-EPOCHS],
-coco[-EPOCHS].
+"""CAST (Selvaraju et al. 2021) on MoCo v2. Presets: demo (CPU minutes), bench (demo x 5),
+imagenet[-EPOCHS], coco[-EPOCHS].
 
 MoCo v2's settings (configs/moco_v2.py: MLP head without BN, temperature 0.2,
 queue 65536, momentum 0.999, SGD with a cosine schedule, crops of 20-100%) plus
@@ -16,6 +16,7 @@ PHI = 0.2          # min_salient_cover: each crop covers >= 20% of the salient a
 LAMBDA = 3.0       # attention-loss weight
 
 
+@common.with_bench
 def get_config(arg: str | None = None):
   name, _ = common.parse_preset("cast", arg)
   c = moco_v2.get_config(arg)            # MoCo v2's preset, plus CAST's section and settings

@@ -1,5 +1,5 @@
-"""MaskCo / MaskCo(+in) (Zhao et al. 2021). Presets: demo (CPU minutes), imagenet[-EPOCHS],
-coco[-EPOCHS]. MaskCo(+in): --config.loss.intra_negatives=True.
+"""MaskCo / MaskCo(+in) (Zhao et al. 2021). Presets: demo (CPU minutes), bench (demo x 5),
+imagenet[-EPOCHS], coco[-EPOCHS]. MaskCo(+in): --config.loss.intra_negatives=True.
 
 Paper settings (section 3.3, appendix A.2): ResNet-50, 224 px, MoCo v2's
 augmentations (crops of 20-100%) with overlapping crops, 17 key boxes of
@@ -19,6 +19,7 @@ SGD = dict(name="sgd", base_lr=0.03, weight_decay=1e-3, momentum=0.9, exclude_1d
            schedule="cosine", warmup_steps=0)
 
 
+@common.with_bench
 def get_config(arg: str | None = None):
   name, epochs = common.parse_preset("maskco", arg)
   if name == "demo":

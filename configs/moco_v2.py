@@ -1,4 +1,5 @@
-"""MoCo v2 (Chen et al. 2020). Presets: demo (CPU minutes), imagenet[-EPOCHS], coco[-EPOCHS].
+"""MoCo v2 (Chen et al. 2020). Presets: demo (CPU minutes), bench (demo x 5),
+imagenet[-EPOCHS], coco[-EPOCHS].
 
 Paper settings: ResNet-50, batch 256, 224 px, SGD (momentum 0.9, weight decay
 1e-4 on every parameter, as PyTorch's SGD), cosine schedule without warmup,
@@ -45,6 +46,7 @@ MODIFIERS = {
 }
 
 
+@common.with_bench
 def get_config(arg: str | None = None):
   base, *mods = (arg or "demo").split("+")
   unknown = [m for m in mods if m not in MODIFIERS]

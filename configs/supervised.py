@@ -1,4 +1,5 @@
-"""The supervised baseline (DetCon Fig. 4, red). Presets: demo (CPU minutes), imagenet[-EPOCHS].
+"""The supervised baseline (DetCon Fig. 4, red). Presets: demo (CPU minutes), bench (demo x 5),
+imagenet[-EPOCHS].
 
 The same ResNet as the self-supervised presets, trained with cross-entropy on
 the records' image labels through the same trainer (detcon_jax/objectives/
@@ -15,6 +16,7 @@ IMAGENET_EPOCHS = 90
 IMAGENET_BATCH = 1024
 
 
+@common.with_bench
 def get_config(arg: str | None = None):
   name, epochs = common.parse_preset("supervised", arg)
   if name == "demo":

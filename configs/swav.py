@@ -1,4 +1,5 @@
-"""SwAV (Caron et al. 2020). Presets: demo (CPU minutes), imagenet[-EPOCHS], coco[-EPOCHS].
+"""SwAV (Caron et al. 2020). Presets: demo (CPU minutes), bench (demo x 5),
+imagenet[-EPOCHS], coco[-EPOCHS].
 
 Paper settings (800-epoch ImageNet model): ResNet-50, batch 4096, multi-crop
 2 x 224 px (14-100% of the image) + 6 x 96 px (5-14%), 3000 prototypes frozen
@@ -11,6 +12,7 @@ from configs import common
 EPOCHS = {"imagenet": 800, "coco": common.DATASETS["coco"]["epochs"]}
 
 
+@common.with_bench
 def get_config(arg: str | None = None):
   name, epochs = common.parse_preset("swav", arg)
   c = _get_config(name, epochs)
@@ -44,7 +46,9 @@ def _get_config(name, epochs):
     # linear 18.0%); frozen, the codes stayed 0.73-0.95 (kNN 16.0%, linear 21.0%
     # vs 16.4% / 13.2% at random init; README, SwAV).
     c.views.update(small_crops=4, small_size=32)
-    c.swav.update(num_prototypes=300, freeze_prototypes_steps=c.steps, queue_size=256,
+    # freeze_prototypes_fraction=1.0: frozen for the whole run at any --config.steps (the
+    # bench preset's 2000 included); queue_start_step stays one epoch of the demo data.
+    c.swav.update(num_prototypes=300, freeze_prototypes_fraction=1.0, queue_size=256,
                   queue_start_step=78, epsilon=0.02)
     return c
   c = common.paper_config("swav", "swav", name, epochs or EPOCHS[name])

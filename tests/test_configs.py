@@ -64,8 +64,53 @@ def test_overriding_steps_alone_keeps_every_preset_valid(method):
 
 
 def test_unknown_preset_lists_the_choices():
-  with pytest.raises(common.ConfigError, match="demo, imagenet, coco"):
+  with pytest.raises(common.ConfigError, match="demo, bench, imagenet, coco"):
     importlib.import_module("configs.simclr").get_config("cifar")
+
+
+ALL_METHODS = METHODS + ("moco_v2", "swav", "maskco", "cast", "supervised")
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_bench_is_the_demo_trained_longer(method):
+  module = importlib.import_module(f"configs.{method}")
+  demo, bench = module.get_config("demo"), module.get_config("bench")
+  validation.validate(bench)
+  assert bench.steps == common.BENCH_STEPS == 5 * demo.steps
+  d, b = demo.to_dict(), bench.to_dict()
+  for c in (d, b):
+    del c["steps"], c["checkpoint"]["every_steps"]
+  assert b == d
+  mc = importlib.import_module("configs.moco_v2").get_config("bench+cc+knn")
+  assert mc.steps == common.BENCH_STEPS and mc.views.constrained and mc.loss.knn_weight == 0.4
+
+
+def _run_length_constants(config):
+  """Every quantity of a run that depends on its length, resolved as the trainer does."""
+  from detcon_jax.objectives import byol, moco, swav
+  out = {"warmup": warmup_steps(config.optimizer, config.steps)}
+  if "knn_start_fraction" in config.loss:
+    out["knn_start"] = moco.knn_start_step(config)
+  if "swav" in config:
+    out["prototype_freeze"] = swav.freeze_steps(config)
+  if "ema" in config:
+    out["tau"] = [round(float(byol.target_decay(f * config.steps, config)), 6) for f in (0.25, 0.5)]
+  return out
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_run_length_constants_scale_with_steps(method):
+  """The bench preset (5 x the demo's steps) and --config.steps=N scale every
+  length-dependent constant with the run: warmup, kNN-MoCo's start, SwAV's freeze,
+  BYOL's tau schedule (key momenta are per-step constants, as the papers')."""
+  module = importlib.import_module(f"configs.{method}")
+  demo = module.get_config("demo")
+  want = {k: v if k == "tau" else 5 * v for k, v in _run_length_constants(demo).items()}
+  longer = module.get_config("demo")
+  longer.steps = 5 * demo.steps                   # --config.steps=2000 on the demo
+  assert _run_length_constants(module.get_config("bench")) == _run_length_constants(longer) == want
+  if method == "swav":
+    assert _run_length_constants(demo)["prototype_freeze"] == demo.steps   # the whole run
 
 
 def _demo():

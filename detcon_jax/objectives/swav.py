@@ -4,8 +4,8 @@ Pure math first (sinkhorn, swapped_prediction), then the framework. One
 network embeds every crop; projections are l2-normalised and scored against
 prototypes (a linear layer without bias whose rows are renormalised to unit
 length after every update, in after_update, and which stay frozen for the
-first config.swav.freeze_prototypes_steps steps, as the reference freezes
-them for the first epoch). For each global crop, Sinkhorn-Knopp turns the
+first freeze_steps(config) steps, as the reference freezes them for the
+first epoch). For each global crop, Sinkhorn-Knopp turns the
 detached scores of the global batch (plus, optionally, a queue of earlier
 embeddings scored by the current prototypes) into equipartitioned soft codes;
 every other crop, small crops included, predicts those codes through a
@@ -163,17 +163,28 @@ def after_update(params, state, step, config):
   return params, state
 
 
+def freeze_steps(config) -> int:
+  """Steps the prototypes are held still: round(swav.freeze_prototypes_fraction x
+  config.steps) when that is set (it follows --config.steps), else
+  swav.freeze_prototypes_steps (the paper: one epoch)."""
+  fraction = config.swav.get("freeze_prototypes_fraction", None)
+  if fraction is not None:
+    return int(round(float(fraction) * int(config.steps)))
+  return int(config.swav.freeze_prototypes_steps)
+
+
 def param_labels(params, config):
-  """Prototypes held still for the first freeze_prototypes_steps steps."""
+  """Prototypes held still for the first freeze_steps(config) steps."""
   labels = common.default_labels(params, config)
-  hold = int(config.swav.freeze_prototypes_steps)
+  hold = freeze_steps(config)
   labels[PROTOTYPES] = f"hold:{hold}" if hold else "default"
   return labels
 
 
 def default_config():
   return {"swav": {"num_prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
-                   "freeze_prototypes_steps": 313, "queue_size": 0, "queue_start_step": 0}}
+                   "freeze_prototypes_steps": 313, "freeze_prototypes_fraction": None,
+                   "queue_size": 0, "queue_start_step": 0}}
 
 
 def validate(config):
@@ -185,6 +196,10 @@ def validate(config):
                    ("freeze_prototypes_steps", 0), ("queue_size", 0), ("queue_start_step", 0)):
     if int(s[key]) < low:
       raise ConfigError(f"config.swav.{key}={s[key]!r}: must be >= {low}.")
+  fraction = s.get("freeze_prototypes_fraction", None)
+  if fraction is not None and not 0.0 <= float(fraction) <= 1.0:
+    raise ConfigError(f"config.swav.freeze_prototypes_fraction={fraction!r}: must be in [0, 1] "
+                      "(a fraction of config.steps), or None to use freeze_prototypes_steps.")
   if not s.epsilon > 0:
     raise ConfigError(f"config.swav.epsilon={s.epsilon!r}: must be > 0 (paper: 0.05).")
   if 0 < int(s.queue_size) < config.batch_size:
