@@ -70,6 +70,10 @@ def _preset(arg):
     # steps: 6.82 at step 30 -> 6.39 at 400. With momentum 0.99 it rose instead
     # (5.29 -> 6.25): stale queue keys from a fast-moving key network are easy
     # negatives while the learning rate is high, and the loss followed the schedule.
+    # The key momentum is a per-step rate in the paper too (a time constant of 1,000
+    # steps, 0.1% of its 1M-step run), so it is not scaled with config.steps: the
+    # same share of the demo's 400 steps would make the key network a copy of the
+    # query network. The bench preset's 2000 steps hold two time constants.
     c.optimizer.update(SGD, base_lr=0.3, warmup_steps=0)
     c.moco.update(queue_size=1024)
     # Multi-crop at demo scale: small crops of 32 px next to the 64 px views (the
