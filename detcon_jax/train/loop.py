@@ -37,7 +37,7 @@ from detcon_jax.errors import (USER_ERRORS, ConfigError, InputError, NonFiniteLo
                                WorkdirError)
 from data_pipelines import background_augment as bg_lib
 from data_pipelines import batch as B
-from detcon_jax.objectives import registry
+from detcon_jax.objectives import online_masks, registry
 from detcon_jax.core import checkpointing, sharding, writers
 from detcon_jax.core.optimizer import warmup_steps
 from detcon_jax.core.state import init_train_state, make_optimizer, make_train_step
@@ -88,7 +88,7 @@ def records_batches(config, start_step: int, host_index: int, host_count: int, v
   views = registry.get_objective(config.method).views(config) if views is None else views
   return data_input.train_iterator(
       config.data.records_dir, batch_size=config.batch_size // host_count, views=views,
-      mask_source=config.data.mask_source, num_masks=config.loss.num_masks,
+      mask_source=online_masks.records_mask_source(config), num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer,
       foreground_threshold=config.data.get("foreground_threshold", 0.5),
@@ -107,7 +107,7 @@ def ensure_records(config, views=None) -> None:
     views = bg_lib.with_fields(views, bg_lib.settings(config))
     saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) or s.min_salient_cover > 0
                    for s in views)
-    kind = config.data.mask_source.split("_")[0]
+    kind = online_masks.records_mask_source(config).split("_")[0]
     background = bg_lib.needs_tiled(bg_lib.settings(config))
     try:
       build.ensure_demo_records(config.data.records_dir, saliency=saliency,
