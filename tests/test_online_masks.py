@@ -222,3 +222,16 @@ def test_methods_without_an_ema_target_refuse_online_masks():
   warm = online_config(warm_start_steps=5)
   assert all("masks" in s.fields for s in objective.views(warm))
   assert online_masks.records_mask_source(warm) == "fh"
+
+
+def test_benchmark_prices_online_masks_against_fh(train_step, capsys):
+  train_step.main(["--online_masks", "--flops_only", "--depth", "18", "--width", "0.125",
+                   "--image_size", "32", "--batch_size", "8"])
+  out = capsys.readouterr().out
+  assert "online / fh masks (DetCon-B): XLA flops x" in out, out
+  config = train_step.make_config("detcon_b+online", train_step.argparse.Namespace(
+      preset="cpu", paper_heads=False, depth=18, width=0.125, dtype="float32", stem_pool=False,
+      batch_size=8, image_size=32, num_masks=4, local_negatives=False))
+  assert config.data.mask_source == "online"
+  # 8 images x (k-means++ 3nCk + (4i + 4) nkC), n = 2 x 2 cells, C = 64, k = 8, i = 10
+  assert train_step.kmeans_flops(config) == 8 * (3 * 4 * 64 * 8 + 44 * 4 * 8 * 64)
