@@ -182,13 +182,15 @@ def _warm_run(records_dir, workdir):
 
 def test_detcon_b_trains_on_online_masks_after_a_warm_start(tiny_demo, tmp_path):
   """A few real steps on the tiny demo records (FH masks at step 0, online after): finite
-  losses; loss, chance and the segment counts logged."""
+  losses; loss, chance and the segment counts logged; the masks panel at the checkpoint."""
   summary = _warm_run(tiny_demo[0], tmp_path)
   losses = summary["losses"]
   assert summary["status"] == "done" and len(losses) == 3
   assert all(np.isfinite(v) for v in losses.values()) and summary["chance"] > 0
+  tags = _tags(tmp_path)
   assert {"loss", "chance", "online_masks/segments_per_view",
-          "online_masks/shared_segments"} <= _tags(tmp_path)
+          "online_masks/shared_segments"} <= tags
+  assert any(t.startswith("online masks: view1 | records' masks") for t in tags), tags
 
 
 @pytest.mark.slow   # two more runs; test_warm_start_keeps_the_records_masks... covers the rule
@@ -202,7 +204,8 @@ def test_warm_start_step_0_is_the_fh_run_and_online_alone_trains(tiny_demo, tmp_
   online = online_config()
   online.data.update(records_dir=records_dir, shuffle_buffer=16, mask_source="online")
   online.steps = 2
-  assert all(np.isfinite(v) for v in loop.train(online, str(tmp_path / "online"))["losses"].values())
+  losses = loop.train(online, str(tmp_path / "online"))["losses"]
+  assert all(np.isfinite(v) for v in losses.values())
 
 
 def test_methods_without_an_ema_target_refuse_online_masks():

@@ -38,6 +38,8 @@ config.online_masks (defaults: a first choice, not tuned):
   init               K-means seeding: 'kmeans++' or 'farthest' (kmeans.INITS)
   warm_start_steps   N > 0: the records' masks (warm_start_source, 'fh') for steps < N,
                      online after (both computed, a jnp.where on the step)
+preview(config, specs): the online ids of a batch under a train state's target, for the
+trainer's TensorBoard panel (train/loop.py: at every checkpoint, on the first batch).
 Metrics: online_masks/segments_per_view (clusters non-empty in a view, mean over
 images and both views) and online_masks/shared_segments (present in both views).
 """
@@ -50,6 +52,7 @@ from data_pipelines import batch as B
 from data_pipelines import views as V
 from detcon_jax.errors import ConfigError
 from detcon_jax.models import kmeans
+from detcon_jax.objectives import common
 
 ONLINE = "online"                    # the config.data.mask_source value
 CONFIG = {"online_masks": {"k": 8, "iterations": kmeans.ITERATIONS, "position_weight": 0.0,
@@ -161,3 +164,24 @@ def replace_masks(target_maps, batch, rng, step, config):
   metrics = {"online_masks/segments_per_view": segments,
              "online_masks/shared_segments": jnp.mean(jnp.sum(p1 & p2, -1))}
   return dict(batch, **new), metrics
+
+
+def preview(config, specs, images: int = 4):
+  """None unless online masks; else a function (train state's `state`, global batch) ->
+  {view1/masks, view2/masks} int32 [images, H, W] for jax.jit: the online ids of the
+  batch's first images under that state's target (fixed K-means key), upsampled to the
+  views."""
+  if not enabled(config):
+    return None
+  nets = common.build_networks(config, True)
+
+  def ids(state, batch):
+    maps, _ = common.encode(nets, state[common.TARGET], state[common.BATCH_STATS], batch, specs)
+    o = config.online_masks
+    ids1, ids2 = cluster_views(maps[B.VIEW1], maps[B.VIEW2], jax.random.PRNGKey(0), k=int(o.k),
+                               iterations=int(o.iterations),
+                               position_weight=float(o.position_weight), init=o.init)
+    return {B.MASKS1: _full_size(ids1[:images], batch[B.VIEW1][:images].shape[:3]),
+            B.MASKS2: _full_size(ids2[:images], batch[B.VIEW2][:images].shape[:3])}
+
+  return ids

@@ -373,11 +373,12 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   cleanup.callback(writer.close)
   if not start_step:
     _show_inputs(writer, config, first_host)
+  panel = _online_masks_panel(run, writer, first_host, first)
   now = time.time()
   progress = _Progress(ts=ts, start_step=start_step, step=start_step,
                        last_saved=start_step or None, t_run=now, t_log=now, log_from=start_step)
   del ts   # donated to the first step
-  _train_steps(run, progress, step_fn, first, global_batches, source, writer)
+  _train_steps(run, progress, step_fn, first, global_batches, source, writer, panel)
   summary = _summary(run, progress, source, setup_s, compile_s)
   say(summary_line(summary))
   step = progress.step
@@ -512,10 +513,32 @@ def _show_inputs(writer, config, first_host: dict) -> None:
                   side_by_side(*[to_uint8(np.asarray(first_host[k][:8])) for k in shown]))
 
 
+def _online_masks_panel(run: _Run, writer, first_host: dict, first: dict):
+  """(step, train state) -> None: with config.data.mask_source='online', the first batch's
+  first 4 images to TensorBoard as view 1 | its records' (FH) masks, when read | online
+  masks of view 1 | of view 2 (objectives/online_masks.preview), at every checkpoint."""
+  fn = online_masks.preview(run.config, run.objective.views(run.config))
+  if fn is None:
+    return lambda step, ts: None
+  from detcon_jax.evaluate.visualize import overlay, side_by_side, to_uint8
+  fn = jax.jit(fn, out_shardings=run.replicated)
+  host = {k: np.asarray(v[:4]) for k, v in first_host.items() if k in (B.VIEW1, B.VIEW2, B.MASKS1)}
+
+  def show(step, ts):
+    ids = checkpointing.to_host(fn(ts["state"], first))
+    n = len(ids[B.MASKS1])
+    records = [overlay(host[B.VIEW1][:n], host[B.MASKS1][:n])] if B.MASKS1 in host else []
+    writer.images(step, "online masks: view1 | records' masks | online view1 | view2",
+                  side_by_side(to_uint8(host[B.VIEW1][:n]), *records,
+                               *[overlay(host[v][:n], ids[B.key(v, "masks")])
+                                 for v in (B.VIEW1, B.VIEW2)]))
+  return show
+
+
 def _train_steps(run: _Run, p: _Progress, step_fn, first: dict, global_batches, source,
-                 writer) -> None:
+                 writer, panel=lambda step, ts: None) -> None:
   """Steps to config.steps or a stop (logging, checkpointing and evaluating as
-  configured), then the final checkpoint."""
+  configured), then the final checkpoint (each checkpoint step also shows `panel`)."""
   config = run.config
   bar = tqdm(total=config.steps, initial=p.start_step, disable=jax.process_index() != 0,
              unit="step", desc=config.method, dynamic_ncols=True, mininterval=2.0)
@@ -542,11 +565,13 @@ def _train_steps(run: _Run, p: _Progress, step_fn, first: dict, global_batches, 
     evaluate = evaluate_at(config, p.step)
     if (every and p.step % every == 0) or evaluate:
       _save(run, p, p.step)
+      panel(p.step, p.ts)
     if evaluate and p.step < config.steps and not _evaluate_midway(run, p):
       p.status = "preempted"
       break
   if p.last_saved != p.step:
     _save(run, p, p.step)
+    panel(p.step, p.ts)
   checkpointing.wait(run.manager, p.step)
   bar.close()
 
