@@ -571,7 +571,8 @@ def _train_steps(run: _Run, p: _Progress, step_fn, first: dict, global_batches, 
       break
   if p.last_saved != p.step:
     _save(run, p, p.step)
-    panel(p.step, p.ts)
+    if p.status != "preempted":   # a stop exits at once (the panel may still compile)
+      panel(p.step, p.ts)
   checkpointing.wait(run.manager, p.step)
   bar.close()
 
