@@ -14,6 +14,11 @@ DetCon-B over the ResNet-50 backbone at 224 px, forward).
   python benchmarks/train_step.py --preset rn50 --batch_size 4096 --flops_only  # count only
   python benchmarks/train_step.py --preset imagenet --methods detcon_b,byol --batch_size 1024 \
       --markdown /tmp/steps.md     # the methods' imagenet presets (benchmarks/accelerator.sh)
+  python benchmarks/train_step.py --online_masks   # DetCon-B: FH masks vs online masks only
+
+A method name ending in '+online' (e.g. detcon_b+online, also in --methods) is that
+method with config.data.mask_source='online' (objectives/online_masks.py: K-means over
+the EMA target's feature maps in the step, config.online_masks defaults).
 
 On a TPU or GPU the table adds MFU (XLA's FLOPs / step time / the peak bf16 rate of
 launch/plan.py's DEVICES) and the peak memory per device of the device-compiled step.
@@ -35,7 +40,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_pipelines import batch as B  # noqa: E402
-from detcon_jax.models.resnet import output_stride  # noqa: E402
+from detcon_jax.models.resnet import num_features, output_stride  # noqa: E402
 from detcon_jax.objectives import registry  # noqa: E402
 from detcon_jax.core import sharding  # noqa: E402
 from launch import plan  # noqa: E402
@@ -56,9 +61,20 @@ PRESETS = {
 }
 
 
-def make_config(method: str, args):
+ONLINE = "+online"                  # method suffix: online masks (--online_masks)
+ONLINE_PAIR = ("detcon_b", "detcon_b" + ONLINE)
+
+
+def base_method(name: str) -> str:
+  return name.removesuffix(ONLINE)
+
+
+def make_config(name: str, args):
+  method = base_method(name)
   config = importlib.import_module(f"configs.{method}").get_config(
       "imagenet" if args.preset == "imagenet" else "demo")
+  if name.endswith(ONLINE):
+    config.data.mask_source = "online"
   if args.paper_heads:   # DetCon A.2: 2048/128 (SimCLR family), 4096/256 (BYOL family)
     config.head.update(importlib.import_module(f"configs.{method}").get_config("imagenet").head)
   config.model.update(depth=args.depth, width=args.width, dtype=args.dtype,
@@ -82,7 +98,7 @@ def compile_pair(pair, args, mesh, rng):
   lowered, not compiled or run, and XLA's FLOP count comes from the HLO. That
   makes RN50 at 224 px and batch 4096 countable on a laptop.
   """
-  objective = registry.get_objective(pair[-1])
+  objective = registry.get_objective(base_method(pair[-1]))
   host = B.synthetic_train_batch(args.batch_size, num_masks=args.num_masks, grid=4,
                                  specs=objective.views(make_config(pair[-1], args)))
   if args.flops_only:
@@ -94,7 +110,7 @@ def compile_pair(pair, args, mesh, rng):
   shared = None
   for method in reversed(pair):                       # init the DetCon variant once, share it
     config = make_config(method, args)
-    init, step = plan.jit_step(registry.get_objective(method), config, mesh, rng)
+    init, step = plan.jit_step(registry.get_objective(base_method(method)), config, mesh, rng)
     if shared is None:
       shared = jax.eval_shape(init, rng, batch) if args.flops_only else init(rng, batch)
     ts = shared if args.flops_only else jax.tree.map(jnp.copy, shared)  # steps donate state
@@ -161,6 +177,8 @@ def main(argv=None):
                       help="count XLA FLOPs of the lowered steps; compile and run nothing")
   parser.add_argument("--methods", default=None,
                       help="comma-separated methods to time alone (default: the pairs and others)")
+  parser.add_argument("--online_masks", action="store_true",
+                      help="only DetCon-B with FH masks vs with online masks (ratio)")
   parser.add_argument("--markdown", default=None,
                       help="append one markdown table row per method to this file")
   args = parser.parse_args(argv)
@@ -177,7 +195,9 @@ def main(argv=None):
         f"median of {args.repeats} blocks x {args.steps} steps after {args.warmup} warm-up")
   rng = jax.random.PRNGKey(0)
   entries = {}
-  if args.methods:
+  if args.online_masks:   # the FH variant last: its masked batch serves both
+    entries.update(compile_pair(ONLINE_PAIR[::-1], args, mesh, rng))
+  elif args.methods:
     for method in args.methods.split(","):
       entries.update(compile_pair((method,), args, mesh, rng))
   else:
@@ -188,6 +208,7 @@ def main(argv=None):
   if args.flops_only:
     for method, e in entries.items():
       print(f"{method:<10}{e['flops'] / 1e9:>12.1f} GFLOP/step")
+    _print_online(entries, args, timed=False)
     for base, detcon, paper in _present(PAIRS, entries):
       fb, fd = entries[base]["flops"], entries[detcon]["flops"]
       print(f"{detcon} / {base}: XLA flops {100 * (fd / fb - 1):+.1f}%  (paper {paper:+.1f}%)")
@@ -229,6 +250,35 @@ def main(argv=None):
     fb, fm = entries[base]["flops"], entries[method]["flops"]
     flops = f"x{fm / fb:.2f}" if fb else "n/a"
     print(f"{method + ' / ' + base:<20}{'x' + format(tm / tb, '.2f'):>8}{flops:>11}")
+  _print_online(entries, args, timed=True)
+
+
+def kmeans_flops(config) -> float:
+  """FLOPs of one step's online-mask K-means, counted by hand with every loop iteration
+  (XLA's cost analysis counts a loop body once): per image of the global batch, n cells
+  of C channels, k clusters, i Lloyd iterations: the k-means++ seeding (k passes of
+  3nC), i + 1 assignments of view 1 and one of view 2 (2nkC each), i centroid updates
+  (2nkC)."""
+  n = (config.image_size // output_stride(config.model.stem_pool)) ** 2
+  c, k = num_features(config.model.depth, config.model.width), config.online_masks.k
+  i = config.online_masks.iterations
+  per_image = 3 * n * c * k + (i + 2) * 2 * n * k * c + i * 2 * n * k * c
+  return float(config.batch_size * per_image)
+
+
+def _print_online(entries, args, timed: bool) -> None:
+  """DetCon-B's step with online masks over its step with the records' (FH) masks."""
+  if not all(m in entries for m in ONLINE_PAIR):
+    return
+  fh, online = (entries[m] for m in ONLINE_PAIR)
+  time_ratio = (f"time x{statistics.median(online['times']) / statistics.median(fh['times']):.3f}, "
+                if timed else "")
+  config = make_config(ONLINE_PAIR[1], args)
+  kmeans = kmeans_flops(config)
+  print(f"online / fh masks (DetCon-B): {time_ratio}XLA flops x{online['flops'] / fh['flops']:.4f}"
+        f"; the K-means alone (k={config.online_masks.k}, {config.online_masks.iterations} "
+        f"iterations, every iteration counted) {kmeans / 1e9:.3f} GFLOP/step = "
+        f"{100 * kmeans / fh['flops']:.3f}% of the FH step")
 
 
 if __name__ == "__main__":

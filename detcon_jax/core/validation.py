@@ -69,6 +69,7 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
   _check_devices(c, device_count, process_count)
   background_augment.validate(c)
   check_background(c, objective)
+  check_online_masks(c, objective)
   objective.validate(c)
   return config
 
@@ -201,6 +202,18 @@ def check_background(config, objective) -> None:
          "background-matched one)" if bg.mode == "swaps" else "")
   raise ConfigError(f"config.background.mode={bg.mode!r} does not compose with "
                     f"config.method={config.method!r}{why}; it works with {', '.join(works)}.")
+
+
+def check_online_masks(config, objective) -> None:
+  """config.data.mask_source='online' on a method without Objective.online_masks -> one
+  ConfigError naming the methods that take it."""
+  if config.data.get("mask_source", None) != "online" or objective.online_masks:
+    return
+  works = [name for name, o in sorted(registry.OBJECTIVES.items()) if o.online_masks]
+  raise ConfigError(f"config.data.mask_source='online' does not work with config.method="
+                    f"{config.method!r}: online masks cluster an EMA target network's feature "
+                    f"maps for DetCon's mask pooling; they work with {', '.join(works)}. Use "
+                    "a stored mask source (fh, grid, mcg, learned...) or one of those methods.")
 
 
 def validate_records(config, manifest: dict, records_dir: str = "") -> None:

@@ -72,12 +72,6 @@ def relabel(ids: jax.Array, k: int) -> jax.Array:
   return jnp.take_along_axis(new, flat, axis=1).reshape(ids.shape).astype(jnp.int32)
 
 
-def _grid(h: int, w: int) -> np.ndarray:
-  """[h, w, 2] cell centres (row, col) in [0, 1]."""
-  rows, cols = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
-  return np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).astype(np.float32)
-
-
 @functools.partial(jax.jit, static_argnames=("size", "k", "position_weight", "colour_weight",
                                              "iterations", "init"))
 def cluster_features(keys: jax.Array, features: jax.Array, images: jax.Array | None = None, *,
@@ -90,15 +84,12 @@ def cluster_features(keys: jax.Array, features: jax.Array, images: jax.Array | N
   `images` [B, H, W, 3] in [0, 1] averaged over each cell], K-means per image with its
   key (keys [B, 2]), nearest upsampling, ids relabelled 0..n-1."""
   b, h, w, _ = features.shape
-  x = features.astype(jnp.float32)
-  parts = [x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12),
-           jnp.broadcast_to(position_weight * _grid(h, w), (b, h, w, 2))]
+  points = kmeans.feature_points(features, position_weight)
   if colour_weight:
     if images is None:
       raise ValueError("colour_weight > 0 needs the images.")
     colour = jax.image.resize(images.astype(jnp.float32), (b, h, w, 3), "linear", antialias=True)
-    parts.append(colour_weight * colour)
-  points = jnp.concatenate(parts, -1).reshape(b, h * w, -1)
+    points = jnp.concatenate([points, colour_weight * colour.reshape(b, h * w, 3)], -1)
   assignment, _ = jax.vmap(lambda key, p: kmeans.kmeans(key, p, k, iterations, init))(keys,
                                                                                      points)
   ids = assignment.reshape(b, h, w)

@@ -25,9 +25,26 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ITERATIONS = 10
 HIGHEST = jax.lax.Precision.HIGHEST   # TPU matmuls default to bf16 passes: keep f32 distances
+
+
+def grid_positions(h: int, w: int) -> np.ndarray:
+  """[h, w, 2] cell centres (row, col) in [0, 1]."""
+  rows, cols = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+  return np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).astype(np.float32)
+
+
+def feature_points(features: jax.Array, position_weight: float = 0.0) -> jax.Array:
+  """Dense features [B, h, w, C] -> K-means points [B, h*w, C+2]: the unit feature vector
+  of each cell ++ position_weight * its (row, col) in [0, 1] (learned and online masks)."""
+  b, h, w, _ = features.shape
+  x = features.astype(jnp.float32)
+  unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  position = jnp.broadcast_to(position_weight * grid_positions(h, w), (b, h, w, 2))
+  return jnp.concatenate([unit, position], -1).reshape(b, h * w, -1)
 
 
 def sq_distances(points: jax.Array, centroids: jax.Array) -> jax.Array:

@@ -40,13 +40,15 @@ def check_tau(config, name: str):
 
 
 def bootstrap(name: str, pool, criterion, views=common.two_views, config=None,
-              validate=None) -> common.Objective:
+              validate=None, masks=None) -> common.Objective:
   """An Objective: online+predictor vs stop-gradient EMA target, `pool`, `criterion`.
 
   criterion(pred1, pred2, target1, target2, batch, config) -> (loss, metrics),
   where predI comes from the online network on view I and targetI from the
   target network on view I. config: sections the method adds to CONFIG's;
-  validate(config): its own checks.
+  validate(config): its own checks. masks(target_maps, batch, rng, step, config)
+  -> (batch, metrics): runs after the target's encoder, before any pooling, and may
+  replace the batch's masks from the target's feature maps (online masks).
   """
 
   def init(rng, config, batch):
@@ -56,18 +58,23 @@ def bootstrap(name: str, pool, criterion, views=common.two_views, config=None,
     return params, {common.BATCH_STATS: batch_stats, common.TARGET: common.copy_of(params)}
 
   def loss(params, state, batch, rng, step, config):
-    del rng
     nets = common.build_networks(config, True)
     specs = views(config)
-    online = common.forward(nets, params, state[common.BATCH_STATS], batch, specs, pool)
     target = jax.lax.stop_gradient(state[common.TARGET])
     # Target in training mode (batch statistics); its running averages are discarded.
-    t = common.forward(nets, target, state[common.BATCH_STATS], batch, specs, pool).z
+    encoded = common.encode(nets, target, state[common.BATCH_STATS], batch, specs)
+    mask_metrics = {}
+    if masks is not None:
+      batch, mask_metrics = masks(jax.lax.stop_gradient(encoded[0]), batch, rng, step, config)
+    online = common.forward(nets, params, state[common.BATCH_STATS], batch, specs, pool)
+    t = common.forward(nets, target, state[common.BATCH_STATS], batch, specs, pool,
+                       encoded=encoded).z
     t = jax.lax.stop_gradient(t)
     p = online.p
     value, metrics = criterion(p[B.VIEW1], p[B.VIEW2], t[B.VIEW1], t[B.VIEW2], batch, config)
     new_state = dict(state, **{common.BATCH_STATS: online.batch_stats})
-    return value, (dict(metrics, loss=value, tau=target_decay(step, config)), new_state)
+    return value, (dict(metrics, **mask_metrics, loss=value, tau=target_decay(step, config)),
+                   new_state)
 
   def check(cfg):
     common.no_multi_crop(cfg, name)
@@ -77,7 +84,8 @@ def bootstrap(name: str, pool, criterion, views=common.two_views, config=None,
 
   return common.Objective(name, init, loss, after_update=update_target, views=views,
                           default_config=lambda: {**CONFIG, **(config or {})}, validate=check,
-                          backgrounds=common.BACKGROUND_VIEW_MODES)
+                          backgrounds=common.BACKGROUND_VIEW_MODES,
+                          online_masks=masks is not None)
 
 
 def regression_loss(pred, target):

@@ -73,6 +73,8 @@ class Objective(NamedTuple):
   default_config: Callable = no_config  # () -> {section: {key: default}} the method adds
   validate: Callable = no_checks       # (config) -> None, raises ConfigError
   backgrounds: tuple = ()              # config.background.mode values it composes with
+  online_masks: bool = False           # takes config.data.mask_source='online'
+                                       #   (objectives/online_masks.py)
 
 
 # Background augmentations a method can take (data_pipelines/background_augment.py): any method
@@ -161,24 +163,40 @@ def unstack_views(x, names):
   return {n: x[:, i] for i, n in enumerate(names)}
 
 
-def forward(nets: Networks, params, batch_stats, batch, specs, pool=global_pool) -> Forward:
+def _size_groups(specs):
+  """View names grouped by size, in order of first appearance (one encoder call each)."""
+  sizes = list(dict.fromkeys(s.size for s in specs))
+  return [[s.name for s in specs if s.size == size] for size in sizes]
+
+
+def encode(nets: Networks, params, batch_stats, batch, specs):
+  """The encoder part of `forward`: ({view: final feature map [B, h, w, C]}, the
+  encoder's updated batch stats). A caller that needs the maps before pooling (online
+  masks: objectives/online_masks.py) passes the result to forward(encoded=...)."""
+  stats = batch_stats[ENCODER]
+  maps = {}
+  for names in _size_groups(specs):
+    out, stats = _apply(nets.encoder, params[ENCODER], stats,
+                        normalize_images(stack_views(batch, names)))
+    maps.update(unstack_views(out["stage4"], names))
+  return maps, stats
+
+
+def forward(nets: Networks, params, batch_stats, batch, specs, pool=global_pool,
+            encoded=None) -> Forward:
   """Every view in `specs` through encoder, `pool`, projector (and predictor).
 
   One encoder call per distinct view size (in order of first appearance);
   the pooled latents of all views then go through the heads in one call, so
   head batch norm spans every view. Runs in training mode; the predictor
-  runs when `params` has one.
+  runs when `params` has one. encoded: encode()'s result for these params, so
+  the encoder does not run again.
   """
-  sizes = list(dict.fromkeys(s.size for s in specs))
-  stats = batch_stats[ENCODER]
-  maps, pooled = {}, {}
-  for size in sizes:
-    names = [s.name for s in specs if s.size == size]
-    out, stats = _apply(nets.encoder, params[ENCODER], stats,
-                        normalize_images(stack_views(batch, names)))
-    final = out["stage4"]
-    maps.update(unstack_views(final, names))
-    pooled.update(unstack_views(pool(final, batch, names), names))
+  maps, stats = encoded if encoded is not None else encode(nets, params, batch_stats, batch,
+                                                           specs)
+  pooled = {}
+  for names in _size_groups(specs):
+    pooled.update(unstack_views(pool(stack_views(maps, names), batch, names), names))
   order = [s.name for s in specs]
   new_stats = {ENCODER: stats}
   latents = jnp.stack([pooled[n] for n in order], axis=1)              # [B, V, (K,) C]

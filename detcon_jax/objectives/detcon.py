@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from data_pipelines import batch as B
 from detcon_jax.errors import ConfigError
-from detcon_jax.objectives import common
+from detcon_jax.objectives import common, online_masks
 from detcon_jax.objectives.byol import bootstrap
 from detcon_jax.objectives.contrastive import DETCON_FORMS, detcon_nce, uniform
 from detcon_jax.objectives.simclr import siamese
@@ -46,5 +46,15 @@ def detcon_criterion(online1, online2, target1, target2, batch, config, extra=No
 
 DETCON_S = siamese("detcon_s", common.masks_pool, detcon_criterion, views=common.masked_views,
                    config=CONFIG, validate=check)
-DETCON_B = bootstrap("detcon_b", common.masks_pool, detcon_criterion, views=common.masked_views,
-                     config=CONFIG, validate=check)
+def check_b(config):
+  check(config)
+  online_masks.check(config)
+
+
+# DetCon-B also takes config.data.mask_source='online' (objectives/online_masks.py): masks
+# from K-means over its EMA target's feature maps. DetCon-S has no target network (Odin
+# clusters the slowly moving EMA target, so masks change smoothly from step to step); it
+# refuses online masks with a ConfigError (core/validation.py, from Objective.online_masks).
+DETCON_B = bootstrap("detcon_b", common.masks_pool, detcon_criterion,
+                     views=online_masks.masked_views, config={**CONFIG, **online_masks.CONFIG},
+                     validate=check_b, masks=online_masks.replace_masks)

@@ -37,7 +37,7 @@ from detcon_jax.errors import (USER_ERRORS, ConfigError, InputError, NonFiniteLo
                                WorkdirError)
 from data_pipelines import background_augment as bg_lib
 from data_pipelines import batch as B
-from detcon_jax.objectives import registry
+from detcon_jax.objectives import online_masks, registry
 from detcon_jax.core import checkpointing, sharding, writers
 from detcon_jax.core.optimizer import warmup_steps
 from detcon_jax.core.state import init_train_state, make_optimizer, make_train_step
@@ -88,7 +88,7 @@ def records_batches(config, start_step: int, host_index: int, host_count: int, v
   views = registry.get_objective(config.method).views(config) if views is None else views
   return data_input.train_iterator(
       config.data.records_dir, batch_size=config.batch_size // host_count, views=views,
-      mask_source=config.data.mask_source, num_masks=config.loss.num_masks,
+      mask_source=online_masks.records_mask_source(config), num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer,
       foreground_threshold=config.data.get("foreground_threshold", 0.5),
@@ -107,7 +107,7 @@ def ensure_records(config, views=None) -> None:
     views = bg_lib.with_fields(views, bg_lib.settings(config))
     saliency = any({V.SALIENCY, V.FOREGROUND} & set(s.fields) or s.min_salient_cover > 0
                    for s in views)
-    kind = config.data.mask_source.split("_")[0]
+    kind = online_masks.records_mask_source(config).split("_")[0]
     background = bg_lib.needs_tiled(bg_lib.settings(config))
     try:
       build.ensure_demo_records(config.data.records_dir, saliency=saliency,
@@ -373,11 +373,12 @@ def _run(config, workdir, objective, batches, flag, manager, cleanup, t_start) -
   cleanup.callback(writer.close)
   if not start_step:
     _show_inputs(writer, config, first_host)
+  panel = _online_masks_panel(run, writer, first_host, first)
   now = time.time()
   progress = _Progress(ts=ts, start_step=start_step, step=start_step,
                        last_saved=start_step or None, t_run=now, t_log=now, log_from=start_step)
   del ts   # donated to the first step
-  _train_steps(run, progress, step_fn, first, global_batches, source, writer)
+  _train_steps(run, progress, step_fn, first, global_batches, source, writer, panel)
   summary = _summary(run, progress, source, setup_s, compile_s)
   say(summary_line(summary))
   step = progress.step
@@ -512,10 +513,32 @@ def _show_inputs(writer, config, first_host: dict) -> None:
                   side_by_side(*[to_uint8(np.asarray(first_host[k][:8])) for k in shown]))
 
 
+def _online_masks_panel(run: _Run, writer, first_host: dict, first: dict):
+  """(step, train state) -> None: with config.data.mask_source='online', the first batch's
+  first 4 images to TensorBoard as view 1 | its records' (FH) masks, when read | online
+  masks of view 1 | of view 2 (objectives/online_masks.preview), at every checkpoint."""
+  fn = online_masks.preview(run.config, run.objective.views(run.config))
+  if fn is None:
+    return lambda step, ts: None
+  from detcon_jax.evaluate.visualize import overlay, side_by_side, to_uint8
+  fn = jax.jit(fn, out_shardings=run.replicated)
+  host = {k: np.asarray(v[:4]) for k, v in first_host.items() if k in (B.VIEW1, B.VIEW2, B.MASKS1)}
+
+  def show(step, ts):
+    ids = checkpointing.to_host(fn(ts["state"], first))
+    n = len(ids[B.MASKS1])
+    records = [overlay(host[B.VIEW1][:n], host[B.MASKS1][:n])] if B.MASKS1 in host else []
+    writer.images(step, "online masks: view1 | records' masks | online view1 | view2",
+                  side_by_side(to_uint8(host[B.VIEW1][:n]), *records,
+                               *[overlay(host[v][:n], ids[B.key(v, "masks")])
+                                 for v in (B.VIEW1, B.VIEW2)]))
+  return show
+
+
 def _train_steps(run: _Run, p: _Progress, step_fn, first: dict, global_batches, source,
-                 writer) -> None:
+                 writer, panel=lambda step, ts: None) -> None:
   """Steps to config.steps or a stop (logging, checkpointing and evaluating as
-  configured), then the final checkpoint."""
+  configured), then the final checkpoint (each checkpoint step also shows `panel`)."""
   config = run.config
   bar = tqdm(total=config.steps, initial=p.start_step, disable=jax.process_index() != 0,
              unit="step", desc=config.method, dynamic_ncols=True, mininterval=2.0)
@@ -542,11 +565,14 @@ def _train_steps(run: _Run, p: _Progress, step_fn, first: dict, global_batches, 
     evaluate = evaluate_at(config, p.step)
     if (every and p.step % every == 0) or evaluate:
       _save(run, p, p.step)
+      panel(p.step, p.ts)
     if evaluate and p.step < config.steps and not _evaluate_midway(run, p):
       p.status = "preempted"
       break
   if p.last_saved != p.step:
     _save(run, p, p.step)
+    if p.status != "preempted":   # a stop exits at once (the panel may still compile)
+      panel(p.step, p.ts)
   checkpointing.wait(run.manager, p.step)
   bar.close()
 
