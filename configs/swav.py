@@ -52,6 +52,8 @@ def _get_config(name, epochs):
                   queue_start_step=78, epsilon=0.02)
     return c
   c = common.paper_config("swav", "swav", name, epochs or EPOCHS[name])
-  images = common.DATASETS[name]["images"]
-  c.swav.freeze_prototypes_steps = common.steps_for_epochs(1, images, c.batch_size)
+  # The first epoch, as a fraction of the run (like the warmup) so that --config.steps
+  # scales it; --config.swav.freeze_prototypes_steps=N fixes it.
+  epoch = common.steps_for_epochs(1, common.DATASETS[name]["images"], c.batch_size)
+  c.swav.freeze_prototypes_fraction = epoch / c.steps
   return c

@@ -309,11 +309,14 @@ def _load_config(spec: str, overrides: list[str]):
   sys.argv = argv                       # config_flags reads overrides from sys.argv
   try:
     fv(argv)
+    config = fv["config"].value
+    config.keys()                 # loads the file (config_flags loads it lazily)
   except Exception as e:                # bad path, unknown preset or key, bad value
-    raise LaunchError(f"--config={spec}: {e}") from None
+    from detcon_jax import cli          # the trainer's one-line description of it
+    raise LaunchError(cli.describe(e, argv)) from None
   finally:
     sys.argv = saved
-  return fv["config"].value
+  return config
 
 
 def make_plan(a, overrides: list[str]) -> Plan:

@@ -101,6 +101,12 @@ def test_clear_errors(capsys, monkeypatch):
   assert "--workdir=runs/x is local" in msg and "4 hosts" in msg
   msg = _errors(capsys, *base, "--tpu=v9-8", "--workdir=gs://b/r", "--dry_run")
   assert "not an accelerator type" in msg
+  # config mistakes read as the trainer's (detcon_jax/cli.describe)
+  msg = _errors(capsys, *base, "--tpu=v5e-8", "--workdir=gs://b/r", "--config.nope=1", "--dry_run")
+  assert msg.startswith("error: --config.nope=1: config.nope is not a config key"), msg
+  msg = _errors(capsys, "--config=configs/nope.py:demo", "--zone=z", "--tpu=v5e-8",
+                "--workdir=gs://b/r", "--dry_run")
+  assert "configs/nope.py:demo: no such config file" in msg, msg
   monkeypatch.setenv("PATH", "/nonexistent")
   msg = _errors(capsys, *base, "--tpu=v5e-8", "--workdir=gs://b/r")
   assert "gcloud is not on PATH" in msg

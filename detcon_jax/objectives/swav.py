@@ -164,13 +164,14 @@ def after_update(params, state, step, config):
 
 
 def freeze_steps(config) -> int:
-  """Steps the prototypes are held still: round(swav.freeze_prototypes_fraction x
-  config.steps) when that is set (it follows --config.steps), else
-  swav.freeze_prototypes_steps (the paper: one epoch)."""
-  fraction = config.swav.get("freeze_prototypes_fraction", None)
-  if fraction is not None:
-    return int(round(float(fraction) * int(config.steps)))
-  return int(config.swav.freeze_prototypes_steps)
+  """Steps the prototypes are held still: swav.freeze_prototypes_steps when set, else
+  round(swav.freeze_prototypes_fraction x config.steps), which follows --config.steps (as
+  the warmup: the paper presets' fraction is one epoch, the demo's the whole run)."""
+  steps = config.swav.get("freeze_prototypes_steps", None)
+  if steps is not None:
+    return int(steps)
+  fraction = float(config.swav.get("freeze_prototypes_fraction", 0.0))
+  return int(round(fraction * int(config.steps)))
 
 
 def param_labels(params, config):
@@ -183,23 +184,25 @@ def param_labels(params, config):
 
 def default_config():
   return {"swav": {"num_prototypes": 3000, "epsilon": 0.05, "sinkhorn_iterations": 3,
-                   "freeze_prototypes_steps": 313, "freeze_prototypes_fraction": None,
+                   "freeze_prototypes_steps": None, "freeze_prototypes_fraction": 0.0,
                    "queue_size": 0, "queue_start_step": 0}}
 
 
 def validate(config):
-  keys = ("num_prototypes", "epsilon", "sinkhorn_iterations", "freeze_prototypes_steps",
-          "queue_size", "queue_start_step")
+  keys = ("num_prototypes", "epsilon", "sinkhorn_iterations", "queue_size", "queue_start_step")
   common.require(config, "swav", keys, "swav")
   s = config.swav
   for key, low in (("num_prototypes", 1), ("sinkhorn_iterations", 1),
-                   ("freeze_prototypes_steps", 0), ("queue_size", 0), ("queue_start_step", 0)):
+                   ("queue_size", 0), ("queue_start_step", 0)):
     if int(s[key]) < low:
       raise ConfigError(f"config.swav.{key}={s[key]!r}: must be >= {low}.")
-  fraction = s.get("freeze_prototypes_fraction", None)
-  if fraction is not None and not 0.0 <= float(fraction) <= 1.0:
+  fraction, steps = s.get("freeze_prototypes_fraction", 0.0), s.get("freeze_prototypes_steps")
+  if not 0.0 <= float(fraction) <= 1.0:
     raise ConfigError(f"config.swav.freeze_prototypes_fraction={fraction!r}: must be in [0, 1] "
-                      "(a fraction of config.steps), or None to use freeze_prototypes_steps.")
+                      "(a fraction of config.steps).")
+  if steps is not None and int(steps) < 0:
+    raise ConfigError(f"config.swav.freeze_prototypes_steps={steps!r}: must be >= 0 (or unset: "
+                      "freeze_prototypes_fraction of the run).")
   if not s.epsilon > 0:
     raise ConfigError(f"config.swav.epsilon={s.epsilon!r}: must be > 0 (paper: 0.05).")
   if 0 < int(s.queue_size) < config.batch_size:
