@@ -64,8 +64,10 @@ _FALLBACKS = "_crop_fallbacks"   # per example: constrained crops that fell back
 _BG, _BG_SLOT = "_bg_draws", 1_000_033   # background augmentations' uniforms, their key slot
 
 
-def resolve_mask_names(manifest: dict, mask_source: str, records_dir: str = "") -> list[str]:
-  """Stored mask names for a source: an exact name, or every name 'prefix_*' / 'prefix'."""
+def resolve_mask_names(manifest: dict, mask_source: str, records_dir: str = "",
+                       key: str = "config.data.mask_source") -> list[str]:
+  """Stored mask names for a source: an exact name, or every name 'prefix_*' / 'prefix'
+  (key: the setting the error tells the user to change)."""
   names = sorted(manifest["masks"])
   if mask_source in names:
     return [mask_source]
@@ -74,7 +76,7 @@ def resolve_mask_names(manifest: dict, mask_source: str, records_dir: str = "") 
     kinds = sorted({n.split("_")[0] for n in names})
     raise ValueError(
         f"Mask source {mask_source!r} is not in the records at {records_dir!r}; they hold "
-        f"{names}. Set config.data.mask_source to one of {kinds + names}, or rebuild the "
+        f"{names}. Set {key} to one of {kinds + names}, or rebuild the "
         + ("records with it, e.g. `python -m data_pipelines.build ... --masks=fh,grid,gt`."
            if manifest.get("has_gt") or mask_source != "gt" else
            f"records from a source with instance maps ({manifest.get('source')} has none; "
@@ -311,7 +313,7 @@ class Recipe:
 
 
 def train_recipe(records_dir, manifest, *, views, mask_source="fh", num_masks=B.NUM_MASKS,
-                 seed=0, foreground_threshold=0.5, background: bg_lib.Settings | None = None,
+                 mask_key="config.data.mask_source", seed=0, foreground_threshold=0.5, background: bg_lib.Settings | None = None,
                  multi_hot: bool = False) -> Recipe:
   """The Recipe of train_iterator's arguments (which see) for the records in records_dir
   (manifest: their manifest.json); records lacking what the views need are refused."""
@@ -325,7 +327,7 @@ def train_recipe(records_dir, manifest, *, views, mask_source="fh", num_masks=B.
     R.require_field(records_dir, "background", manifest)
     bg_lib.check_hole(manifest, foreground_threshold)
   masked = any(V.MASKS in s.fields for s in views)
-  names = resolve_mask_names(manifest, mask_source, records_dir) if masked else []
+  names = resolve_mask_names(manifest, mask_source, records_dir, mask_key) if masked else []
   if multi_hot and not (manifest.get("has_gt") and manifest.get("num_classes")):
     raise ValueError(f"{records_dir!r} has no ground-truth instance classes for multi-hot "
                      "labels (config.data.multi_hot_labels); use the demo or a tfds "
@@ -467,14 +469,16 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
                    shuffle_window=10_000, num_parallel_calls=tf.data.AUTOTUNE,
                    prefetch=2, foreground_threshold=0.5,
                    background: bg_lib.Settings | None = None,
-                   multi_hot: bool = False) -> Batches:
+                   multi_hot: bool = False,
+                   mask_key: str = "config.data.mask_source") -> Batches:
   """Infinite iterator of this host's training batches with exactly `views` (batch.py keys).
 
   views: a sequence of data_pipelines.views.ViewSpec, any number, each built at
   its own size, crop area and augmentation table. batch_size is per host.
   Masks are read only when some view carries 'masks'; mask_source: 'fh' (one
   stored fh_* map picked at random per example, the same for every view),
-  'grid', 'gt', or an exact name like 'fh_s1000'. A view's pixels do not
+  'grid', 'gt', or an exact name like 'fh_s1000' (mask_key: the config key that
+  set it, named in the error when the records lack it). A view's pixels do not
   depend on which fields it carries. Batch s is a function of (seed, s, host) only.
   Views with 'saliency' / 'foreground' need records with saliency; foreground =
   the view's saliency > foreground_threshold (config.data.foreground_threshold).
@@ -491,7 +495,7 @@ def train_iterator(records_dir, *, batch_size, views, mask_source="fh", num_mask
   _check_views(views, foreground_threshold, background)
   manifest = R.read_manifest(records_dir)
   recipe = train_recipe(records_dir, manifest, views=views, mask_source=mask_source,
-                        num_masks=num_masks, seed=seed,
+                        num_masks=num_masks, mask_key=mask_key, seed=seed,
                         foreground_threshold=foreground_threshold, background=background,
                         multi_hot=multi_hot)
   host_index, host_count = _host(host_index, host_count)

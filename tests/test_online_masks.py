@@ -193,6 +193,14 @@ def test_detcon_b_trains_on_online_masks_after_a_warm_start(tiny_demo, tmp_path)
   assert any(t.startswith("online masks: view1 | records' masks") for t in tags), tags
 
 
+def test_a_warm_start_source_missing_from_the_records_names_its_own_key(tiny_demo):
+  config = online_config(warm_start_steps=1)
+  config.data.update(records_dir=tiny_demo[0])
+  config.online_masks.warm_start_source = "mcg"
+  with pytest.raises(ValueError, match=r"Set config\.online_masks\.warm_start_source to one of"):
+    loop.records_batches(config, 0, 0, 1)
+
+
 @pytest.mark.slow   # two more runs; test_warm_start_keeps_the_records_masks... covers the rule
 def test_warm_start_step_0_is_the_fh_run_and_online_alone_trains(tiny_demo, tmp_path):
   records_dir, _ = tiny_demo

@@ -72,6 +72,12 @@ def records_mask_source(config) -> str:
   return config.data.mask_source
 
 
+def records_mask_key(config) -> str:
+  """The config key that sets records_mask_source (named when the records lack it)."""
+  return ("config.online_masks.warm_start_source" if enabled(config)
+          else "config.data.mask_source")
+
+
 def masked_views(config):
   """DetCon's views: masks from the records, except online without a warm start."""
   warm = enabled(config) and int(config.online_masks.get("warm_start_steps", 0)) > 0

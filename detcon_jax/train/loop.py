@@ -88,7 +88,8 @@ def records_batches(config, start_step: int, host_index: int, host_count: int, v
   views = registry.get_objective(config.method).views(config) if views is None else views
   return data_input.train_iterator(
       config.data.records_dir, batch_size=config.batch_size // host_count, views=views,
-      mask_source=online_masks.records_mask_source(config), num_masks=config.loss.num_masks,
+      mask_source=online_masks.records_mask_source(config),
+      mask_key=online_masks.records_mask_key(config), num_masks=config.loss.num_masks,
       seed=config.seed, start_step=start_step, host_index=host_index, host_count=host_count,
       shuffle_window=config.data.shuffle_buffer,
       foreground_threshold=config.data.get("foreground_threshold", 0.5),
