@@ -148,8 +148,17 @@ def test_learned_records_round_trip(tiny_demo, tmp_path):
   assert input_lib.resolve_mask_names(new, "learned", out) == [LM.NAME]
 
   again = LM.write_learned_records(out, workdir, str(tmp_path / "round2"), batch_size=4,
-                                   seed=1, progress=False)
+                                   seed=1, dilated=False, progress=False)
   assert again["masks"][LM.NAME]["seed"] == 1 and again["masks"][LM.NAME]["replaces"] == spec
+  # --nodilated: the network's own stride (the online masks' maps), at most one id per cell
+  from detcon_jax.models.resnet import output_stride
+  cells = (again["masks"][LM.NAME]["image_size"] // output_stride(config.model.stem_pool)) ** 2
+  assert "dilated" in spec["features"] and "dilated" not in again["masks"][LM.NAME]["features"]
+  for raw in tf.data.TFRecordDataset(records.shard_paths(str(tmp_path / "round2"), again,
+                                                          "train")[0]):
+    feature = tf.train.Example.FromString(raw.numpy()).features.feature
+    assert len(np.unique(records.decode_ids(
+        feature[records.MASK_PREFIX + LM.NAME].bytes_list.value[0]))) <= min(cells, LM.K)
   assert again["masks"][LM.NAME]["replaces"]["seed"] == 0
   assert again["derived_from"] == os.path.abspath(records_dir)   # the build's records
 

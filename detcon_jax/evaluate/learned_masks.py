@@ -2,6 +2,7 @@
 
   python -m detcon_jax.evaluate.learned_masks --records=DIR --mask_model=WORKDIR
       --out=NEW_DIR [--k=16] [--position_weight=0.5] [--colour_weight=0] [--step=N]
+      [--nodilated] [--image_size=N]
 
 DetCon's power follows how well its masks align with objects (its section 5), and
 its own features may segment better than FH. Per image: the trained encoder's
@@ -28,6 +29,10 @@ Options (defaults are a first choice, not yet measured against ABO or training):
                    features: 0 clusters by appearance only (segments may be scattered);
                    larger values give compact, grid-like segments
   colour_weight    scale of the mean RGB in [0, 1] over the feature cell (0: off)
+  dilated          True: the last stage dilated (twice the feature resolution); False:
+                   the network's own output stride, the maps online masks cluster
+                   (with --k=8 --position_weight=0 --image_size=<the view size>, the
+                   online rule applied to the whole image, for its ABO)
   iterations, init Lloyd iterations and the seeding (kmeans.INITS); seed: per image,
                    fold_in(seed, split, example index), so a mask does not depend on
                    the batch it was computed in
@@ -108,11 +113,11 @@ def learned_masks(feature_fn, images, key: jax.Array, **options) -> jax.Array:
                           **options)
 
 
-def encoder_features(model, variables, mesh=None):
-  """images [B, H, W, 3] in [0, 1] (B a multiple of the devices) -> the dilated last
+def encoder_features(model, variables, mesh=None, dilated: bool = True):
+  """images [B, H, W, 3] in [0, 1] (B a multiple of the devices) -> the (dilated) last
   stage [B, h, w, C] of `model` with `variables` (BN frozen), batch-sharded."""
   mesh = mesh or sharding.make_mesh(jax.local_devices())
-  fn = F.make_feature_fn(model.clone(dilate_last=True), mesh, spatial=True)
+  fn = F.make_feature_fn(model.clone(dilate_last=dilated), mesh, spatial=True)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   return lambda images: fn(variables, images)[F.SPATIAL]
 
@@ -167,7 +172,7 @@ def write_learned_records(records_dir: str, workdir: str, out_dir: str, *, step=
                           k: int = K, position_weight: float = POSITION_WEIGHT,
                           colour_weight: float = COLOUR_WEIGHT,
                           iterations: int = kmeans.ITERATIONS, init: str = "kmeans++",
-                          seed: int = 0, image_size: int | None = None,
+                          seed: int = 0, image_size: int | None = None, dilated: bool = True,
                           batch_size: int = BATCH_SIZE, progress: bool = True) -> dict:
   """records_dir + the `learned` mask of workdir's checkpoint -> out_dir (new); returns
   the new manifest. Errors a user can fix are InputError / FileNotFoundError /
@@ -200,7 +205,7 @@ def write_learned_records(records_dir: str, workdir: str, out_dir: str, *, step=
                                     stride=stride).image_size
   mesh = sharding.make_mesh(jax.local_devices())
   batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  feature_fn = encoder_features(model, variables, mesh)
+  feature_fn = encoder_features(model, variables, mesh, dilated)
   options = dict(k=k, position_weight=float(position_weight),
                  colour_weight=float(colour_weight), iterations=iterations, init=init)
   t0, done = time.time(), 0
@@ -223,7 +228,8 @@ def write_learned_records(records_dir: str, workdir: str, out_dir: str, *, step=
   replaced = manifest.get("masks", {}).get(NAME)
   spec = dict(kind=NAME, workdir=os.path.abspath(workdir) if "://" not in workdir else workdir,
               step=int(step), method=config.method, model=config.model.to_dict(),
-              features=f"{F.FEATURE_STAGE}, last stage dilated (stride {stride // 2})",
+              features=(f"{F.FEATURE_STAGE}, last stage dilated (stride {stride // 2})"
+                        if dilated else f"{F.FEATURE_STAGE}, stride {stride}"),
               image_size=image_size, seed=seed, **options,
               seconds_per_image=round(seconds / total, 4))
   if replaced:
@@ -247,7 +253,7 @@ def _main(argv):
         f.records.value, f.mask_model.value, f.out.value, step=f.step.value, k=f.k.value,
         position_weight=f.position_weight.value, colour_weight=f.colour_weight.value,
         iterations=f.iterations.value, init=f.init.value, seed=f.seed.value,
-        image_size=f.image_size.value, batch_size=f.batch_size.value)
+        image_size=f.image_size.value, dilated=f.dilated.value, batch_size=f.batch_size.value)
   except (ValueError, OSError, KeyError, InputError, checkpointing.WorkdirError) as e:
     cli.fail(e)
   spec = m["masks"][NAME]
@@ -282,6 +288,9 @@ class _Flags:
     self.seed = d.DEFINE_integer("seed", 0, "Seed of the K-means seeding.")
     self.image_size = d.DEFINE_integer("image_size", None, "Encoder input side (default: the "
                                        "records' size rounded down to the model's stride).")
+    self.dilated = d.DEFINE_bool("dilated", True, "Dilate the last stage (twice the feature "
+                                 "resolution); --nodilated: the network's own stride, as "
+                                 "online masks use.")
     self.batch_size = d.DEFINE_integer("batch_size", BATCH_SIZE, "Images per batch.")
     d.mark_flags_as_required(["records", "mask_model", "out"])
 
