@@ -147,6 +147,14 @@ def test_learned_records_round_trip(tiny_demo, tmp_path):
   assert batch["view1/masks"].shape == (4, 32, 32) and batch["view1/mask_ids"].shape == (4, 4)
   assert input_lib.resolve_mask_names(new, "learned", out) == [LM.NAME]
 
+  # The masks evaluation's TensorBoard panel: image | every stored source, learned among them
+  from detcon_jax.evaluate import run, visualize
+  (title, panels), = run.mask_panels(out, new, run.Settings(), 32).items()
+  names = title.split(" | ")[1:]
+  assert LM.NAME in names and set(names) == set(new["masks"])
+  assert panels.dtype == np.uint8 and panels.shape == (
+      run.NUM_PICTURES, 32, (1 + len(names)) * 32 + len(names) * visualize.SEPARATOR, 3)
+
   again = LM.write_learned_records(out, workdir, str(tmp_path / "round2"), batch_size=4,
                                    seed=1, dilated=False, progress=False)
   assert again["masks"][LM.NAME]["seed"] == 1 and again["masks"][LM.NAME]["replaces"] == spec

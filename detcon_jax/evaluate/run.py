@@ -250,6 +250,19 @@ def _masks(records_dir, manifest, s, image_size):
   return out
 
 
+def mask_panels(records_dir, manifest, s, image_size) -> dict:
+  """{TensorBoard title: uint8 panels}: the first NUM_PICTURES images of the masks' split
+  beside every stored mask source (FH, grid, learned, GT, ...), side by side."""
+  from data_pipelines import input as data_input
+  names = sorted(manifest.get("masks", {}), key=_natural)
+  batch = next(iter(data_input.eval_iterator(records_dir, s.mask_split, batch_size=NUM_PICTURES,
+                                             image_size=image_size, mask_sources=names)))
+  images = np.asarray(batch[B.IMAGE])
+  panels = [visualize.overlay(images, np.asarray(batch[B.MASK_PREFIX + n])) for n in names]
+  return {"masks/image | " + " | ".join(names):
+          visualize.side_by_side(visualize.to_uint8(images), *panels)}
+
+
 EVALUATIONS: dict[str, ModelEvaluation | FinetuneEvaluation | DataEvaluation | StateEvaluation] = {
     "knn": ModelEvaluation(
         "kNN top-1", "top1", "{:.1%}", (F.POOLED, B.LABEL), _knn,
@@ -460,6 +473,7 @@ def evaluate_variables(model, variables_by_name: dict[str, dict], records_dir: s
                                                 settings.image_size)
     if SALIENCY_RESULT in results["masks"]:
       results[SALIENCY_RESULT] = results["masks"].pop(SALIENCY_RESULT)
+    pictures["masks"] = mask_panels(records_dir, manifest, settings, settings.image_size)
     seconds["masks"] = time.time() - t
   return results, pictures
 
@@ -565,6 +579,8 @@ def write_tensorboard(workdir: str, step: int, results: dict, pictures: dict) ->
         tf.summary.image("eval/background " + " | ".join(background_robustness.VARIANTS),
                          pictures["background"], max_outputs=NUM_PICTURES)
       if name != BASELINE:
+        for title, panels in pictures.get("masks", {}).items():
+          tf.summary.image(title, panels, max_outputs=NUM_PICTURES)
         for src, m in results.get("masks", {}).items():
           tf.summary.scalar("masks/abo_" + re.sub(r"\W+", "_", src).strip("_"), m["abo"])
         for k in ("mae", "max_f", "auc"):
