@@ -98,6 +98,19 @@ def test_evaluate_workdir_after_real_training(records_dir, tmp_path, capsys):
   again = run.evaluate_workdir(workdir, evals="knn", settings=settings, verbose=False)
   assert again["baseline_cached"].endswith(run.BASELINE_FILE)      # baseline not recomputed
   assert again["rows"][run.BASELINE]["knn"] == results["rows"][run.BASELINE]["knn"]
+  # A narrower evaluation adds to the results file; one on other records goes beside it.
+  own = tmp_path / "run" / "eval" / "step_2.json"
+  kept = json.loads(own.read_text())
+  assert set(kept["rows"]["step 2"]) == {"knn", "retrieval"} and set(kept["masks"]) == {
+      "gt", "grid_2"}
+  import shutil
+  other = str(tmp_path / "other_records")
+  shutil.copytree(records_dir, other)
+  run.evaluate_workdir(workdir, evals="knn", data_dir=other, settings=settings)
+  assert json.loads(own.read_text()) == kept
+  (elsewhere,) = (tmp_path / "run" / "eval").glob("on_other_records_*/step_2.json")
+  assert json.loads(elsewhere.read_text())["data"]["records_dir"] == other
+  assert "not the run's own records" in capsys.readouterr().out
 
   _, _, variables = checkpointing.load_encoder(workdir)
   with pytest.raises(ValueError, match="width"):                    # demo preset: width 0.25

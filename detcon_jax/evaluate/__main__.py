@@ -4,7 +4,9 @@ Prints kNN, linear-probe, segment-retrieval, dense linear (seg_linear) and
 multi-label mAP numbers (seg_finetune on request; --compare=DIR adds rows) for the latest (or
 --step) checkpoint beside a random-init baseline of the same architecture, and
 the mask quality (ABO) of every mask source in the records; then writes
-WORKDIR/eval/step_N.json and TensorBoard output under WORKDIR/tb/eval. Mistakes
+WORKDIR/eval/step_N.json (adding to the evaluations already there) and TensorBoard
+output under WORKDIR/tb/eval; with --data=OTHER_RECORDS, under
+WORKDIR/eval/on_NAME_HASH/ instead, so the run's own results stay as they are. Mistakes
 (a missing workdir, an unknown evaluation, a read-only workdir) end in one
 `error:` line.
 """

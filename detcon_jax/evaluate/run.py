@@ -623,6 +623,46 @@ def _state_evaluations(workdir, step, evals, data_dir, settings, name, results) 
   return overlays
 
 
+def results_dir(workdir: str, config, data_dir: str) -> str:
+  """Where a workdir keeps its evaluations of data_dir: WORKDIR/eval for the records it
+  trained on (what sweep, compare and the resume check read); WORKDIR/eval/on_NAME_HASH for
+  other records, so evaluating a run on other data never replaces its own results."""
+  def where(d):
+    return d.rstrip("/") if "://" in d else os.path.abspath(d)
+  own = os.path.join(workdir, EVAL_DIR)
+  if where(data_dir) == where(config.data.records_dir):
+    return own
+  import hashlib
+  name = re.sub(r"\W+", "_", os.path.basename(where(data_dir))).strip("_") or "records"
+  digest = hashlib.sha1(where(data_dir).encode()).hexdigest()[:8]
+  return os.path.join(own, f"on_{name}_{digest}")
+
+
+def merged_results(path: str, results: dict) -> dict:
+  """results with the evaluations that an earlier results file at `path` holds and this
+  run did not redo (same data only): `--evals=masks` or `--evals=knn` after a full
+  evaluation adds to it instead of replacing it."""
+  from data_pipelines import records
+  if not records.exists(path):
+    return results
+  old = json.loads(records.read_text(path))
+  if old.get("data") != _jsonable(results.get("data")):
+    return results
+  merged = dict(results)
+  for part in ("rows", "details"):
+    merged[part] = {row: {**old.get(part, {}).get(row, {}), **values}
+                    for row, values in results.get(part, {}).items()}
+    for row, values in old.get(part, {}).items():   # rows this run did not evaluate
+      merged[part].setdefault(row, values)
+  for part in ("masks", "seconds"):
+    if part in old or part in results:
+      merged[part] = {**old.get(part, {}), **results.get(part, {})}
+  for part in (SALIENCY_RESULT,):
+    if part in old and part not in results:
+      merged[part] = old[part]
+  return merged
+
+
 def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = None,
                      step: int | None = None, *, settings: Settings = Settings(),
                      baseline: bool = True, write: bool = True, verbose: bool = True,
@@ -634,7 +674,9 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
 
   Prints the table, then writes WORKDIR/eval/step_N.json and TensorBoard
   output (first host only; a write error comes after the table, so no result
-  is lost) and returns the results dict. The default step is the newest
+  is lost) and returns the results dict. Evaluations already in that file and not
+  redone here are kept (merged_results); results on records other than the run's go
+  to their own folder (results_dir). The default step is the newest
   checkpoint that restores (a damaged one is skipped with a warning). data_dir
   defaults to the run's config.data.records_dir. The random-init row is cached
   in WORKDIR/eval/random_init.json, keyed by model, settings and data.
@@ -660,7 +702,8 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
         other_variables)
 
   model_evals = [e for e in evals if isinstance(EVALUATIONS[e], PER_ROW)]
-  baseline_path = os.path.join(workdir, EVAL_DIR, BASELINE_FILE)
+  out_dir = results_dir(workdir, config, data_dir)
+  baseline_path = os.path.join(out_dir, BASELINE_FILE)
   key = _jsonable({"model": config.model.to_dict(), "settings": dataclasses.asdict(settings),
                    "data": data_identity(data_dir, manifest, settings)})
   cached = _cached_baseline(baseline_path, key, model_evals) if baseline and model_evals else None
@@ -691,9 +734,14 @@ def evaluate_workdir(workdir: str, evals=DEFAULT_EVALS, data_dir: str | None = N
       write_json(baseline_path, {"key": key, "rows": {BASELINE: results["rows"][BASELINE]},
                                  "details": {BASELINE: results["details"][BASELINE]}})
     if write:
-      write_json(os.path.join(workdir, EVAL_DIR, f"step_{step}.json"), results)
-      write_tensorboard(workdir, step, results, pictures)
+      path = os.path.join(out_dir, f"step_{step}.json")
+      write_json(path, merged_results(path, results))
+      write_tensorboard(workdir if out_dir == os.path.join(workdir, EVAL_DIR) else out_dir,
+                        step, results, pictures)
       gradcam.write_overlays(os.path.join(workdir, TB_DIR), step, overlays)
+      if verbose and out_dir != os.path.join(workdir, EVAL_DIR):
+        print(f"Results on {data_dir} (not the run's own records) written to {path}; the "
+              f"run's own evaluations in {os.path.join(workdir, EVAL_DIR)} are unchanged.")
   except (OSError, tf.errors.OpError) as e:   # TensorBoard's writer raises the latter
     reason = getattr(e, "strerror", None) or getattr(e, "message", None) or e
     raise checkpointing.WorkdirError(
