@@ -657,9 +657,8 @@ def merged_results(path: str, results: dict) -> dict:
   for part in ("masks", "seconds"):
     if part in old or part in results:
       merged[part] = {**old.get(part, {}), **results.get(part, {})}
-  for part in (SALIENCY_RESULT,):
-    if part in old and part not in results:
-      merged[part] = old[part]
+  if SALIENCY_RESULT in old and SALIENCY_RESULT not in results:
+    merged[SALIENCY_RESULT] = old[SALIENCY_RESULT]
   return merged
 
 
