@@ -10,7 +10,9 @@ compare.md and compare.png (each metric against pretraining step, one line per
 root, a band of +- one standard error) into --out (default: the baseline root),
 and the same picture to TensorBoard (OUT/tb). Roots whose seeds or evaluated steps
 differ are refused in one `error:` line: a paired comparison needs the same seeds,
-and a curve the same steps.
+and a curve the same steps. With several evaluated steps (--config.eval.at_steps), it
+also names per row and metric the first step whose mean reaches the baseline's
+last-step mean, with that paired difference: DetCon's "x fewer steps" claim.
 """
 from __future__ import annotations
 
@@ -175,9 +177,57 @@ def compare(roots, baseline: str | None = None, metrics=None,
           d, lo, hi = paired_difference(values, [runs[base][s][step][m] for s in seeds])
           entry["difference"] = {"mean": d, "ci": [lo, hi], "verdict": verdict(lo, hi)}
         per_row[name][m] = entry
-  return {"roots": {names[r]: os.path.abspath(r) for r in roots}, "baseline": base,
-          "seeds": seeds, "steps": steps, "metrics": list(metrics),
-          "confidence": CONFIDENCE, "statistics": STATISTICS, "results": results}
+  out = {"roots": {names[r]: os.path.abspath(r) for r in roots}, "baseline": base,
+         "seeds": seeds, "steps": steps, "metrics": list(metrics),
+         "confidence": CONFIDENCE, "statistics": STATISTICS, "results": results}
+  if len(steps) > 1:
+    out["steps_to_match"] = steps_to_match(runs, base, seeds, steps, metrics)
+  return out
+
+
+def steps_to_match(runs: dict, base: str, seeds, steps, metrics) -> dict:
+  """{row: {metric: ...}}: the first evaluated step at which a trained row's mean reaches the
+  baseline's mean at the last step (every metric here is higher-is-better), its paired
+  difference from that figure with the CI and verdict, and last / step ("x fewer steps":
+  DetCon's efficiency claim); step None where no evaluated step reaches it."""
+  from detcon_jax.evaluate.run import BASELINE
+  last = steps[-1]
+  out = {}
+  for name, run in runs.items():
+    if name in (base, BASELINE):
+      continue
+    out[name] = {}
+    for m in metrics:
+      target = [runs[base][s][last][m] for s in seeds]
+      entry = {"step": None, "target": mean_sem(target)[0]}
+      for step in steps:
+        values = [run[s][step].get(m, math.nan) for s in seeds]
+        if mean_sem(values)[0] >= entry["target"]:
+          d, lo, hi = paired_difference(values, target)
+          entry.update(step=step, fewer=last / step, difference={
+              "mean": d, "ci": [lo, hi], "verdict": verdict(lo, hi)})
+          break
+      out[name][m] = entry
+  return out
+
+
+def format_steps_to_match(c: dict) -> list[str]:
+  """One line per row and metric: where the row reaches the baseline's last-step figure."""
+  if "steps_to_match" not in c:
+    return []
+  last = c["steps"][-1]
+  lines = [f"steps to reach {c['baseline']}'s step-{last} mean (paired difference from it):"]
+  for name, by_metric in c["steps_to_match"].items():
+    for m, e in by_metric.items():
+      f, fs = _fmt(m), _fmt(m, signed=True)
+      if e["step"] is None:
+        lines.append(f"  {name}, {_title(m)}: not reached by step {last} ({f(e['target'])})")
+        continue
+      d = e["difference"]
+      lines.append(f"  {name}, {_title(m)}: step {e['step']} ({e['fewer']:.3g}x fewer steps; "
+                   f"reaches {f(e['target'])}: {fs(d['mean'])} [{fs(d['ci'][0])}, "
+                   f"{fs(d['ci'][1])}], {d['verdict']})")
+  return lines
 
 
 # --- Output ---------------------------------------------------------------------
@@ -221,7 +271,7 @@ def format_table(c: dict, step: int) -> str:
   lines = [f"step {step}, seeds {c['seeds']}, baseline {c['baseline']} "
            f"({len(c['seeds'])} paired differences per row)"]
   lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-  return "\n".join(lines)
+  return "\n".join(lines + format_steps_to_match(c))
 
 
 def format_markdown(c: dict) -> str:
@@ -233,6 +283,9 @@ def format_markdown(c: dict) -> str:
     lines += ["", f"## Step {step}", "", "| " + " | ".join(HEADER) + " |",
               "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(c, step)]
+  match = format_steps_to_match(c)
+  if match:
+    lines += ["", "## Steps to match the baseline", ""] + [f"- {l.strip()}" for l in match[1:]]
   return "\n".join(lines) + "\n"
 
 

@@ -97,6 +97,28 @@ def test_compare_table_files_and_plot(tmp_path, capsys):
       "results"]["20"]) == ["simclr", "detcon"]
 
 
+def test_steps_to_match_the_baselines_last_figure(tmp_path):
+  """DetCon's efficiency claim: the first step whose mean reaches the baseline's last-step
+  mean, paired by seed; never reached -> step None."""
+  a = write_root(tmp_path / "simclr", _values(0.0))
+  b = write_root(tmp_path / "detcon", _values(0.05))
+  knn = compare.compare([a, b])["steps_to_match"]["detcon"]["knn"]
+  assert knn["step"] == 10 and knn["fewer"] == 2.0
+  assert knn["target"] == pytest.approx(0.33)           # simclr's mean at step 20
+  assert knn["difference"]["mean"] == pytest.approx(0.04)   # detcon at 10: +0.05 - 0.01
+  assert knn["difference"]["verdict"] == "higher"
+  assert list(compare.compare([a, b])["steps_to_match"]) == ["detcon"]   # no random init row
+  c = compare.compare([b, a])                            # baseline detcon: never reached
+  assert c["steps_to_match"]["simclr"]["knn"]["step"] is None
+  text = compare.format_table(c, 20)
+  assert "simclr, kNN top-1: not reached by step 20 (38.0%)" in text
+  assert "detcon, kNN top-1: step 10 (2x fewer steps" in compare.format_table(
+      compare.compare([a, b]), 20)
+  assert "## Steps to match the baseline" in compare.format_markdown(c)
+  one = write_root(tmp_path / "one_step", _values(0.0, steps=(20,)))
+  assert "steps_to_match" not in compare.compare([one])
+
+
 @pytest.mark.parametrize("other,words", [
     (_values(0.05, seeds=(0, 1)), "differ in seeds"),
     (_values(0.05, steps=(10,)), "differ in evaluated steps"),
