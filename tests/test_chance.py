@@ -1,6 +1,6 @@
 """The chance level every contrastive objective reports (metric 'chance', beside 'loss'):
 the loss at uniform similarities, = log(candidates per anchor) as the loss averages and
-sums them. Known answers from counting candidates by hand, on tiny inputs."""
+sums them (SwAV: log P, the loss of a uniform prediction over P prototypes). Known answers from counting candidates by hand, on tiny inputs."""
 import importlib
 
 import jax
@@ -117,9 +117,19 @@ def _small(method):
   return c
 
 
+def test_swav_chance_is_the_loss_of_a_uniform_prediction():
+  """A uniform prediction (equal scores) against any codes costs log P: codes sum to 1."""
+  from detcon_jax.objectives import swav
+  p = 7
+  codes = swav.sinkhorn(_latents(5, p, seed=1), epsilon=0.05, iterations=3)
+  assert float(jnp.max(codes)) > 1.5 / p                      # informative, not uniform
+  value = swav.swapped_prediction(codes, jnp.zeros((5, p)), 0.1)
+  np.testing.assert_allclose(float(value), np.log(p), rtol=1e-6)
+
+
 @pytest.mark.parametrize("method,contrastive", [
     ("simclr", True), ("detcon_s", True), ("detcon_b", True), ("moco_v2", True),
-    ("maskco", True), ("cast", True), ("byol", False), ("swav", False)])
+    ("maskco", True), ("cast", True), ("byol", False), ("swav", True)])
 def test_every_contrastive_objective_reports_chance_and_the_others_none(method, contrastive):
   """Traced only (jax.eval_shape, no compile): the metric is there, a scalar, or not."""
   config = _small(method)

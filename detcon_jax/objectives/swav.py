@@ -143,7 +143,10 @@ def loss(params, state, batch, rng, step, config):
   new_state = dict(state, **{common.BATCH_STATS: out.batch_stats})
   # Collapse diagnostics: 1.0 = uniform (the trivial fixed point, loss = log P); the
   # codes turn uniform when the batch's embeddings do not differ (embedding_similarity 1).
-  metrics = {"loss": value, "codes_entropy": code_entropy,
+  # chance: the loss of a uniform prediction, log P whatever the codes (each sums to 1), and
+  # also the trivial fixed point the diagnostics below watch for.
+  metrics = {"loss": value, "chance": jnp.log(float(prototypes.shape[0])),
+             "codes_entropy": code_entropy,
              "prediction_entropy": _normalized_entropy(
                  jax.nn.softmax(scores[assign[0]] / float(config.loss.temperature))),
              "prototypes_used": _prototypes_used(scores[assign[0]]),

@@ -720,7 +720,7 @@ def summary_line(s: dict) -> str:
   """One line for the end of a run."""
   loss = (f"loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} (first/last log interval)"
           if s["loss_first"] is not None else "no steps run")
-  if s.get("chance") is not None:   # contrastive methods: the loss of a uniform guess
+  if s.get("chance") is not None:   # contrastive methods and SwAV: the loss of a uniform guess
     loss += f", chance {s['chance']:.4f}"
   records = (f"{s['records_skipped']} of {s['records_read']} records read were unreadable "
              "(skipped) | " if s.get("records_read") else "")
