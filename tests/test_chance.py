@@ -1,6 +1,7 @@
 """The chance level every contrastive objective reports (metric 'chance', beside 'loss'):
 the loss at uniform similarities, = log(candidates per anchor) as the loss averages and
-sums them (SwAV: log P, the loss of a uniform prediction over P prototypes). Known answers from counting candidates by hand, on tiny inputs."""
+sums them (SwAV: log P, a uniform prediction over P prototypes). Known answers from
+counting candidates by hand, on tiny inputs."""
 import importlib
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 
 from data_pipelines import batch as B
 from data_pipelines import views as V
-from detcon_jax.objectives import cast, detcon, moco, registry, simclr
+from detcon_jax.objectives import cast, detcon, moco, registry, simclr, swav
 from detcon_jax.objectives.contrastive import region_nce, uniform
 
 
@@ -119,7 +120,6 @@ def _small(method):
 
 def test_swav_chance_is_the_loss_of_a_uniform_prediction():
   """A uniform prediction (equal scores) against any codes costs log P: codes sum to 1."""
-  from detcon_jax.objectives import swav
   p = 7
   codes = swav.sinkhorn(_latents(5, p, seed=1), epsilon=0.05, iterations=3)
   assert float(jnp.max(codes)) > 1.5 / p                      # informative, not uniform

@@ -143,8 +143,7 @@ def loss(params, state, batch, rng, step, config):
   new_state = dict(state, **{common.BATCH_STATS: out.batch_stats})
   # Collapse diagnostics: 1.0 = uniform (the trivial fixed point, loss = log P); the
   # codes turn uniform when the batch's embeddings do not differ (embedding_similarity 1).
-  # chance: the loss of a uniform prediction, log P whatever the codes (each sums to 1), and
-  # also the trivial fixed point the diagnostics below watch for.
+  # chance: log P, the loss of a uniform prediction against any codes (each sums to 1).
   metrics = {"loss": value, "chance": jnp.log(float(prototypes.shape[0])),
              "codes_entropy": code_entropy,
              "prediction_entropy": _normalized_entropy(
