@@ -213,6 +213,20 @@ def test_swav_collapse_diagnostics_known_answers():
   assert float(swav._prototypes_used(scores)) == 0.5             # prototypes 0 and 2
 
 
+def test_swav_view_agreement_known_answers():
+  """1 when each image's views coincide, 0 when they point apart, ~0.5 for unrelated
+  views; an offset every embedding shares changes nothing."""
+  z = _unit(jax.random.normal(jax.random.PRNGKey(0), (8, 16)))
+  assert float(swav.view_agreement(z, z)) == 1.0
+  assert float(swav.view_agreement(z, -z)) == 0.0
+  assert float(swav.view_agreement(z + 5.0, z)) == 1.0
+  rng = np.random.default_rng(0)
+  unrelated = [float(swav.view_agreement(jnp.asarray(rng.normal(size=(64, 16))),
+                                         jnp.asarray(rng.normal(size=(64, 16)))))
+               for _ in range(20)]
+  np.testing.assert_allclose(np.mean(unrelated), 0.5, atol=0.02)
+
+
 def test_swav_demo_has_more_prototypes_than_dimensions():
   """Fewer prototypes than embedding dimensions admit a uniform fixed point (configs/swav.py)."""
   c = importlib.import_module("configs.swav").get_config("demo")

@@ -90,6 +90,24 @@ def _mean_similarity(z):
   return (jnp.sum(z @ z.T) - jnp.sum(z * z)) / (n * (n - 1))
 
 
+def view_agreement(z1, z2):
+  """How well one view's embedding picks out its own image's other view, 0.5 = not at all.
+
+  z1, z2 [N, D]: the two global views of the same N images. Each is centred over the
+  batch (a direction every embedding shares says nothing about which image is which),
+  then for every pair of images i != j: does z1[i] sit closer (cosine) to z2[i] than to
+  z2[j]? Returns the fraction of pairs where it does: 1 = every image recognised, 0.5 =
+  the two views of an image are no more alike than two images, where no prediction of
+  the other view's codes can beat log P (docs/results.md, SwAV).
+  """
+  a = l2_normalize(z1 - jnp.mean(z1, axis=0))
+  b = l2_normalize(z2 - jnp.mean(z2, axis=0))
+  sim = a @ b.T
+  n = sim.shape[0]
+  wins = (jnp.diag(sim)[:, None] > sim).astype(jnp.float32)     # the diagonal adds 0
+  return jnp.sum(wins) / (n * (n - 1))
+
+
 def _prototypes_used(scores):
   """Fraction of prototypes that are some sample's nearest."""
   nearest = jax.nn.one_hot(jnp.argmax(scores, axis=-1), scores.shape[-1])
@@ -149,7 +167,8 @@ def loss(params, state, batch, rng, step, config):
              "prediction_entropy": _normalized_entropy(
                  jax.nn.softmax(scores[assign[0]] / float(config.loss.temperature))),
              "prototypes_used": _prototypes_used(scores[assign[0]]),
-             "embedding_similarity": _mean_similarity(z[assign[0]])}
+             "embedding_similarity": _mean_similarity(z[assign[0]]),
+             "view_agreement": view_agreement(z[assign[0]], z[assign[1]])}
   if QUEUE in state:
     new_state[INCOMING] = jax.lax.stop_gradient(jnp.stack([z[a] for a in assign], axis=1))
     metrics["queue_in_use"] = use_queue.astype(jnp.float32)
