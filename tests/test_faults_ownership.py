@@ -55,12 +55,16 @@ def test_a_workdir_holding_other_files_is_refused_in_the_library(tmp_path):
 
 def test_a_runs_own_workdir_is_accepted(tmp_path):
   """What train and evaluate write: config.json (a run's), lock, checkpoints/, tb/,
-  tb_random_init/, eval/, checkpoints_unrestorable/ and config.json's temporary."""
+  tb_random_init/, eval/, checkpoints_unrestorable/, config.json's temporary and
+  checkpoint_errors.log (orbax's noise, e.g. under load: a run that wrote it resumes)."""
   checkpointing.save_config(str(tmp_path), tiny_config())
   for d in ("checkpoints/2", "tb", "tb_random_init", "eval", "checkpoints_unrestorable"):
     os.makedirs(tmp_path / d)
   (tmp_path / "lock").write_text("")
   (tmp_path / "config.json.tmp123").write_text("{}")
+  with checkpointing.quiet_library_errors(str(tmp_path)) as log:
+    log.write("Exception in thread asyncio_0: ...")
+  assert os.path.exists(tmp_path / checkpointing.ERROR_LOG)
   checkpointing.check_own_workdir(str(tmp_path))
   checkpointing.check_own_workdir(str(tmp_path / "missing"))
   assert not checkpointing.is_run_config('{"my_app_setting": 42}')

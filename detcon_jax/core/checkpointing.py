@@ -54,9 +54,10 @@ def resolve_workdir(workdir: str) -> str:
 
 
 # What train and evaluate write into a workdir (the lock, config.json and its temporary
-# while it is replaced, checkpoints, TensorBoard runs, evaluation results).
+# while it is replaced, checkpoints, TensorBoard runs, evaluation results, the library
+# errors of failed saves and restores).
 RUN_ENTRIES = (CONFIG_FILE, LOCK_FILE, CHECKPOINT_DIR, SET_ASIDE_DIR, "tb", "tb_random_init",
-               "eval")
+               "eval", ERROR_LOG)
 # Keys every run's config.json has (configs/common.py base_config): how a run's config
 # is told from someone else's config.json.
 RUN_CONFIG_KEYS = ("method", "seed", "steps", "batch_size", "model", "optimizer", "data")
